@@ -1,0 +1,5 @@
+import sys
+
+from prefixflow.entrypoints.cli import main
+
+sys.exit(main())

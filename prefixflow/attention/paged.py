@@ -1,0 +1,77 @@
+"""Plain paged attention: the reference path and the fallback.
+
+Each sequence gathers its own pages and attends to them; nothing is shared between
+sequences. Grouped-query attention is handled by folding the G query heads of each KV head
+into the query axis, so keys and values are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefixflow.attention.backend import AttentionBackend, register_backend
+from prefixflow.attention.metadata import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the step's new keys and values in their cache slots."""
+    _, num_blocks, block_size, h_kv, d = kv_cache.shape
+    kv_cache[0].view(num_blocks * block_size, h_kv, d).index_copy_(0, slots, k)
+    kv_cache[1].view(num_blocks * block_size, h_kv, d).index_copy_(0, slots, v)
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """(num_blocks, bs, H_kv, D) pages -> (..., H_kv, pages * bs, D) contiguous context."""
+    x = cache[block_table]  # (..., P, bs, H_kv, D)
+    x = x.flatten(-4, -3)  # (..., L, H_kv, D)
+    return x.transpose(-3, -2)  # (..., H_kv, L, D)
+
+
+@register_backend
+class PagedAttention(AttentionBackend):
+    name = "paged"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        T, H, D = q.shape
+        h_kv = k.shape[1]
+        g = H // h_kv
+        out = torch.empty_like(q)
+
+        if meta.decode_idx.numel():
+            B = meta.decode_idx.numel()
+            qd = q[meta.decode_idx].view(B, h_kv, g, D)  # (B, H_kv, G, D)
+            kc = gather_pages(kv_cache[0], meta.decode_block_tables)  # (B, H_kv, L, D)
+            vc = gather_pages(kv_cache[1], meta.decode_block_tables)
+            L = kc.shape[-2]
+            mask = torch.arange(L) < meta.decode_ctx_lens[:, None]  # (B, L)
+            o = F.scaled_dot_product_attention(
+                qd, kc, vc, attn_mask=mask[:, None, None, :], scale=scale
+            )
+            out[meta.decode_idx] = o.reshape(B, H, D)
+
+        for p in meta.prefills:
+            qs = q[p.q_start : p.q_start + p.q_len]  # (Q, H, D)
+            qs = qs.view(p.q_len, h_kv, g, D).permute(1, 2, 0, 3).reshape(h_kv, g * p.q_len, D)
+            kc = gather_pages(kv_cache[0], p.block_table)[:, : p.ctx_len]  # (H_kv, L, D)
+            vc = gather_pages(kv_cache[1], p.block_table)[:, : p.ctx_len]
+            mask = causal_mask(p.q_len, p.ctx_len).repeat(g, 1)  # (G*Q, L)
+            o = F.scaled_dot_product_attention(qs, kc, vc, attn_mask=mask, scale=scale)
+            o = o.view(h_kv, g, p.q_len, D).permute(2, 0, 1, 3).reshape(p.q_len, H, D)
+            out[p.q_start : p.q_start + p.q_len] = o
+        return out
+
+
+def causal_mask(q_len: int, ctx_len: int) -> torch.Tensor:
+    """(Q, L) True where query i (the last Q of L positions) may see key j."""
+    q_pos = torch.arange(ctx_len - q_len, ctx_len)
+    return torch.arange(ctx_len)[None, :] <= q_pos[:, None]

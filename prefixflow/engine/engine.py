@@ -1,0 +1,271 @@
+"""Engine: add_request / step / abort. Owns the scheduler, the runner and the tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prefixflow.cache.block_pool import BlockPool
+from prefixflow.config import EngineConfig
+from prefixflow.engine.outputs import SampledToken
+from prefixflow.engine.scheduler import Scheduler
+from prefixflow.engine.stop import find_stop_string
+from prefixflow.model.loader import (
+    eos_token_ids,
+    iter_weights,
+    load_hf_config,
+    load_tokenizer,
+    max_model_len,
+    resolve_model,
+)
+from prefixflow.model.registry import architecture_of, build_model
+from prefixflow.request import (
+    CompletionOutput,
+    FinishReason,
+    Logprob,
+    Request,
+    RequestOutput,
+)
+from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for
+from prefixflow.runner.runner import ModelRunner
+from prefixflow.sampling_params import SamplingParams
+from prefixflow.tokenizer import TextCodec
+from prefixflow.utils.hardware import resolve_dtype
+
+logger = logging.getLogger("prefixflow")
+
+
+class InvalidRequestError(ValueError):
+    """A request that cannot run as given; the message says what to change."""
+
+
+@dataclass
+class _Sample:
+    """What the engine keeps of one of a request's n samples while it runs."""
+
+    request: Request
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+    stop_text_index: int | None = None  # where a stop string cut the text
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[_Sample] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    computed_tokens: int = 0  # every token run through the model, decodes included
+    prompt_computed_tokens: int = 0  # prompt tokens run through the model (not reused)
+    steps: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        t0 = time.perf_counter()
+        src = resolve_model(config.model)
+        self.model_name = src.name
+        hf_config = load_hf_config(src)
+        architecture_of(hf_config)  # refuse an unsupported model before reading its weights
+        self.codec = TextCodec(load_tokenizer(src))
+        self.dtype = resolve_dtype(config.dtype)
+        model = build_model(hf_config)
+        model.load_weights(iter_weights(src, hf_config))
+        self.model = model.to(self.dtype).eval()
+        self.hf_config = hf_config
+        self.eos_token_ids = eos_token_ids(src, hf_config, self.codec.tokenizer)
+        self.max_model_len = max_model_len(hf_config)
+        if config.max_model_len is not None:
+            self.max_model_len = min(self.max_model_len, config.max_model_len)
+
+        bs = config.block_size
+        num_blocks = num_blocks_for(config.kv_cache_memory, hf_config, bs, self.dtype)
+        kv = allocate_kv_cache(hf_config, num_blocks, bs, self.dtype)
+        self.kv_cache_bytes = num_blocks * bytes_per_block(hf_config, bs, self.dtype)
+        self.pool = BlockPool(num_blocks, bs)
+        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self.runner = ModelRunner(self.model, kv, config.attention_backend, config.seed)
+        self.load_seconds = time.perf_counter() - t0
+        self.stats = EngineStats()
+        self._parents: dict[str, _Parent] = {}
+        self._sample_of: dict[str, tuple[_Parent, _Sample]] = {}
+        logger.info(
+            "loaded %s (%s) in %.1fs; KV cache %d pages of %d tokens (%.2f GiB)",
+            self.model_name,
+            str(self.dtype).removeprefix("torch."),
+            self.load_seconds,
+            num_blocks,
+            bs,
+            self.kv_cache_bytes / 2**30,
+        )
+
+    # ---- requests ----
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty; give at least one token of text")
+            return prompt, self.codec.encode(prompt)
+        return None, list(prompt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        prompt_text: str | None = None,
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError (nothing queued) if it cannot run."""
+        if request_id in self._parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        text = prompt_text if prompt_text is not None else text
+        self._validate_prompt(ids)
+        parent = _Parent(request_id, text, ids)
+        children = []
+        for i in range(params.n):
+            child_params = params if params.n == 1 else params.for_sample(i)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
+            children.append(req)
+        try:
+            for req in children:
+                self.scheduler.add(req)
+        except ValueError as e:
+            for req in children:
+                if req.request_id in self.scheduler.requests:
+                    self.scheduler.abort(req.request_id)
+            raise InvalidRequestError(str(e)) from e
+        for req in children:
+            s = _Sample(req, [] if params.logprobs is not None else None)
+            parent.samples.append(s)
+            self._sample_of[req.request_id] = (parent, s)
+        self._parents[request_id] = parent
+        self.stats.prompt_tokens += len(ids)
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt is empty; give at least one token")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {vocab}); got {bad[:3]}"
+            )
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but the model holds {self.max_model_len} "
+                "positions, leaving no room to generate; shorten the prompt"
+            )
+
+    def abort(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for s in parent.samples:
+            self.scheduler.abort(s.request.request_id)
+            self._sample_of.pop(s.request.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- one step ----
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return the requests that finished in it."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty and self.scheduler.has_unfinished():
+            raise RuntimeError(
+                "the scheduler could not place any request; the KV cache is too small"
+            )
+        for seq in sched.seqs:
+            prompt_len = self.scheduler.requests[seq.request_id].num_prompt_tokens
+            end = min(seq.start_pos + len(seq.token_ids), prompt_len)
+            self.stats.prompt_computed_tokens += max(0, end - seq.start_pos)
+        result = self.runner.execute(sched)
+        self.stats.steps += 1
+        self.stats.computed_tokens += sched.num_tokens
+        events = self.scheduler.update(sched, result)
+        done: list[RequestOutput] = []
+        for req, tok in events:
+            self.stats.output_tokens += 1
+            parent, sample = self._sample_of[req.request_id]
+            self._record_logprobs(sample, tok)
+            if not req.is_finished and req.sampling_params.stop:
+                self._check_stop_strings(sample)
+            if req.is_finished and all(s.request.is_finished for s in parent.samples):
+                done.append(self._finish_parent(parent))
+        return done
+
+    def _record_logprobs(self, sample: _Sample, tok: SampledToken) -> None:
+        if sample.logprobs is None or tok.logprob is None:
+            return
+        entry = {
+            tid: Logprob(lp, rank + 1, self.codec.piece(tid))
+            for rank, (tid, lp) in enumerate(tok.top or [])
+        }
+        entry.setdefault(
+            tok.token_id, Logprob(tok.logprob, tok.rank, self.codec.piece(tok.token_id))
+        )
+        sample.logprobs.append(entry)
+        sample.cumulative_logprob += tok.logprob
+
+    def _check_stop_strings(self, sample: _Sample) -> None:
+        req = sample.request
+        stops = req.sampling_params.stop
+        # A stop string spans at most len(stop) tokens, plus a few of partial characters.
+        window = max(len(s) for s in stops) + 4
+        out = req.output_token_ids
+        tail = self.codec.decode(out[-window:], req.sampling_params.skip_special_tokens)
+        if find_stop_string(tail, stops) is None:
+            return
+        text = self.codec.decode(out, req.sampling_params.skip_special_tokens)
+        hit = find_stop_string(text, stops)
+        if hit is None:
+            return
+        idx, stop = hit
+        sample.stop_text_index = idx + (
+            len(stop) if req.sampling_params.include_stop_str_in_output else 0
+        )
+        self.scheduler.finish(req.request_id, FinishReason.STOP, stop)
+
+    def _finish_parent(self, parent: _Parent) -> RequestOutput:
+        del self._parents[parent.request_id]
+        outputs = []
+        for i, s in enumerate(parent.samples):
+            req = s.request
+            self._sample_of.pop(req.request_id, None)
+            ids = req.output_token_ids
+            text = self.codec.decode(ids, req.sampling_params.skip_special_tokens)
+            if s.stop_text_index is not None:
+                text = text[: s.stop_text_index]
+            outputs.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=ids,
+                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                    logprobs=s.logprobs,
+                    finish_reason=req.finish_reason.value if req.finish_reason else None,
+                    stop_reason=req.stop_reason,
+                )
+            )
+        first = parent.samples[0].request
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=outputs,
+            finished=True,
+            num_cached_tokens=first.num_cached_tokens,
+        )

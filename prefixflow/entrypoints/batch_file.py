@@ -1,0 +1,89 @@
+"""The OpenAI batch file format: one JSON request per input line, one result per output line."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from prefixflow.entrypoints.openai.serving import RequestError
+
+METHOD = "POST"
+
+
+@dataclass
+class BatchLine:
+    line_no: int  # 1-based, as an editor shows it
+    custom_id: str | None
+    url: str
+    body: object
+
+
+def parse_line(line_no: int, raw: str, seen_ids: set[str]) -> BatchLine:
+    """One input line -> BatchLine. Raises RequestError naming the line and what to fix."""
+    where = f"line {line_no}"
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestError(
+            f"{where}: invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json"
+        ) from e
+    if not isinstance(obj, dict):
+        raise RequestError(f"{where}: expected a JSON object with custom_id, method, url and body")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise RequestError(f"{where}: custom_id is missing or not a non-empty string", "custom_id")
+    if custom_id in seen_ids:
+        raise RequestError(
+            f"{where}: custom_id {custom_id!r} was already used by an earlier line; make it unique",
+            "custom_id",
+            "duplicate_custom_id",
+        )
+    seen_ids.add(custom_id)
+    extra = set(obj) - {"custom_id", "method", "url", "body"}
+    if extra:
+        raise RequestError(f"{where}: unknown field(s) {sorted(extra)}; remove them")
+    if obj.get("method", METHOD) != METHOD:
+        raise RequestError(
+            f"{where}: method {obj.get('method')!r} is not supported; use POST", "method"
+        )
+    url = obj.get("url")
+    if not isinstance(url, str):
+        raise RequestError(f"{where}: url is missing", "url")
+    if "body" not in obj:
+        raise RequestError(f"{where}: body is missing", "body")
+    return BatchLine(line_no, custom_id, url, obj["body"])
+
+
+def custom_id_of(raw: str) -> str | None:
+    """Best-effort custom_id of a line that failed to parse, for its error line."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+def result_line(custom_id: str, body: dict) -> dict:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str | None, err: RequestError, line_no: int) -> dict:
+    message = err.message if err.message.startswith("line ") else f"line {line_no}: {err.message}"
+    err = RequestError(message, err.param, err.code)
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {
+            "status_code": 400,
+            "request_id": f"req_{uuid.uuid4().hex}",
+            "body": err.body(),
+        },
+        "error": {"code": err.code, "message": message},
+    }

@@ -1,0 +1,102 @@
+"""The `prefixflow` command: run-batch (and, later, serve and bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from prefixflow.config import EngineConfig, SchedulerConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument(
+        "--kv-cache-memory",
+        default="auto",
+        help="KV cache size, e.g. 2GiB, or a fraction of free memory",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--attention-backend", default="paged")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    memory = args.kv_cache_memory
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        kv_cache_memory=memory,
+        max_model_len=args.max_model_len,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+    )
+
+
+def _fail(msg: str) -> int:
+    print(f"prefixflow: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from prefixflow.engine.engine import Engine
+    from prefixflow.entrypoints.run_batch import run_batch
+
+    inp, out = Path(args.input), Path(args.output)
+    if not inp.is_file():
+        return _fail(f"cannot read input file {str(inp)!r}: no such file")
+    try:
+        inp.open("rb").close()
+    except OSError as e:
+        return _fail(f"cannot read input file {str(inp)!r}: {e.strerror}")
+    if not out.parent.exists():
+        return _fail(f"output folder {str(out.parent)!r} does not exist")
+    try:
+        config = engine_config(args)
+        engine = Engine(config)
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load the model: {e}")
+    print(
+        f"prefixflow: {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}), "
+        f"KV cache {engine.pool.num_blocks} pages x {engine.pool.block_size} tokens "
+        f"({engine.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
+        file=sys.stderr,
+    )
+    summary = run_batch(inp, out, engine, progress=not args.no_progress)
+    print(summary.line(), file=sys.stderr)
+    if args.report:
+        Path(args.report).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="prefixflow", description="Throughput-first batch LLM inference."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    rb = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL) through the model")
+    rb.add_argument("input", help="input .jsonl in the OpenAI batch format")
+    rb.add_argument("-o", "--output", required=True, help="output .jsonl")
+    rb.add_argument("--report", default=None, help="write a JSON summary here")
+    rb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _engine_args(rb)
+    rb.set_defaults(func=cmd_run_batch)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""OpenAI request bodies -> engine inputs, and engine outputs -> OpenAI response bodies.
+
+Shared by `run-batch` and the HTTP server, so both speak the same dialect.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from prefixflow.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from prefixflow.request import CompletionOutput, RequestOutput
+from prefixflow.sampling_params import SamplingParams
+from prefixflow.tokenizer import TextCodec
+
+COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
+SUPPORTED_URLS = (COMPLETIONS, CHAT_COMPLETIONS)
+
+
+class RequestError(ValueError):
+    """A request that cannot be served, with an OpenAI-style error code and parameter."""
+
+    def __init__(
+        self, message: str, param: str | None = None, code: str = "invalid_request"
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+@dataclass
+class PreparedRequest:
+    url: str
+    prompts: list[tuple[str | None, list[int]]]  # (text, token ids) per prompt
+    params: SamplingParams
+
+
+def describe_validation_error(e: ValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        param = param or loc
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; remove it"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts), param
+
+
+def prepare(url: str, body: object, codec: TextCodec, max_model_len: int) -> PreparedRequest:
+    """Validate a body and tokenize its prompts. Raises RequestError saying what to fix."""
+    if url not in SUPPORTED_URLS:
+        raise RequestError(
+            f"url {url!r} is not supported; use {' or '.join(SUPPORTED_URLS)}",
+            "url",
+            "unsupported_url",
+        )
+    if not isinstance(body, dict):
+        raise RequestError("body must be a JSON object", "body")
+    try:
+        if url == COMPLETIONS:
+            req = CompletionRequest.model_validate(body)
+            prompts = []
+            for p in req.prompts():
+                if isinstance(p, str):
+                    if not p:
+                        raise RequestError(
+                            "prompt is empty; give at least one token of text", "prompt"
+                        )
+                    prompts.append((p, codec.encode(p)))
+                else:
+                    prompts.append((None, list(p)))
+            params = req.sampling_params(req.max_tokens, req.logprobs)
+        else:
+            req = ChatCompletionRequest.model_validate(body)
+            messages = [m.as_template_dict() for m in req.messages]
+            text, ids = codec.encode_chat(
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                chat_template=req.chat_template,
+            )
+            params = req.sampling_params(req.max_new_tokens(), req.num_logprobs())
+            prompts = [(text, ids)]
+    except ValidationError as e:
+        msg, param = describe_validation_error(e)
+        raise RequestError(msg, param) from e
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError(str(e)) from e
+    for _, ids in prompts:
+        if not ids:
+            raise RequestError("prompt is empty; give at least one token", "prompt")
+        if len(ids) >= max_model_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens but the model holds {max_model_len} positions, "
+                "leaving no room to generate; shorten the prompt",
+                "prompt" if url == COMPLETIONS else "messages",
+                "context_length_exceeded",
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > max_model_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's {max_model_len} positions; lower max_tokens or shorten the prompt",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+    return PreparedRequest(url, prompts, params)
+
+
+def _usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _choices(outputs: list[RequestOutput]) -> list[tuple[int, CompletionOutput]]:
+    """OpenAI numbers choices prompt by prompt, then sample by sample."""
+    out, i = [], 0
+    for o in outputs:
+        for c in o.outputs:
+            out.append((i, c))
+            i += 1
+    return out
+
+
+def completion_body(
+    model: str, outputs: list[RequestOutput], codec: TextCodec, top_logprobs: int
+) -> dict:
+    choices = []
+    for i, c in _choices(outputs):
+        lp = None
+        if c.logprobs is not None:
+            tokens = [codec.piece(t) for t in c.token_ids]
+            offsets, pos = [], 0
+            for t in tokens:
+                offsets.append(pos)
+                pos += len(t)
+            lp = {
+                "tokens": tokens,
+                "token_logprobs": [
+                    e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True)
+                ],
+                "top_logprobs": [
+                    {
+                        v.decoded_token: v.logprob
+                        for v in e.values()
+                        if v.rank is not None and v.rank <= top_logprobs
+                    }
+                    for e in c.logprobs
+                ],
+                "text_offset": offsets,
+            }
+        choices.append(
+            {
+                "index": i,
+                "text": c.text,
+                "logprobs": lp,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        )
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(outputs),
+    }
+
+
+def chat_body(
+    model: str, outputs: list[RequestOutput], codec: TextCodec, top_logprobs: int
+) -> dict:
+    choices = []
+    for i, c in _choices(outputs):
+        lp = None
+        if c.logprobs is not None:
+            content = []
+            for t, e in zip(c.token_ids, c.logprobs, strict=True):
+                piece = codec.piece(t)
+                top = sorted(
+                    (v for v in e.values() if v.rank is not None and v.rank <= top_logprobs),
+                    key=lambda v: v.rank,
+                )
+                content.append(
+                    {
+                        "token": piece,
+                        "logprob": e[t].logprob,
+                        "bytes": list(piece.encode()),
+                        "top_logprobs": [
+                            {
+                                "token": v.decoded_token,
+                                "logprob": v.logprob,
+                                "bytes": list(v.decoded_token.encode()),
+                            }
+                            for v in top
+                        ],
+                    }
+                )
+            lp = {"content": content}
+        choices.append(
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": lp,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        )
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(outputs),
+    }

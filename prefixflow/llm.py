@@ -1,0 +1,145 @@
+"""LLM: the offline facade, shaped like vLLM's (generate, chat)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from prefixflow.config import EngineConfig, SchedulerConfig
+from prefixflow.engine.engine import Engine
+from prefixflow.request import RequestOutput
+from prefixflow.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """Generate from a batch of prompts with the embedded default model or a given one.
+
+    >>> llm = LLM()                                   # SmolLM2-135M-Instruct, embedded
+    >>> outs = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+    >>> outs[0].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        kv_cache_memory: int | float | str = "auto",
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        attention_backend: str = "paged",
+        seed: int = 0,
+    ) -> None:
+        self.config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            kv_cache_memory=kv_cache_memory,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            attention_backend=attention_backend,
+            seed=seed,
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            ),
+        )
+        self.engine = Engine(self.config)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.engine.codec.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}).
+
+        Outputs come back in the order of the prompts. A prompt that cannot run raises
+        ValueError naming its index before any work starts.
+        """
+        items = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(items))
+        return self._run([(p, None) for p in items], params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        params = _as_params_list(sampling_params, len(convs))
+        items = []
+        for conv in convs:
+            text, ids = self.engine.codec.encode_chat(
+                conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
+            items.append((ids, text))
+        return self._run(items, params, use_tqdm)
+
+    def _run(self, items, params, use_tqdm: bool) -> list[RequestOutput]:
+        eng = self.engine
+        ids = []
+        for i, ((prompt, text), p) in enumerate(zip(items, params, strict=True)):
+            rid = str(self._next_id)
+            self._next_id += 1
+            try:
+                eng.add_request(rid, prompt, p, prompt_text=text)
+            except ValueError as e:
+                for r in ids:
+                    eng.abort(r)
+                raise ValueError(f"prompt {i}: {e}") from e
+            ids.append(rid)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        start_out, t0 = eng.stats.output_tokens, time.perf_counter()
+        try:
+            while eng.has_unfinished():
+                for out in eng.step():
+                    results[out.request_id] = out
+                    bar.update(1)
+                dt = time.perf_counter() - t0
+                if dt > 0:
+                    bar.set_postfix(tok_s=f"{(eng.stats.output_tokens - start_out) / dt:.0f}")
+        finally:
+            bar.close()
+        return [results[r] for r in ids]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str | dict):
+        prompts = [prompts]
+    elif prompts and isinstance(prompts, list) and isinstance(prompts[0], int):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                p = list(p["prompt_token_ids"])
+            elif "prompt" in p:
+                p = p["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        out.append(p)
+    return out
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        params = SamplingParams()
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params

@@ -1,0 +1,191 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) over a paged KV cache.
+
+Tokens of all sequences in a step are flattened into one axis T; attention finds each
+token's sequence, position and KV pages in the AttentionMetadata, so the model itself has
+no notion of batch or padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixflow.attention.backend import AttentionBackend
+from prefixflow.attention.metadata import AttentionMetadata
+from prefixflow.model.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics whatever the dtype, as the reference implementation does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # q, k and v in one matmul: fewer, larger GEMMs are faster on every backend
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,  # (T,)
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, H_kv, D)
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, H_kv, D)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        o = backend.forward(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx, qkv_bias)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, positions, meta, kv_cache, backend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, meta, kv_cache, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer with RMSNorm, rotary positions, GQA and a SwiGLU MLP."""
+
+    def __init__(self, cfg, qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, qkv_bias) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,)
+        positions: torch.Tensor,  # (T,)
+        meta: AttentionMetadata,
+        kv_caches: torch.Tensor,  # (L, 2, num_blocks, block_size, H_kv, D)
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, positions, meta, kv_caches[i], backend)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # (S, vocab)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+        fused = {
+            "q_proj": ("qkv_proj", 0),
+            "k_proj": ("qkv_proj", 1),
+            "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1),
+        }
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            target, shard = name, None
+            if len(parts) >= 2 and parts[-2] in fused:
+                fused_name, shard = fused[parts[-2]]
+                target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            param = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    _check_shape(name, param.shape, tensor.shape)
+                    param.copy_(tensor)
+                else:
+                    sizes = self._shard_sizes(target)
+                    start = sum(sizes[:shard])
+                    dst = param.narrow(0, start, sizes[shard])
+                    _check_shape(name, dst.shape, tensor.shape)
+                    dst.copy_(tensor)
+            loaded.add(f"{target}#{shard}")
+        expected = self._expected_loads()
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors: {missing[:5]} ...")
+
+    def _shard_sizes(self, target: str) -> list[int]:
+        if target.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+            a = self.layers[0].self_attn
+            return [a.q_size, a.kv_size, a.kv_size]
+        inter = self.config.intermediate_size
+        return [inter, inter]
+
+    def _expected_loads(self) -> set[str]:
+        out = set()
+        for name, _ in self.named_parameters():
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            if ".qkv_proj." in name:
+                out |= {f"{name}#{i}" for i in range(3)}
+            elif ".gate_up_proj." in name:
+                out |= {f"{name}#{i}" for i in range(2)}
+            else:
+                out.add(f"{name}#None")
+        return out
+
+
+def _check_shape(name: str, want: torch.Size, got: torch.Size) -> None:
+    if tuple(want) != tuple(got):
+        raise ValueError(f"tensor {name!r} has shape {tuple(got)}, the model expects {tuple(want)}")

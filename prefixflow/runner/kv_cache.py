@@ -1,0 +1,49 @@
+"""Sizing and allocating the paged KV cache from a memory budget."""
+
+from __future__ import annotations
+
+import torch
+
+from prefixflow.config import available_memory_bytes, parse_memory
+
+_AUTO_CAP = 4 << 30  # "auto": up to 4 GiB, and at most 30% of what is free
+
+
+def kv_shape(hf_config, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        hf_config.hidden_size // hf_config.num_attention_heads
+    )
+    return (
+        hf_config.num_hidden_layers,
+        2,
+        num_blocks,
+        block_size,
+        hf_config.num_key_value_heads,
+        head_dim,
+    )
+
+
+def bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+    n = 1
+    for d in kv_shape(hf_config, 1, block_size):
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def num_blocks_for(
+    memory: int | float | str, hf_config, block_size: int, dtype: torch.dtype
+) -> int:
+    budget = (
+        min(_AUTO_CAP, int(0.3 * available_memory_bytes()))
+        if memory == "auto"
+        else parse_memory(memory)
+    )
+    return max(1, budget // bytes_per_block(hf_config, block_size, dtype))
+
+
+def allocate_kv_cache(
+    hf_config, num_blocks: int, block_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Uninitialised: the runner zeroes pages when they are first handed out, so start-up is
+    instant and resident memory grows with use."""
+    return torch.empty(kv_shape(hf_config, num_blocks, block_size), dtype=dtype)

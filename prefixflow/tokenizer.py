@@ -1,0 +1,48 @@
+"""Tokenizer helpers: prompts to ids, chat templates, and text of generated ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TextCodec:
+    """Wraps a transformers tokenizer with the few operations the engine needs."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._piece_cache: dict[int, str] = {}
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> str:
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=chat_template,
+        )
+
+    def encode_chat(self, messages: list[dict], **kwargs) -> tuple[str, list[int]]:
+        """The templated prompt and its ids. The template already holds any special tokens."""
+        text = self.apply_chat_template(messages, **kwargs)
+        return text, self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token alone (for logprobs), cached."""
+        s = self._piece_cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id])
+            self._piece_cache[token_id] = s
+        return s
