@@ -46,13 +46,16 @@ def parse_memory(value: int | float | str) -> int:
             )
         num, unit = float(m.group(1)), m.group(2).lower()
         if unit == "" and num < 1:
-            return int(num * available_memory_bytes())
-        return int(num * _UNITS[unit])
-    if isinstance(value, float) and 0 < value < 1:
-        return int(value * available_memory_bytes())
-    if value <= 0:
-        raise ValueError(f"memory size must be positive, got {value}")
-    return int(value)
+            result = int(num * available_memory_bytes())
+        else:
+            result = int(num * _UNITS[unit])
+    elif isinstance(value, float) and 0 < value < 1:
+        result = int(value * available_memory_bytes())
+    else:
+        result = int(value)
+    if result <= 0:
+        raise ValueError(f"memory size must be positive, got {value!r}")
+    return result
 
 
 @dataclass(frozen=True)

@@ -196,16 +196,21 @@ class Engine:
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_tokens
         events = self.scheduler.update(sched, result)
-        done: list[RequestOutput] = []
+        ended: dict[str, _Parent] = {}
         for req, tok in events:
             self.stats.output_tokens += 1
             parent, sample = self._sample_of[req.request_id]
             self._record_logprobs(sample, tok)
             if not req.is_finished and req.sampling_params.stop:
                 self._check_stop_strings(sample)
-            if req.is_finished and all(s.request.is_finished for s in parent.samples):
-                done.append(self._finish_parent(parent))
-        return done
+            if req.is_finished:
+                ended[parent.request_id] = parent
+        # After all events: several samples of one request may end in the same step.
+        return [
+            self._finish_parent(p)
+            for p in ended.values()
+            if all(s.request.is_finished for s in p.samples)
+        ]
 
     def _record_logprobs(self, sample: _Sample, tok: SampledToken) -> None:
         if sample.logprobs is None or tok.logprob is None:

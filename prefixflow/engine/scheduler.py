@@ -39,7 +39,8 @@ class Scheduler:
 
     # ---- queue ----
     def add(self, req: Request) -> None:
-        peak_tokens = req.num_prompt_tokens + min(req.max_output_tokens, 1 << 40)
+        # The last sampled token is never run through the model, so it needs no KV slot.
+        peak_tokens = req.num_prompt_tokens + max(min(req.max_output_tokens, 1 << 40) - 1, 0)
         if self.pool.blocks_for(peak_tokens) > self.pool.num_blocks:
             raise RequestTooLargeError(
                 f"request {req.request_id!r} needs up to {peak_tokens} tokens of KV cache but the "
