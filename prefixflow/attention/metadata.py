@@ -5,7 +5,7 @@ Built once per step by the runner and read by every layer's attention backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,3 +29,6 @@ class AttentionMetadata:
     decode_idx: torch.Tensor  # (B,) their token index in the step
     decode_block_tables: torch.Tensor  # (B, max_pages) padded with page 0
     decode_ctx_lens: torch.Tensor  # (B,)
+    # Tensors a backend derives from this step's layout (masks), built by the first layer
+    # and reused by the others.
+    memo: dict = field(default_factory=dict)

@@ -122,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (S, vocab)
+        return self.lm_head(hidden)  # (S, vocab) in the model's dtype
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""

@@ -41,7 +41,7 @@ class ModelRunner:
         if not to_sample:
             return RunnerOutput()
         rows = torch.tensor([last_idx[i] for i, s in enumerate(sched.seqs) if s.sample])
-        logits = self.model.compute_logits(hidden[rows])  # (S, vocab) float32
+        logits = self.model.compute_logits(hidden[rows])  # (S, vocab)
         tokens = self.sampler(logits, to_sample)
         return RunnerOutput(
             sampled={s.request_id: t for s, t in zip(to_sample, tokens, strict=True)}

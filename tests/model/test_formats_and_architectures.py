@@ -55,7 +55,7 @@ def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
         hidden = engine.model(
             torch.tensor(ids), torch.arange(len(ids)), meta, runner.kv_cache, runner.backend
         )
-        return engine.model.compute_logits(hidden)
+        return engine.model.compute_logits(hidden).float()
     finally:
         engine.pool.release(pages)
 
