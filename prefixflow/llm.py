@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -34,7 +35,9 @@ class LLM:
         block_size: int = 16,
         attention_backend: str = "paged",
         seed: int = 0,
+        **vllm_kwargs,
     ) -> None:
+        _accept_vllm_kwargs(vllm_kwargs)
         self.config = EngineConfig(
             model=model,
             dtype=dtype,
@@ -111,9 +114,39 @@ class LLM:
                 dt = time.perf_counter() - t0
                 if dt > 0:
                     bar.set_postfix(tok_s=f"{(eng.stats.output_tokens - start_out) / dt:.0f}")
+        except BaseException:
+            for r in ids:  # leave nothing queued for the next call
+                eng.abort(r)
+            raise
         finally:
             bar.close()
         return [results[r] for r in ids]
+
+
+# vLLM settings that have no meaning here: accepted with a warning, so vLLM code runs as is.
+_VLLM_ONLY = {
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "trust_remote_code",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "swap_space",
+    "enable_prefix_caching",
+    "disable_log_stats",
+    "tokenizer",
+    "tokenizer_mode",
+    "max_seq_len_to_capture",
+    "device",
+    "download_dir",
+}
+
+
+def _accept_vllm_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - _VLLM_ONLY)
+    if unknown:
+        raise TypeError(f"LLM() got unexpected keyword arguments {unknown}")
+    if kwargs:
+        warnings.warn(f"prefixflow ignores the vLLM settings {sorted(kwargs)}", stacklevel=3)
 
 
 def _as_prompt_list(prompts) -> list:

@@ -24,12 +24,17 @@ class TextCodec:
     ) -> str:
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
-        return self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                [_flatten(m) for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+            )
+        except TemplateError as e:
+            raise ValueError(f"the chat template rejected these messages: {e}") from e
 
     def encode_chat(self, messages: list[dict], **kwargs) -> tuple[str, list[int]]:
         """The templated prompt and its ids. The template already holds any special tokens."""
@@ -46,3 +51,12 @@ class TextCodec:
             s = self.tokenizer.decode([token_id])
             self._piece_cache[token_id] = s
         return s
+
+
+def _flatten(message: dict) -> dict:
+    """OpenAI messages may carry content as a list of text parts; templates expect a string."""
+    content = message.get("content")
+    if isinstance(content, list):
+        text = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+        return {**message, "content": text}
+    return message

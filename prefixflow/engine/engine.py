@@ -128,6 +128,9 @@ class Engine:
         text, ids = self.tokenize(prompt)
         text = prompt_text if prompt_text is not None else text
         self._validate_prompt(ids)
+        vocab = self.hf_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
         parent = _Parent(request_id, text, ids)
         children = []
         for i in range(params.n):
@@ -135,13 +138,14 @@ class Engine:
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
             children.append(req)
+        added: list[Request] = []
         try:
             for req in children:
                 self.scheduler.add(req)
+                added.append(req)
         except ValueError as e:
-            for req in children:
-                if req.request_id in self.scheduler.requests:
-                    self.scheduler.abort(req.request_id)
+            for req in added:
+                self.scheduler.abort(req.request_id)
             raise InvalidRequestError(str(e)) from e
         for req in children:
             s = _Sample(req, [] if params.logprobs is not None else None)
@@ -201,8 +205,10 @@ class Engine:
             self.stats.output_tokens += 1
             parent, sample = self._sample_of[req.request_id]
             self._record_logprobs(sample, tok)
-            if not req.is_finished and req.sampling_params.stop:
-                self._check_stop_strings(sample)
+            p = req.sampling_params
+            if p.stop and req.finish_reason in (None, FinishReason.LENGTH):
+                if req.num_output_tokens >= p.min_tokens:  # vLLM: no stop string before min_tokens
+                    self._check_stop_strings(sample)
             if req.is_finished:
                 ended[parent.request_id] = parent
         # After all events: several samples of one request may end in the same step.
@@ -229,20 +235,23 @@ class Engine:
         req = sample.request
         stops = req.sampling_params.stop
         # A stop string spans at most len(stop) tokens, plus a few of partial characters.
-        window = max(len(s) for s in stops) + 4
-        out = req.output_token_ids
-        tail = self.codec.decode(out[-window:], req.sampling_params.skip_special_tokens)
+        window = min(max(len(s) for s in stops) + 4, req.num_output_tokens)
+        skip = req.sampling_params.skip_special_tokens
+        tail = self.codec.decode(req.token_ids[-window:], skip)
         if find_stop_string(tail, stops) is None:
             return
-        text = self.codec.decode(out, req.sampling_params.skip_special_tokens)
-        hit = find_stop_string(text, stops)
+        text = self.codec.decode(req.output_token_ids, skip)
+        # Earlier text was searched at earlier steps (or came before min_tokens): only the tail.
+        hit = find_stop_string(text, stops, search_from=max(0, len(text) - len(tail)))
         if hit is None:
             return
         idx, stop = hit
-        sample.stop_text_index = idx + (
-            len(stop) if req.sampling_params.include_stop_str_in_output else 0
-        )
-        self.scheduler.finish(req.request_id, FinishReason.STOP, stop)
+        keep = len(stop) if req.sampling_params.include_stop_str_in_output else 0
+        sample.stop_text_index = idx + keep
+        if req.is_finished:  # ended on length with the very token that completed the stop
+            req.finish_reason, req.stop_reason = FinishReason.STOP, stop
+        else:
+            self.scheduler.finish(req.request_id, FinishReason.STOP, stop)
 
     def _finish_parent(self, parent: _Parent) -> RequestOutput:
         del self._parents[parent.request_id]
@@ -251,7 +260,15 @@ class Engine:
             req = s.request
             self._sample_of.pop(req.request_id, None)
             ids = req.output_token_ids
-            text = self.codec.decode(ids, req.sampling_params.skip_special_tokens)
+            text_ids = ids
+            p = req.sampling_params
+            if (
+                req.finish_reason == FinishReason.STOP
+                and s.stop_text_index is None
+                and not p.include_stop_str_in_output
+            ):
+                text_ids = ids[:-1]  # ended on EOS or a stop token: its text is not output
+            text = self.codec.decode(text_ids, p.skip_special_tokens)
             if s.stop_text_index is not None:
                 text = text[: s.stop_text_index]
             outputs.append(

@@ -28,6 +28,8 @@ def parse_line(line_no: int, raw: str, seen_ids: set[str]) -> BatchLine:
         raise RequestError(
             f"{where}: invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json"
         ) from e
+    except RecursionError as e:
+        raise RequestError(f"{where}: JSON nested too deeply", None, "invalid_json") from e
     if not isinstance(obj, dict):
         raise RequestError(f"{where}: expected a JSON object with custom_id, method, url and body")
     custom_id = obj.get("custom_id")
@@ -59,7 +61,7 @@ def custom_id_of(raw: str) -> str | None:
     """Best-effort custom_id of a line that failed to parse, for its error line."""
     try:
         obj = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     cid = obj.get("custom_id") if isinstance(obj, dict) else None
     return cid if isinstance(cid, str) else None

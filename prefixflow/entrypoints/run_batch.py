@@ -68,8 +68,15 @@ class BatchRunner:
         self._owner: dict[str, _Pending] = {}
         self._seen_ids: set[str] = set()
 
-    def submit(self, line_no: int, raw: str) -> None:
+    def submit(self, line_no: int, data: bytes | str) -> None:
         """Parse, validate and queue one input line; a bad one gets its error line now."""
+        try:
+            raw = data.decode("utf-8") if isinstance(data, bytes) else data
+        except UnicodeDecodeError as e:
+            err = RequestError(f"line {line_no}: not valid UTF-8 ({e.reason} at byte {e.start})")
+            self._write(error_line(None, err, line_no))
+            self.summary.requests_failed += 1
+            return
         if not raw.strip():
             return
         custom_id = None
@@ -143,14 +150,20 @@ class BatchRunner:
         return True
 
     def _write(self, obj: dict) -> None:
-        self.out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        line = json.dumps(obj, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from the input: write them escaped
+            line = json.dumps(obj)
+        self.out.write(line + "\n")
         self.out.flush()
 
 
 def run_batch(
     input_path: Path, output_path: Path, engine: Engine, progress: bool = True
 ) -> BatchSummary:
-    with open(input_path, encoding="utf-8") as f, open(output_path, "w", encoding="utf-8") as out:
+    # Binary input: a line of invalid UTF-8 gets an error line instead of stopping the job.
+    with open(input_path, "rb") as f, open(output_path, "w", encoding="utf-8") as out:
         runner = BatchRunner(engine, out)
         for line_no, raw in enumerate(f, start=1):
             runner.submit(line_no, raw)

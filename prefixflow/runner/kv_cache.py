@@ -38,7 +38,13 @@ def num_blocks_for(
         if memory == "auto"
         else parse_memory(memory)
     )
-    return max(1, budget // bytes_per_block(hf_config, block_size, dtype))
+    per_block = bytes_per_block(hf_config, block_size, dtype)
+    if budget < per_block:
+        raise ValueError(
+            f"kv_cache_memory of {budget} bytes holds no page of {per_block} bytes; give a size "
+            "such as '1GiB' or a fraction of free memory below 1"
+        )
+    return budget // per_block
 
 
 def allocate_kv_cache(

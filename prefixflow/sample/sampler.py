@@ -99,7 +99,7 @@ class Sampler:
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     V = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([t if t > 0 else V for t in top_k]).clamp(max=V)
+    k = torch.tensor([min(t, V) if t > 0 else V for t in top_k])
     ranks = torch.arange(V).unsqueeze(0)
     drop = ranks >= k.unsqueeze(1)  # beyond top-k
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)

@@ -142,3 +142,39 @@ def test_job_level_failures_exit_non_zero(tmp_path):
     inp.write_text(json.dumps(completion_line("a", "hi")) + "\n")
     proc = run_cli(str(inp), "-o", str(tmp_path / "o.jsonl"), "--model", str(tmp_path / "no-model"))
     assert proc.returncode != 0 and "cannot load the model" in proc.stderr
+
+
+def test_hostile_lines_never_stop_the_job(tmp_path):
+    lines = [
+        json.dumps(completion_line("ok-1", "Hello there")).encode(),
+        b'{"custom_id": "bad-utf8", "prompt": "\xff\xfe"}',
+        b"[" * 100_000 + b"]" * 100_000,  # nested too deeply for the JSON parser
+        json.dumps(
+            chat_line("bad-template", "hi", chat_template="{{ raise_exception('nope') }}")
+        ).encode(),
+        json.dumps(completion_line("bad-seed", "hi", seed=2**64)).encode(),
+        json.dumps(
+            completion_line("bad-stop-id", "hi", stop_token_ids=[10**6], min_tokens=2)
+        ).encode(),
+        b'{"custom_id": "\\ud800", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": 2}}',
+        json.dumps(
+            completion_line("ok-huge-top-k", "Hello", temperature=1.0, top_k=10**12, seed=1)
+        ).encode(),
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_bytes(b"\n".join(lines) + b"\n")
+    proc = run_cli(str(inp), "-o", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(results) == len(lines)
+    ok = {r["custom_id"] for r in results if r["error"] is None}
+    assert ok == {"ok-1", "ok-huge-top-k", "\ud800"}
+    messages = " | ".join(r["error"]["message"] for r in results if r["error"])
+    for needle in (
+        "line 2: not valid UTF-8",
+        "line 3: JSON nested too deeply",
+        "chat template",
+        "seed",
+        "stop_token_ids",
+    ):
+        assert needle in messages, needle

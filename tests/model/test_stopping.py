@@ -48,6 +48,7 @@ def test_stop_token_ids_and_eos(llm_f32):
     )[0].outputs[0]
     assert out.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
     assert out.stop_reason == tok
+    assert out.text == llm_f32.get_tokenizer().decode(out.token_ids[:-1], skip_special_tokens=True)
     capped = llm_f32.chat(CHAT, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[
         0
     ].outputs[0]
@@ -83,3 +84,20 @@ def test_min_tokens_matches_transformers_min_new_tokens(llm_f32, hf_model, token
     assert len(ours) >= n + 5
     assert 2 not in ours[: n + 5]
     assert ours == ref
+
+
+def test_stop_strings_wait_for_min_tokens(llm_f32):
+    free = llm_f32.chat(
+        CHAT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    early = " " + free.text.split()[1]  # appears within the first few tokens
+    n = 20
+    out = llm_f32.chat(
+        CHAT,
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=early, min_tokens=n),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(out.token_ids) >= n
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+    # a stop found later cuts the text there, not at the early occurrence
+    assert len(out.text) > free.text.index(early)

@@ -59,8 +59,8 @@ def iter_gguf(path: Path, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         w = dequantize(t.data, t.tensor_type)
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        if permute and name.endswith("q_proj.weight"):
+        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rotary(w, hf_config.num_attention_heads)
-        elif permute and name.endswith("k_proj.weight"):
+        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rotary(w, hf_config.num_key_value_heads)
         yield name, torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,15 @@ from safetensors import safe_open
 
 
 def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's files: those its index names, else every *.safetensors (some
+    folders also hold other formats' files, such as Mistral's consolidated.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
