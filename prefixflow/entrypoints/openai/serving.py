@@ -172,23 +172,8 @@ def completion_body(
                 ],
                 "text_offset": offsets,
             }
-        choices.append(
-            {
-                "index": i,
-                "text": c.text,
-                "logprobs": lp,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-        )
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": _usage(outputs),
-    }
+        choices.append(_choice(i, c, lp, text=c.text))
+    return _body("cmpl", "text_completion", model, choices, outputs)
 
 
 def chat_body(
@@ -221,18 +206,26 @@ def chat_body(
                     }
                 )
             lp = {"content": content}
-        choices.append(
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": lp,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-        )
+        choices.append(_choice(i, c, lp, message={"role": "assistant", "content": c.text}))
+    return _body("chatcmpl", "chat.completion", model, choices, outputs)
+
+
+def _choice(index: int, c: CompletionOutput, logprobs: dict | None, **content) -> dict:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
+        "index": index,
+        **content,
+        "logprobs": logprobs,
+        "finish_reason": c.finish_reason,
+        "stop_reason": c.stop_reason,
+    }
+
+
+def _body(
+    prefix: str, obj: str, model: str, choices: list[dict], outputs: list[RequestOutput]
+) -> dict:
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
         "choices": choices,
