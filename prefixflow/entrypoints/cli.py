@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
     _engine_args(rb)
     rb.set_defaults(func=cmd_run_batch)
+    from prefixflow.bench.main import add_arguments
+    from prefixflow.bench.main import run as cmd_bench
+
+    bench = sub.add_parser("bench", help="prefixflow and its peers on the same workloads")
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     return args.func(args)
