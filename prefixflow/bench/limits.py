@@ -23,7 +23,9 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, cfg) -> ModelShape:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        from prefixflow.model.shapes import head_dim_of
+
+        head_dim = head_dim_of(cfg)
         return cls(
             layers=cfg.num_hidden_layers,
             hidden=cfg.hidden_size,

@@ -16,6 +16,7 @@ from torch import nn
 from prefixflow.attention.backend import AttentionBackend
 from prefixflow.attention.metadata import AttentionMetadata
 from prefixflow.model.rope import RotaryEmbedding
+from prefixflow.model.shapes import head_dim_of
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +38,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.head_dim = head_dim_of(cfg)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # q, k and v in one matmul: fewer, larger GEMMs are faster on every backend

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prefixflow.model.shapes import head_dim_of
+
 
 def rope_parameters(cfg) -> dict:
     """The rope settings of a config, from transformers 5 (`rope_parameters`) or 4 (`rope_theta`)."""
@@ -20,7 +22,7 @@ def rope_parameters(cfg) -> dict:
 def inverse_frequencies(cfg) -> tuple[torch.Tensor, float]:
     params = rope_parameters(cfg)
     rope_type = params.get("rope_type", "default")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     if rope_type == "default":
         base = params["rope_theta"]
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from prefixflow.config import available_memory_bytes, parse_memory
+from prefixflow.model.shapes import head_dim_of
 
 _AUTO_CAP = 4 << 30  # "auto": up to 4 GiB, and at most 30% of what is free
 
 
 def kv_shape(hf_config, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    head_dim = getattr(hf_config, "head_dim", None) or (
-        hf_config.hidden_size // hf_config.num_attention_heads
-    )
+    head_dim = head_dim_of(hf_config)
     return (
         hf_config.num_hidden_layers,
         2,

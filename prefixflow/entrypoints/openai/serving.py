@@ -163,12 +163,7 @@ def completion_body(
                     e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True)
                 ],
                 "top_logprobs": [
-                    {
-                        v.decoded_token: v.logprob
-                        for v in e.values()
-                        if v.rank is not None and v.rank <= top_logprobs
-                    }
-                    for e in c.logprobs
+                    {v.decoded_token: v.logprob for v in _top(e, top_logprobs)} for e in c.logprobs
                 ],
                 "text_offset": offsets,
             }
@@ -186,10 +181,7 @@ def chat_body(
             content = []
             for t, e in zip(c.token_ids, c.logprobs, strict=True):
                 piece = codec.piece(t)
-                top = sorted(
-                    (v for v in e.values() if v.rank is not None and v.rank <= top_logprobs),
-                    key=lambda v: v.rank,
-                )
+                top = _top(e, top_logprobs)
                 content.append(
                     {
                         "token": piece,
@@ -208,6 +200,14 @@ def chat_body(
             lp = {"content": content}
         choices.append(_choice(i, c, lp, message={"role": "assistant", "content": c.text}))
     return _body("chatcmpl", "chat.completion", model, choices, outputs)
+
+
+def _top(entry: dict, k: int) -> list:
+    """The top-k candidates of one position, most likely first (the sampled token's own
+    entry is left out when it ranks below k)."""
+    return sorted(
+        (v for v in entry.values() if v.rank is not None and v.rank <= k), key=lambda v: v.rank
+    )
 
 
 def _choice(index: int, c: CompletionOutput, logprobs: dict | None, **content) -> dict:
