@@ -36,13 +36,10 @@ def prefix_stats(prompts: list[list[int]], outputs: list[list[int]]) -> PrefixSt
     for ids, outs in zip(prompts, outputs, strict=True):
         for n in outs:
             pairs += n * len(ids) + n * (n + 1) // 2
-    steps = max((n for outs in outputs for n in outs), default=0)
-    reads = 0
-    for j in range(steps):
-        live = [
-            (len(ids), n) for ids, outs in zip(prompts, outputs, strict=True) for n in outs if n > j
-        ]
-        reads += distinct + sum(j for _ in live)
+    lengths = [n for outs in outputs for n in outs]
+    steps = max(lengths, default=0)
+    # At step j every sequence still decoding has j output tokens of KV beside the prompts.
+    reads = sum(distinct + j * sum(n > j for n in lengths) for j in range(steps))
     return PrefixStats(
         prompt_tokens=sum(len(p) for p in prompts),
         distinct_prompt_tokens=distinct,
