@@ -64,6 +64,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     # Fraction of pages kept free when admitting, so running requests can grow a while.
     watermark: float = 0.01
+    # Reuse computed prefixes (radix cache) and prefill the n samples of a prompt once.
+    prefix_sharing: bool = True
+    # With sharing on, order the waiting queue by the batch's prefix tree (BatchLLM) rather
+    # than first come, first served.
+    plan_prefixes: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -35,8 +35,11 @@ class LLM:
         block_size: int = 16,
         attention_backend: str = "paged",
         seed: int = 0,
+        prefix_sharing: bool = True,
         **vllm_kwargs,
     ) -> None:
+        # vLLM's name for the same switch: honour it rather than ignore it.
+        prefix_sharing = vllm_kwargs.pop("enable_prefix_caching", prefix_sharing)
         _accept_vllm_kwargs(vllm_kwargs)
         self.config = EngineConfig(
             model=model,
@@ -47,7 +50,9 @@ class LLM:
             attention_backend=attention_backend,
             seed=seed,
             scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                prefix_sharing=prefix_sharing,
             ),
         )
         self.engine = Engine(self.config)
@@ -131,7 +136,6 @@ _VLLM_ONLY = {
     "tensor_parallel_size",
     "pipeline_parallel_size",
     "swap_space",
-    "enable_prefix_caching",
     "disable_log_stats",
     "tokenizer",
     "tokenizer_mode",

@@ -46,8 +46,13 @@ class Request:
         self.max_output_tokens: int = limit if limit is not None else 1 << 62
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output, appended in place
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens read from the prefix cache, not computed
         self.block_ids: list[int] = []
+        self.num_pages_cached = 0  # leading pages of block_ids entered in the prefix cache
+        # n > 1 with prefix sharing: the leader computes the prompt once, and its siblings
+        # fork off it when it samples its first token.
+        self.fork_siblings: list[Request] = []
+        self.fork_leader: Request | None = None
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
@@ -68,6 +73,11 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def planned_decode_tokens(self) -> int:
+        """Decode tokens this request and its unforked siblings will run, at most."""
+        return min(self.max_output_tokens, 1 << 20) * (1 + len(self.fork_siblings))
 
     @property
     def is_finished(self) -> bool:

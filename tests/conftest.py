@@ -43,3 +43,11 @@ def tokenizer(llm_f32):
 @pytest.fixture(scope="session")
 def prompts(tokenizer):
     return make_prompts(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llm_f32_unshared():
+    """The same engine with prefix sharing off: every prompt computed in full."""
+    from prefixflow import LLM
+
+    return LLM(dtype="float32", kv_cache_memory="1GiB", prefix_sharing=False)

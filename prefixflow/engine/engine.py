@@ -64,6 +64,7 @@ class EngineStats:
     output_tokens: int = 0
     computed_tokens: int = 0  # every token run through the model, decodes included
     prompt_computed_tokens: int = 0  # prompt tokens run through the model (not reused)
+    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache instead
     steps: int = 0
 
 
@@ -140,9 +141,13 @@ class Engine:
             children.append(req)
         added: list[Request] = []
         try:
-            for req in children:
-                self.scheduler.add(req)
-                added.append(req)
+            if self.config.scheduler.prefix_sharing:
+                # One prefill for all n samples: the first leads, the others fork off it.
+                self.scheduler.add(children[0], children[1:])
+            else:
+                for req in children:
+                    self.scheduler.add(req)
+                    added.append(req)
         except ValueError as e:
             for req in added:
                 self.scheduler.abort(req.request_id)
@@ -283,6 +288,7 @@ class Engine:
                 )
             )
         first = parent.samples[0].request
+        self.stats.cached_prompt_tokens += first.num_cached_tokens
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,

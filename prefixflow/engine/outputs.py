@@ -23,6 +23,9 @@ class ScheduledSeq:
     params: SamplingParams
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
     masked_token_ids: frozenset[int] = frozenset()  # EOS/stop ids banned until min_tokens
+    # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
+    # they compute nothing themselves (empty token_ids).
+    forks: list[ScheduledSeq] = field(default_factory=list)
 
 
 @dataclass
@@ -32,6 +35,9 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)
     # Pages with ids below this have been handed out; the runner zeroes new ones before use.
     num_pages_touched: int = 0
+    # (source, destination) pages to copy before the step: a private copy of a partly
+    # filled page a sequence shares, made before it writes there.
+    page_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

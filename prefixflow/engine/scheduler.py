@@ -1,9 +1,23 @@
-"""Continuous batching with chunked prefill, in pure Python.
+"""Continuous batching with chunked prefill and prefix sharing, in pure Python.
 
 There is no prefill or decode phase (as in vLLM v1): every request has a count of tokens
 whose KV is computed, and each step brings that count closer to its token count under a
 token budget. A decode is a request one token behind; a prompt is many tokens behind and is
 computed in chunks, mixed in the same step with other requests' decodes.
+
+Prefix sharing (on unless `SchedulerConfig.prefix_sharing` is off) adds three things:
+- the waiting queue is ordered by the PrefixPlanner, so requests sharing a prefix run
+  together;
+- a request starts from the longest prefix the RadixCache holds: those tokens count as
+  computed. Full pages are cached as soon as a step is scheduled to compute them: every
+  layer writes the step's KV before any of its attention reads, so a request admitted
+  later in the same step may already read them. Running requests take the token budget
+  first, so a request is only admitted once every prefill ahead of it is scheduled to its
+  end and its shared pages are in the cache;
+- the n samples of one prompt are one request until its prompt is computed; the step that
+  samples its first token samples all n from the same logits, then the others fork off,
+  sharing its pages. A partly filled shared page is copied before it is written
+  (`SchedulerOutput.page_copies`).
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 
 from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.radix_cache import RadixCache
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.outputs import (
     RunnerOutput,
@@ -18,6 +33,7 @@ from prefixflow.engine.outputs import (
     ScheduledSeq,
     SchedulerOutput,
 )
+from prefixflow.engine.prefix_plan import plan_order
 from prefixflow.engine.stop import check_token_stop, masked_token_ids
 from prefixflow.request import FinishReason, Request, RequestStatus
 
@@ -30,15 +46,40 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
         self.config = config
         self.pool = pool
-        self.waiting: deque[Request] = deque()
+        self.cache = RadixCache(pool) if config.prefix_sharing else None
+        self.waiting: deque[Request] = deque()  # in planned order, then new arrivals
+        self.resumed: deque[Request] = deque()  # preempted: they go first
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self._num_unplanned = 0  # arrivals at the end of `waiting` since the last plan
         self._finished_ids: list[str] = []
+        self._copies: list[tuple[int, int]] = []
         self._watermark_blocks = int(config.watermark * pool.num_blocks)
         self.num_preemptions = 0
 
     # ---- queue ----
-    def add(self, req: Request) -> None:
+    def add(self, req: Request, siblings: list[Request] | None = None) -> None:
+        """Queue a request; `siblings` are the other samples of its prompt (n > 1).
+
+        Siblings share the request's prefill and fork off when it samples its first
+        token; they need prefix sharing on. Without it, add every sample alone.
+        """
+        siblings = siblings or []
+        if siblings and self.cache is None:
+            raise ValueError("samples share a prefill only with prefix sharing on")
+        for r in [req, *siblings]:
+            self._check_fits(r)
+            if r.request_id in self.requests:
+                raise ValueError(f"request id {r.request_id!r} is already in use")
+        req.fork_siblings = list(siblings)
+        for sib in siblings:
+            sib.fork_leader = req
+        for r in [req, *siblings]:
+            self.requests[r.request_id] = r
+        self.waiting.append(req)
+        self._num_unplanned += 1
+
+    def _check_fits(self, req: Request) -> None:
         # The last sampled token is never run through the model, so it needs no KV slot.
         peak_tokens = req.num_prompt_tokens + max(min(req.max_output_tokens, 1 << 40) - 1, 0)
         if self.pool.blocks_for(peak_tokens) > self.pool.num_blocks:
@@ -47,27 +88,35 @@ class Scheduler:
                 f"cache holds {self.pool.num_blocks * self.pool.block_size}; lower max_tokens or "
                 "give the KV cache more memory"
             )
-        if req.request_id in self.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
-        if req is not None:
-            if req in self.waiting:
-                self.waiting.remove(req)
-            self._finish(req, FinishReason.ABORT)
+        if req is None:
+            return
+        if req.fork_leader is not None:  # a sample not forked yet: it leaves its leader
+            req.fork_leader.fork_siblings.remove(req)
+            req.fork_leader = None
+        elif req.fork_siblings:  # the leader goes: the next sample leads in its place
+            heir, *rest = req.fork_siblings
+            req.fork_siblings = []
+            heir.fork_leader = None
+            heir.fork_siblings = rest
+            for r in rest:
+                r.fork_leader = heir
+            self.resumed.appendleft(heir)
+        self._drop_waiting(req)
+        self._finish(req, FinishReason.ABORT)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.resumed or self.running)
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.requests)
 
     # ---- one step ----
     def schedule(self) -> SchedulerOutput:
+        self._plan()
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted = False
@@ -90,34 +139,33 @@ class Scheduler:
             i += 1
 
         # Admitting while preempting would thrash: wait until pressure eases.
-        while (
-            not preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            need = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-            if need > self.pool.num_free - self._watermark_blocks and self.running:
+        while not preempted and budget > 0 and (self.resumed or self.waiting):
+            req = self.resumed[0] if self.resumed else self.waiting[0]
+            seats = 1 + len(req.fork_siblings)
+            if self.running and len(self.running) + seats > self.config.max_num_seqs:
                 break
-            if not self._grow(req, n):
+            n = self._admit(req, budget)
+            if n == 0:
                 break
-            self.waiting.popleft()
+            (self.resumed if self.resumed else self.waiting).popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             seqs.append(self._seq(req, n))
             budget -= n
 
         finished, self._finished_ids = self._finished_ids, []
+        copies, self._copies = self._copies, []
         return SchedulerOutput(
-            seqs=seqs, finished_request_ids=finished, num_pages_touched=self.pool.high_water
+            seqs=seqs,
+            finished_request_ids=finished,
+            num_pages_touched=self.pool.high_water,
+            page_copies=copies,
         )
 
     def update(
         self, sched: SchedulerOutput, result: RunnerOutput
     ) -> list[tuple[Request, SampledToken]]:
-        """Advance computed counts, append sampled tokens, finish stopped requests."""
+        """Advance computed counts, append sampled tokens, fork samples, finish stopped ones."""
         events: list[tuple[Request, SampledToken]] = []
         for seq in sched.seqs:
             req = self.requests.get(seq.request_id)
@@ -126,13 +174,15 @@ class Scheduler:
             req.num_computed_tokens += len(seq.token_ids)
             if not seq.sample:
                 continue
-            tok = result.sampled[seq.request_id]
-            req.token_ids.append(tok.token_id)
-            events.append((req, tok))
-            stop = check_token_stop(req)
-            if stop is not None:
-                req.stop_reason = stop[1]
-                self._finish(req, stop[0])
+            forked = [self._fork(req, f.request_id) for f in seq.forks]
+            for r in [req, *(f for f in forked if f is not None)]:
+                tok = result.sampled[r.request_id]
+                r.token_ids.append(tok.token_id)
+                events.append((r, tok))
+                stop = check_token_stop(r)
+                if stop is not None:
+                    r.stop_reason = stop[1]
+                    self._finish(r, stop[0])
         return events
 
     def finish(self, request_id: str, reason: FinishReason, stop_reason: str | None) -> None:
@@ -142,38 +192,133 @@ class Scheduler:
         self._finish(req, reason)
 
     # ---- helpers ----
-    def _grow(self, req: Request, n: int) -> bool:
+    def _plan(self) -> None:
+        """Re-plan the waiting queue once half of it arrived since the last plan.
+
+        Each request is planned a bounded number of times on average, so planning stays
+        linear in prompt tokens however the requests trickle in.
+        """
+        if self.cache is None or not self.config.plan_prefixes:
+            self._num_unplanned = 0
+            return
+        if self._num_unplanned * 2 < len(self.waiting) or self._num_unplanned == 0:
+            return
+        queue = list(self.waiting)
+        order = plan_order(queue, self.pool.block_size)
+        self.waiting = deque(queue[i] for i in order)
+        self._num_unplanned = 0
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Start a waiting request from its cached prefix; tokens to compute now, 0 if not."""
+        hit: list[int] = []
+        if self.cache is not None and req.num_computed_tokens == 0:
+            # At least the last token is computed, to have logits to sample from.
+            max_pages = (req.num_tokens - 1) // self.pool.block_size
+            hit = self.cache.match(req.token_ids, max_pages)
+            req.block_ids = list(hit)
+            req.num_computed_tokens = len(hit) * self.pool.block_size
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
         need = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-        if need <= 0:
-            return True
+        if (need > self.pool.num_free - self._watermark_blocks and self.running) or not self._grow(
+            req, n
+        ):
+            if hit:  # not this step: give the pages back, match again next time
+                self.pool.release(hit[::-1])
+                req.block_ids = []
+                req.num_computed_tokens = 0
+            return 0
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+        req.num_pages_cached = len(hit)
+        return n
+
+    def _grow(self, req: Request, n: int) -> bool:
+        """Give req the pages to compute n more tokens: new ones, and a private copy of a
+        partly filled page it shares (a sibling's) before writing into it."""
+        bs = self.pool.block_size
+        start = req.num_computed_tokens
+        shared_tail = start % bs != 0 and self.pool.ref_count(req.block_ids[start // bs]) > 1
+        need = self.pool.blocks_for(start + n) - len(req.block_ids) + shared_tail
         if need > self.pool.num_free:
             return False
-        req.block_ids.extend(self.pool.allocate(need))
+        if shared_tail:
+            src = req.block_ids[start // bs]
+            (dst,) = self.pool.allocate(1)
+            self._copies.append((src, dst))
+            req.block_ids[start // bs] = dst
+            self.pool.release([src])
+            need -= 1
+        if need > 0:
+            req.block_ids.extend(self.pool.allocate(need))
         return True
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
+        if self.cache is not None:
+            # Cache the full pages this step completes (see the module docstring).
+            end_page = (start + n) // self.pool.block_size
+            if end_page > req.num_pages_cached:
+                self.cache.insert(req.token_ids, req.block_ids, req.num_pages_cached, end_page)
+                req.num_pages_cached = end_page
+        sample = start + n == req.num_tokens
+        forks = []
+        if sample and req.fork_siblings:
+            forks = [
+                ScheduledSeq(
+                    request_id=s.request_id,
+                    token_ids=[],
+                    start_pos=start,
+                    block_ids=[],
+                    sample=True,
+                    params=s.sampling_params,
+                    masked_token_ids=masked_token_ids(s),
+                )
+                for s in req.fork_siblings
+            ]
         return ScheduledSeq(
             request_id=req.request_id,
             token_ids=req.token_ids[start : start + n],
             start_pos=start,
             block_ids=list(req.block_ids),
-            sample=start + n == req.num_tokens,
+            sample=sample,
             params=req.sampling_params,
             num_output_tokens=req.num_output_tokens,
             masked_token_ids=masked_token_ids(req),
+            forks=forks,
         )
+
+    def _fork(self, leader: Request, request_id: str) -> Request | None:
+        """A sibling takes a share of the leader's pages and runs on its own from here."""
+        sib = self.requests.get(request_id)
+        if sib is None or sib.fork_leader is not leader:
+            return None  # aborted during the step
+        leader.fork_siblings.remove(sib)
+        sib.fork_leader = None
+        sib.block_ids = list(leader.block_ids)
+        self.pool.ref(sib.block_ids)
+        sib.num_computed_tokens = leader.num_computed_tokens
+        sib.num_cached_tokens = leader.num_cached_tokens
+        sib.num_pages_cached = leader.num_pages_cached
+        sib.status = RequestStatus.RUNNING
+        self.running.append(sib)
+        return sib
+
+    def _drop_waiting(self, req: Request) -> None:
+        for q in (self.waiting, self.resumed):
+            if req in q:
+                q.remove(req)
 
     def _preempt(self, req: Request) -> None:
         """Free the request's pages; it is recomputed (prompt and output so far) later."""
         self.running.remove(req)
-        self.pool.release(req.block_ids)
+        self.pool.release(req.block_ids[::-1])
         req.block_ids = []
         req.num_computed_tokens = 0
+        req.num_pages_cached = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.resumed.appendleft(req)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.is_finished:
@@ -181,7 +326,7 @@ class Scheduler:
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         if req.block_ids:
-            self.pool.release(req.block_ids)
+            self.pool.release(req.block_ids[::-1])
             req.block_ids = []
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason

@@ -28,6 +28,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--attention-backend", default="paged")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-prefix-sharing",
+        action="store_true",
+        help="compute every prompt in full: no prefix cache, no shared prefill of n samples",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -40,7 +45,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         seed=args.seed,
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            prefix_sharing=not args.no_prefix_sharing,
         ),
     )
 

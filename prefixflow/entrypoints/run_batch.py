@@ -30,6 +30,7 @@ class BatchSummary:
     requests_failed: int = 0
     prompt_tokens: int = 0
     prompt_tokens_computed: int = 0
+    prompt_tokens_cached: int = 0  # reused from the prefix cache (n samples count once)
     output_tokens: int = 0
     load_s: float = 0.0
     wall_s: float = 0.0
@@ -45,7 +46,8 @@ class BatchSummary:
         return (
             f"run-batch: {self.requests_ok + self.requests_failed} requests "
             f"({self.requests_ok} ok, {self.requests_failed} failed) | prompt tokens "
-            f"{self.prompt_tokens:,} (computed {self.prompt_tokens_computed:,}) | output tokens "
+            f"{self.prompt_tokens:,} (cached {self.prompt_tokens_cached:,}, computed "
+            f"{self.prompt_tokens_computed:,}) | output tokens "
             f"{self.output_tokens:,} in {self.wall_s:.1f}s = {self.output_tok_per_s:,.1f} tok/s | "
             f"model load {self.load_s:.1f}s"
         )
@@ -146,6 +148,7 @@ class BatchRunner:
         s = self.summary
         s.requests_ok += 1
         s.prompt_tokens += body["usage"]["prompt_tokens"]
+        s.prompt_tokens_cached += body["usage"]["prompt_tokens_details"]["cached_tokens"]
         s.output_tokens += body["usage"]["completion_tokens"]
         return True
 

@@ -33,6 +33,9 @@ class ModelRunner:
             # Masked-out slots are multiplied by zero weights: they must hold finite values.
             self.kv_cache[:, :, self._pages_zeroed : sched.num_pages_touched].zero_()
             self._pages_zeroed = sched.num_pages_touched
+        if sched.page_copies:
+            src, dst = zip(*sched.page_copies, strict=True)
+            self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
         if sched.is_empty:
             return RunnerOutput()
         input_ids, positions, meta, last_idx = self._prepare(sched)
@@ -40,8 +43,12 @@ class ModelRunner:
         to_sample = [s for s in sched.seqs if s.sample]
         if not to_sample:
             return RunnerOutput()
-        rows = torch.tensor([last_idx[i] for i, s in enumerate(sched.seqs) if s.sample])
-        logits = self.model.compute_logits(hidden[rows])  # (S, vocab)
+        rows = [last_idx[i] for i, s in enumerate(sched.seqs) if s.sample]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows)])  # (S, vocab)
+        forks = [(r, f) for r, s in enumerate(to_sample) for f in s.forks]
+        if forks:  # the other samples of a prompt draw from its row of logits
+            logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
+            to_sample = to_sample + [f for _, f in forks]
         tokens = self.sampler(logits, to_sample)
         return RunnerOutput(
             sampled={s.request_id: t for s, t in zip(to_sample, tokens, strict=True)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -29,12 +30,16 @@ def make_scheduler(
     max_num_seqs: int = 16,
     max_num_batched_tokens: int = 64,
     watermark: float = 0.0,
+    prefix_sharing: bool = True,
+    plan_prefixes: bool = False,  # most tests here check first-come-first-served order
 ) -> tuple[Scheduler, BlockPool]:
     pool = BlockPool(num_blocks, block_size)
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         watermark=watermark,
+        prefix_sharing=prefix_sharing,
+        plan_prefixes=plan_prefixes,
     )
     return Scheduler(config, pool), pool
 
@@ -87,16 +92,24 @@ def check_step_invariants(sched: Scheduler, pool: BlockPool, out: SchedulerOutpu
         assert s.num_output_tokens == req.num_output_tokens
         assert s.params is req.sampling_params
         pages_in_step.extend(s.block_ids)
-    # No page is shared between requests (no prefix sharing in the scheduler).
-    assert len(pages_in_step) == len(set(pages_in_step))
-    # Pages held by running requests are exactly the pages in use.
-    assert sum(len(r.block_ids) for r in sched.running) == pool.num_used
-    for r in sched.waiting:
+    # Every page in use is held by running requests, and its count is exactly its holders.
+    holders = Counter(p for r in sched.running for p in r.block_ids)
+    assert len(holders) == pool.num_used
+    for page, count in holders.items():
+        assert pool.ref_count(page) == count
+    if sched.cache is None:  # without sharing no page is in two sequences
+        assert len(pages_in_step) == len(set(pages_in_step))
+    for r in queued(sched):
         assert r.block_ids == []
         assert r.status == RequestStatus.WAITING
     for r in sched.running:
         assert r.status == RequestStatus.RUNNING
-    assert not set(map(id, sched.waiting)) & set(map(id, sched.running))
+    assert not set(map(id, queued(sched))) & set(map(id, sched.running))
+
+
+def queued(sched: Scheduler) -> list[Request]:
+    """Waiting requests in the order they will be admitted (preempted ones first)."""
+    return [*sched.resumed, *sched.waiting]
 
 
 def run_to_completion(
@@ -590,7 +603,9 @@ def test_watermark_holds_back_admission_while_others_run():
 
 def test_preemption_with_tiny_pool_everything_completes():
     # 6 pages of 4 tokens; each request peaks at 4 pages, so they cannot all grow at once.
-    sched, pool = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=32)
+    sched, pool = make_scheduler(
+        num_blocks=6, block_size=4, max_num_batched_tokens=32, prefix_sharing=False
+    )
     reqs = [make_request(f"r{i}", prompt_len=6, max_tokens=10) for i in range(4)]
     for r in reqs:
         sched.add(r)
@@ -601,7 +616,7 @@ def test_preemption_with_tiny_pool_everything_completes():
         out = sched.schedule()
         assert not out.is_empty
         check_step_invariants(sched, pool, out)
-        for r in sched.waiting:
+        for r in queued(sched):
             if r.num_preemptions > 0 and r.request_id not in preempted_seen:
                 assert r.num_computed_tokens == 0
                 assert r.block_ids == []
@@ -649,7 +664,7 @@ def test_preemption_takes_newest_and_it_waits_at_the_front():
         sched.update(out, fake_run(out))
     assert b.status == RequestStatus.WAITING and b.num_preemptions == 1
     assert a.status == RequestStatus.RUNNING and a.num_preemptions == 0
-    assert sched.waiting[0] is b
+    assert queued(sched)[0] is b
     assert b.num_computed_tokens == 0 and b.num_output_tokens > 0
     # No new request is admitted in the step that preempted.
     assert [s.request_id for s in out.seqs] == ["a"]

@@ -1,0 +1,245 @@
+"""Prefix sharing in the scheduler, checked with a fake runner that keeps a real page table
+(tests/page_table_runner.py): outputs with sharing on and off are only equal if every
+context each sequence read through its pages was right."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from prefixflow.cache.block_pool import BlockPool
+from prefixflow.config import SchedulerConfig
+from prefixflow.engine.prefix_plan import plan_order
+from prefixflow.engine.scheduler import Scheduler
+from prefixflow.request import FinishReason, Request
+from prefixflow.sampling_params import SamplingParams
+from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens
+
+
+def run(
+    requests: list[tuple[str, list[int], int, int]],  # (id, prompt, max_tokens, n)
+    sharing: bool,
+    num_blocks: int = 256,
+    block_size: int = 4,
+    budget: int = 64,
+    max_num_seqs: int = 64,
+    plan: bool = True,
+) -> tuple[dict[str, list[int]], PageTableRunner, Scheduler]:
+    pool = BlockPool(num_blocks, block_size)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        watermark=0.0,
+        prefix_sharing=sharing,
+        plan_prefixes=plan,
+    )
+    sched = Scheduler(config, pool)
+    runner = PageTableRunner(pool)
+    reqs = []
+    for rid, prompt, max_tokens, n in requests:
+        samples = [
+            Request(rid if n == 1 else f"{rid}#{i}", prompt, SamplingParams(max_tokens=max_tokens))
+            for i in range(n)
+        ]
+        for r in samples:
+            runner.track(r)
+        if sharing:
+            sched.add(samples[0], samples[1:])
+        else:
+            for r in samples:
+                sched.add(r)
+        reqs += samples
+    steps = 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        assert not out.is_empty
+        sched.update(out, runner.execute(out))
+        steps += 1
+        assert steps < 20_000
+    assert pool.num_free == pool.num_blocks
+    return {r.request_id: r.output_token_ids for r in reqs}, runner, sched
+
+
+def tree_batch(rng: random.Random, bs: int) -> list[tuple[str, list[int], int, int]]:
+    """An instruction, documents under it, questions under each document; shuffled."""
+    instruction = [rng.randrange(1, 500) for _ in range(rng.randint(1, 3 * bs))]
+    out = []
+    for d in range(rng.randint(1, 4)):
+        doc = [rng.randrange(1, 500) for _ in range(rng.randint(1, 6 * bs))]
+        for q in range(rng.randint(1, 5)):
+            question = [rng.randrange(1, 500) for _ in range(rng.randint(1, 2 * bs))]
+            n = rng.choice([1, 1, 1, 3])
+            out.append((f"d{d}q{q}", instruction + doc + question, rng.randint(1, 12), n))
+    rng.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_outputs_identical_with_sharing_on_and_off(seed):
+    rng = random.Random(seed)
+    bs = rng.choice([1, 2, 4, 8])
+    batch = tree_batch(rng, bs)
+    budget = rng.choice([7, 16, 64, 200])
+    on, runner_on, _ = run(batch, True, block_size=bs, budget=budget)
+    off, runner_off, _ = run(batch, False, block_size=bs, budget=budget)
+    assert on == off
+    assert runner_on.prompt_tokens_computed <= runner_off.prompt_tokens_computed
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_planned_batch_computes_each_page_aligned_prefix_once(seed):
+    rng = random.Random(100 + seed)
+    bs = rng.choice([2, 4, 8])
+    batch = tree_batch(rng, bs)
+    _, runner, _ = run(batch, True, block_size=bs, budget=rng.choice([16, 64, 256]))
+    assert runner.prompt_tokens_computed == ideal_prompt_tokens([p for _, p, _, _ in batch], bs)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_tiny_pool_with_preemption_still_gives_identical_outputs(seed):
+    rng = random.Random(200 + seed)
+    bs = rng.choice([2, 4])
+    batch = tree_batch(rng, bs)
+    longest = max(len(p) + m for _, p, m, _ in batch)
+    blocks = -(-longest // bs) + rng.randint(1, 6)
+    on, _, sched = run(batch, True, num_blocks=blocks, block_size=bs, budget=32)
+    off, _, _ = run(batch, False, num_blocks=blocks, block_size=bs, budget=32)
+    assert on == off
+
+
+def test_n_samples_prefill_their_prompt_once_and_differ():
+    prompt = list(range(1, 23))  # 22 tokens: 5 full pages of 4 and a partial one
+    out, runner, _ = run([("p", prompt, 6, 8)], True)
+    assert runner.prompt_tokens_computed == len(prompt)
+    assert len(out) == 8 and all(len(v) == 6 for v in out.values())
+    assert len({tuple(v) for v in out.values()}) == 8
+    _, runner_off, _ = run([("p", prompt, 6, 8)], False)
+    assert runner_off.prompt_tokens_computed == 8 * len(prompt)
+
+
+def test_samples_copy_the_shared_partial_page_before_writing():
+    pool = BlockPool(16, 4)
+    sched = Scheduler(SchedulerConfig(watermark=0.0), pool)
+    runner = PageTableRunner(pool)
+    samples = [
+        Request(f"p#{i}", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=3)) for i in range(3)
+    ]
+    for r in samples:
+        runner.track(r)
+    sched.add(samples[0], samples[1:])
+    out = sched.schedule()
+    assert [s.request_id for s in out.seqs] == ["p#0"]
+    assert [f.request_id for f in out.seqs[0].forks] == ["p#1", "p#2"]
+    sched.update(out, runner.execute(out))
+    first_page, partial = samples[0].block_ids
+    assert all(r.block_ids == [first_page, partial] for r in samples)
+    assert pool.ref_count(partial) == 3
+    out = sched.schedule()
+    # Two samples copy the partial page; the last holder writes into it in place.
+    assert len(out.page_copies) == 2
+    assert all(src == partial for src, _ in out.page_copies)
+    sched.update(out, runner.execute(out))
+    assert pool.ref_count(first_page) == 3
+    assert len({r.block_ids[1] for r in samples}) == 3
+
+
+def test_aborting_samples_before_the_fork():
+    # The leader goes: the next sample leads; an aborted sibling never runs.
+    pool = BlockPool(32, 4)
+    sched = Scheduler(SchedulerConfig(watermark=0.0), pool)
+    runner = PageTableRunner(pool)
+    samples = [
+        Request(f"p#{i}", list(range(1, 11)), SamplingParams(max_tokens=4)) for i in range(4)
+    ]
+    for r in samples:
+        runner.track(r)
+    sched.add(samples[0], samples[1:])
+    sched.abort("p#0")
+    sched.abort("p#2")
+    while sched.has_unfinished():
+        out = sched.schedule()
+        sched.update(out, runner.execute(out))
+    assert samples[0].finish_reason == FinishReason.ABORT
+    assert samples[2].finish_reason == FinishReason.ABORT
+    assert samples[1].num_output_tokens == samples[3].num_output_tokens == 4
+    assert runner.prompt_tokens_computed == 10
+    assert pool.num_free == pool.num_blocks
+
+
+def test_num_cached_tokens_counts_reused_prompt_tokens():
+    pool = BlockPool(64, 4)
+    sched = Scheduler(SchedulerConfig(watermark=0.0, max_num_batched_tokens=8), pool)
+    shared = list(range(1, 14))  # 13 tokens: 3 full pages
+    a = Request("a", shared + [50, 51], SamplingParams(max_tokens=2))
+    b = Request("b", shared + [60], SamplingParams(max_tokens=2))
+    c = Request("c", [70, 71, 72], SamplingParams(max_tokens=2))
+    runner = PageTableRunner(pool)
+    for r in (a, b, c):
+        runner.track(r)
+        sched.add(r)
+    while sched.has_unfinished():
+        out = sched.schedule()
+        sched.update(out, runner.execute(out))
+    assert a.num_cached_tokens + b.num_cached_tokens == 12
+    assert c.num_cached_tokens == 0
+
+
+def test_group_prefix_pages_return_to_the_pool_when_its_last_request_ends():
+    bs = 4
+    pool = BlockPool(64, bs)
+    sched = Scheduler(SchedulerConfig(watermark=0.0, max_num_batched_tokens=256), pool)
+    runner = PageTableRunner(pool)
+    prefix = list(range(1, 17))  # 4 full pages
+    group = [
+        Request(f"g{i}", prefix + [100 + i], SamplingParams(max_tokens=2 + 3 * i)) for i in range(3)
+    ]
+    for r in group:
+        runner.track(r)
+        sched.add(r)
+    out = sched.schedule()
+    sched.update(out, runner.execute(out))
+    prefix_pages = group[0].block_ids[:4]
+    assert all(r.block_ids[:4] == prefix_pages for r in group)
+    assert [pool.ref_count(p) for p in prefix_pages] == [3] * 4
+    used_before = pool.num_used
+    while sched.has_unfinished():
+        out = sched.schedule()
+        sched.update(out, runner.execute(out))
+        live = [r for r in group if not r.is_finished]
+        assert all(pool.ref_count(p) == len(live) for p in prefix_pages)
+    assert used_before == 4 + 3
+    assert pool.num_used == 0 and pool.num_free == pool.num_blocks
+
+
+class _Item:
+    def __init__(self, prompt: list[int], decode: int) -> None:
+        self.prompt_token_ids = prompt
+        self.planned_decode_tokens = decode
+
+
+def test_plan_puts_requests_sharing_a_prefix_next_to_each_other():
+    rng = random.Random(0)
+    batch = tree_batch(rng, 4) + tree_batch(random.Random(1), 4)
+    items = [_Item(p, m) for _, p, m, _ in batch]
+    order = plan_order(items, 4)
+    assert sorted(order) == list(range(len(items)))
+    # Depth-first order: once a first page stops appearing, it never appears again.
+    firsts = [tuple(items[i].prompt_token_ids[:4]) for i in order]
+    done = set()
+    for prev, cur in zip(firsts, firsts[1:], strict=False):
+        if cur != prev:
+            done.add(prev)
+        assert cur not in done
+
+
+def test_plan_runs_decode_heavy_groups_first():
+    light = [_Item([1] * 40 + [i], 4) for i in range(3)]
+    heavy = [_Item([2] * 8 + [i], 400) for i in range(3)]
+    order = plan_order(light + heavy, 4)
+    assert order[:3] == [3, 4, 5]
+
+
+def test_plan_keeps_arrival_order_of_unrelated_equal_requests():
+    items = [_Item([i] * 8, 10) for i in range(1, 20)]
+    assert plan_order(items, 4) == list(range(19))

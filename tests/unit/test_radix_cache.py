@@ -1,0 +1,104 @@
+"""RadixCache and the BlockPool's cached-free pages: match, insert, LRU reuse, eviction."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.radix_cache import RadixCache
+
+
+def setup(num_blocks: int = 8, block_size: int = 4) -> tuple[BlockPool, RadixCache]:
+    pool = BlockPool(num_blocks, block_size)
+    return pool, RadixCache(pool)
+
+
+def compute(pool: BlockPool, cache: RadixCache, tokens: list[int]) -> list[int]:
+    """A request computes tokens from scratch and caches its full pages."""
+    pages = pool.allocate(pool.blocks_for(len(tokens)))
+    cache.insert(tokens, pages, 0, len(tokens) // pool.block_size)
+    return pages
+
+
+def test_match_returns_longest_cached_prefix_of_full_pages():
+    pool, cache = setup()
+    a = list(range(10))  # pages [0..3], [4..7], partial [8, 9]
+    pages = compute(pool, cache, a)
+    assert len(cache) == 2
+    b = list(range(8)) + [99, 98, 97]
+    hit = cache.match(b, max_pages=10)
+    assert hit == pages[:2]
+    assert [pool.ref_count(p) for p in hit] == [2, 2]
+    # The first page differs: nothing matches.
+    assert cache.match([5, 1, 2, 3, 4, 5, 6, 7], 10) == []
+
+
+def test_match_respects_max_pages_and_whole_page_boundaries():
+    pool, cache = setup()
+    compute(pool, cache, list(range(12)))
+    assert len(cache.match(list(range(12)), max_pages=2)) == 2
+    assert len(cache.match(list(range(7)), max_pages=5)) == 1  # only one full page in 7 tokens
+
+
+def test_same_page_tokens_under_different_parents_do_not_match():
+    pool, cache = setup()
+    compute(pool, cache, [1, 1, 1, 1, 2, 2, 2, 2])
+    # Page [2,2,2,2] is cached only after [1,1,1,1]; a prompt starting with it misses.
+    assert cache.match([2, 2, 2, 2, 2, 2, 2, 2], 2) == []
+    assert cache.match([3, 3, 3, 3, 2, 2, 2, 2], 2) == []
+
+
+def test_released_cached_pages_count_as_free_and_are_reused_last():
+    pool, cache = setup(num_blocks=4)
+    pages = compute(pool, cache, list(range(8)))  # 2 pages, both cached
+    pool.release(pages[::-1])
+    assert pool.num_free == 4 and pool.num_cached_free == 2
+    # Plain free pages go first, so the cached prefix survives two more allocations.
+    other = pool.allocate(2)
+    assert not set(other) & set(pages)
+    assert cache.match(list(range(8)), 2) == pages
+    assert pool.num_free == 0
+
+
+def test_reusing_a_cached_page_evicts_it_and_its_descendants():
+    pool, cache = setup(num_blocks=3)
+    pages = compute(pool, cache, list(range(8)))
+    pool.release(pages[::-1])  # leaf released first: it is the first to go
+    pool.allocate(1)  # the plain free page
+    (reused,) = pool.allocate(1)
+    assert reused == pages[1]
+    assert len(cache) == 1
+    assert cache.match(list(range(8)), 2) == [pages[0]]
+
+
+def test_evicting_a_parent_forgets_cached_children_and_frees_them_plainly():
+    pool, cache = setup(num_blocks=4)
+    pages = compute(pool, cache, list(range(12)))  # 3 cached pages, a chain
+    pool.release(pages)  # parent first: the root page becomes the oldest cached-free page
+    (x,) = pool.allocate(1)  # the only plain free page
+    (y,) = pool.allocate(1)  # evicts the root page: its children become unreachable
+    assert y == pages[0]
+    assert len(cache) == 0
+    assert pool.num_cached_free == 0 and pool.num_free == 2
+    assert cache.match(list(range(12)), 3) == []
+
+
+def test_duplicate_computation_keeps_the_first_page_as_the_shared_copy():
+    pool, cache = setup()
+    first = compute(pool, cache, list(range(8)))
+    second = compute(pool, cache, list(range(8)))
+    assert len(cache) == 2
+    assert cache.match(list(range(8)), 2) == first
+    pool.release(second[::-1])
+    assert all(not pool.is_cached(p) for p in second)
+    assert pool.num_cached_free == 0
+
+
+def test_take_cached_of_an_uncached_page_is_an_error():
+    pool, _ = setup()
+    (p,) = pool.allocate(1)
+    with pytest.raises(ValueError, match="not cached"):
+        pool.take_cached(p)
+    pool.release([p])
+    with pytest.raises(ValueError, match="free"):
+        pool.mark_cached(p)
