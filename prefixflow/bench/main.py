@@ -12,12 +12,18 @@ from prefixflow.bench.run import run_peer, run_prefixflow, write_batch
 from prefixflow.bench.workloads import CORPUS_LICENCE, build_workloads
 
 ENGINES = ["prefixflow", "vllm", "llama.cpp", "transformers"]
+# Not run unless named: prefixflow with prefix sharing off, to show what sharing buys.
+UNSHARED = "prefixflow-unshared"
 _MODULE = {"vllm": "vllm", "llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", default="shared_system,tree,samples,unique,long_output")
-    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help=f"comma-separated; also {UNSHARED} (prefixflow with prefix sharing off)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiply the request counts")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument(
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     engines = [e for e in args.engines.split(",") if e]
     peers = {}
     for e in engines:
-        if e == "prefixflow":
+        if e in ("prefixflow", UNSHARED):
             continue
         python = (
             args.peer_python
@@ -108,12 +114,16 @@ def run(args: argparse.Namespace) -> int:
         hf_dir = export_hf_folder(None, work / "model") if peers else work
         for w in workloads:
             write_batch(w, work / f"{w.name}.jsonl")
-            runs = [("prefixflow", None)] if "prefixflow" in engines else []
+            runs = [(e, None) for e in ("prefixflow", UNSHARED) if e in engines]
             runs += list(peers.items())
             for engine, python in runs:
                 print(f"bench: {w.name} on {engine} ...", file=sys.stderr, flush=True)
                 if engine == "prefixflow":
                     r = run_prefixflow(w, work, args.dtype, [], args.timeout)
+                elif engine == UNSHARED:
+                    r = run_prefixflow(
+                        w, work, args.dtype, ["--no-prefix-sharing"], args.timeout, engine
+                    )
                 else:
                     r = run_peer(engine, python, w, work, hf_dir, gguf, args.dtype, args.timeout)
                 if not r.ok:

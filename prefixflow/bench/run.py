@@ -78,12 +78,17 @@ def _run_measured(cmd: list[str], env: dict | None, timeout: float) -> tuple[int
 
 
 def run_prefixflow(
-    w: Workload, workdir: Path, dtype: str, extra: list[str], timeout: float
+    w: Workload,
+    workdir: Path,
+    dtype: str,
+    extra: list[str],
+    timeout: float,
+    name: str = "prefixflow",
 ) -> EngineResult:
     inp, out, rep = (
         workdir / f"{w.name}.jsonl",
-        workdir / f"{w.name}.prefixflow.out.jsonl",
-        workdir / f"{w.name}.prefixflow.json",
+        workdir / f"{w.name}.{name}.out.jsonl",
+        workdir / f"{w.name}.{name}.json",
     )
     cmd = [
         sys.executable,
@@ -102,10 +107,10 @@ def run_prefixflow(
     ]
     code, rss, err = _run_measured(cmd, None, timeout)
     if code != 0 or not rep.exists():
-        return EngineResult("prefixflow", w.name, False, peak_rss_mb=rss, error=err.strip()[-500:])
+        return EngineResult(name, w.name, False, peak_rss_mb=rss, error=err.strip()[-500:])
     r = json.loads(rep.read_text())
     return EngineResult(
-        "prefixflow",
+        name,
         w.name,
         r["requests_failed"] == 0,
         r["load_s"],

@@ -71,8 +71,7 @@ def test_bench_workloads_compute_distinct_page_aligned_tokens_within_2_percent(l
         n = body.get("n", 1)
         unshared += n * len(ids)
         samples = [
-            Request(f"{line['custom_id']}#{i}", ids, SamplingParams(max_tokens=4))
-            for i in range(n)
+            Request(f"{line['custom_id']}#{i}", ids, SamplingParams(max_tokens=4)) for i in range(n)
         ]
         for r in samples:
             runner.track(r)
