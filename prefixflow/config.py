@@ -88,7 +88,7 @@ class EngineConfig:
     kv_cache_memory: int | float | str = "auto"  # size, fraction of free memory, or "auto"
     block_size: int = 16
     max_model_len: int | None = None
-    attention_backend: str = "paged"
+    attention_backend: str = "shared_prefix"  # or "paged", the plain reference path
     seed: int = 0  # seeds the shared generator of unseeded sampled requests
     scheduler: SchedulerConfig = SchedulerConfig()
 

@@ -33,7 +33,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         block_size: int = 16,
-        attention_backend: str = "paged",
+        attention_backend: str = "shared_prefix",
         seed: int = 0,
         prefix_sharing: bool = True,
         **vllm_kwargs,

@@ -40,6 +40,7 @@ def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
 def get_backend(name: str) -> AttentionBackend:
     # Import for the registration side effect.
     import prefixflow.attention.paged  # noqa: F401
+    import prefixflow.attention.shared_prefix  # noqa: F401
 
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(_BACKENDS)}")

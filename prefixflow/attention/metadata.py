@@ -21,6 +21,14 @@ class PrefillSeq:
 
 
 @dataclass
+class SeqLayout:
+    q_start: int  # first of its tokens in the step's flat token axis
+    q_len: int
+    ctx_len: int  # tokens of KV it attends to, its new ones included
+    pages: list[int]  # page ids covering ctx_len
+
+
+@dataclass
 class AttentionMetadata:
     block_size: int
     slot_mapping: torch.Tensor  # (T,) cache slot (page * block_size + offset) of each new token
@@ -29,6 +37,8 @@ class AttentionMetadata:
     decode_idx: torch.Tensor  # (B,) their token index in the step
     decode_block_tables: torch.Tensor  # (B, max_pages) padded with page 0
     decode_ctx_lens: torch.Tensor  # (B,)
+    # Every sequence of the step, in step order, for backends that look across sequences.
+    seqs: list[SeqLayout] = field(default_factory=list)
     # Tensors a backend derives from this step's layout (masks), built by the first layer
     # and reused by the others.
     memo: dict = field(default_factory=dict)

@@ -64,8 +64,14 @@ class PagedAttention(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta, scale)
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Attention of every query to its sequence's cached context (its KV written)."""
         T, H, D = q.shape
-        h_kv = k.shape[1]
+        h_kv = kv_cache.shape[-2]
         g = H // h_kv
         out = torch.empty_like(q)
 

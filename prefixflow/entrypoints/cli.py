@@ -26,7 +26,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--attention-backend", default="paged")
+    p.add_argument(
+        "--attention-backend",
+        default="shared_prefix",
+        choices=["shared_prefix", "paged"],
+        help="shared_prefix reads each shared prefix once per step; paged is the plain path",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--no-prefix-sharing",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from prefixflow.attention.backend import get_backend
-from prefixflow.attention.metadata import AttentionMetadata, PrefillSeq
 from prefixflow.engine.outputs import RunnerOutput, SchedulerOutput
 from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.runner.step_inputs import build_step
 from prefixflow.sample.sampler import Sampler
 
 
@@ -16,7 +16,7 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         kv_cache: torch.Tensor,  # (L, 2, num_blocks, block_size, H_kv, D)
-        attention_backend: str = "paged",
+        attention_backend: str = "shared_prefix",
         seed: int = 0,
     ) -> None:
         self.model = model
@@ -38,7 +38,7 @@ class ModelRunner:
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
         if sched.is_empty:
             return RunnerOutput()
-        input_ids, positions, meta, last_idx = self._prepare(sched)
+        input_ids, positions, meta, last_idx = build_step(sched.seqs, self.block_size)
         hidden = self.model(input_ids, positions, meta, self.kv_cache, self.backend)  # (T, hidden)
         to_sample = [s for s in sched.seqs if s.sample]
         if not to_sample:
@@ -52,46 +52,4 @@ class ModelRunner:
         tokens = self.sampler(logits, to_sample)
         return RunnerOutput(
             sampled={s.request_id: t for s, t in zip(to_sample, tokens, strict=True)}
-        )
-
-    def _prepare(self, sched: SchedulerOutput):
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        last_idx: list[int] = []
-        prefills: list[PrefillSeq] = []
-        dec_idx: list[int] = []
-        dec_tables: list[list[int]] = []
-        dec_lens: list[int] = []
-        for s in sched.seqs:
-            start, n = s.start_pos, len(s.token_ids)
-            q_start = len(ids)
-            ids.extend(s.token_ids)
-            pos.extend(range(start, start + n))
-            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
-            last_idx.append(q_start + n - 1)
-            ctx = start + n
-            if n == 1:
-                dec_idx.append(q_start)
-                dec_tables.append(s.block_ids[: -(-ctx // bs)])
-                dec_lens.append(ctx)
-            else:
-                table = torch.tensor(s.block_ids[: -(-ctx // bs)], dtype=torch.long)
-                prefills.append(PrefillSeq(q_start, n, ctx, table))
-        width = max((len(t) for t in dec_tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in dec_tables]
-        meta = AttentionMetadata(
-            block_size=bs,
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            prefills=prefills,
-            decode_idx=torch.tensor(dec_idx, dtype=torch.long),
-            decode_block_tables=torch.tensor(padded, dtype=torch.long).view(len(padded), width),
-            decode_ctx_lens=torch.tensor(dec_lens, dtype=torch.long),
-        )
-        return (
-            torch.tensor(ids, dtype=torch.long),
-            torch.tensor(pos, dtype=torch.long),
-            meta,
-            last_idx,
         )

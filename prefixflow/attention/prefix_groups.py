@@ -1,0 +1,71 @@
+"""Which sequences of a step share which KV pages: the parts of shared-prefix attention.
+
+Prefix sharing (the radix cache, n samples forking off one prefill) makes sequences that
+share a prefix hold the very same pages, so the page tables are the plan: a run of pages
+that several sequences hold, all before any of their queries, is a shared part. Walking
+the page tables as a tree gives every level of a prefix tree (instruction, document,
+question) as its own part. Pure Python, so it is tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SharedPart:
+    pages: list[int]  # page ids of the shared run, in order
+    members: list[int]  # sequences (by index in the step) whose queries all attend to it
+
+
+@dataclass
+class PrefixLayout:
+    parts: list[SharedPart]
+    # Per sequence: its first page not covered by a shared part. It attends alone to its
+    # pages from there to the end of its context.
+    own_from_page: list[int]
+
+
+def plan_prefix_layout(
+    tables: list[list[int]],
+    full_pages: list[int],
+    min_shared_tokens: int,
+    block_size: int,
+) -> PrefixLayout:
+    """tables[i]: page table of sequence i; full_pages[i]: how many of its leading pages are
+    entirely before its first query (only those can be shared).
+
+    A part is kept when it spares at least `min_shared_tokens` token reads ((members - 1) x
+    its tokens); below that it is cheaper to let each member read it alone, along with
+    everything deeper (a sequence's own pages must be one contiguous run).
+    """
+    n = len(tables)
+    own = [0] * n
+    parts: list[SharedPart] = []
+    stack: list[tuple[list[int], int]] = [(list(range(n)), 0)] if n > 1 else []
+    while stack:
+        members, depth = stack.pop()
+        start = depth
+        head = tables[members[0]]
+        while all(full_pages[i] > depth for i in members) and all(
+            tables[i][depth] == head[depth] for i in members
+        ):
+            depth += 1
+        if depth > start:
+            if (len(members) - 1) * (depth - start) * block_size < min_shared_tokens:
+                for i in members:
+                    own[i] = start
+                continue
+            parts.append(SharedPart(head[start:depth], members))
+        by_page: dict[int, list[int]] = {}
+        for i in members:
+            if full_pages[i] > depth:
+                by_page.setdefault(tables[i][depth], []).append(i)
+            else:
+                own[i] = depth
+        for sub in by_page.values():
+            if len(sub) > 1:
+                stack.append((sub, depth))
+            else:
+                own[sub[0]] = depth
+    return PrefixLayout(parts, own)

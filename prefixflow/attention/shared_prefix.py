@@ -1,0 +1,148 @@
+"""Shared-prefix attention: each shared prefix's KV is read once per step for all its sequences.
+
+Hydragen / FlashInfer cascade attention on the CPU. For every shared part of the step
+(a run of pages several sequences hold, see prefix_groups.py), the queries of all its
+sequences are stacked into one matrix and attend to the single copy of its KV: one
+matrix-matrix product instead of one matrix-vector product per sequence. Each sequence
+also attends alone to its own pages after its shared parts (causally for a prompt chunk).
+The parts are merged exactly by their log-sum-exp in float32 (merge.py). A tree of
+prefixes (instruction, document, question) is just more parts.
+
+Steps without a part worth sharing take the plain paged path unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefixflow.attention.backend import AttentionBackend, register_backend
+from prefixflow.attention.merge import attend_with_lse, merge_into
+from prefixflow.attention.metadata import AttentionMetadata
+from prefixflow.attention.paged import PagedAttention, PageGather, causal_mask, write_kv
+from prefixflow.attention.prefix_groups import PrefixLayout, plan_prefix_layout
+
+# A part must spare this many token reads ((members - 1) x tokens) to be worth its own
+# product and merge; below it its members read it alone.
+MIN_SHARED_TOKENS = 256
+
+
+@register_backend
+class SharedPrefixAttention(AttentionBackend):
+    name = "shared_prefix"
+
+    def __init__(self, min_shared_tokens: int = MIN_SHARED_TOKENS) -> None:
+        self.min_shared_tokens = min_shared_tokens
+        self.gather = PageGather()
+        self.plain = PagedAttention()
+
+    def forward(
+        self,
+        q: torch.Tensor,  # (T, H, D)
+        k: torch.Tensor,  # (T, H_kv, D)
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, H_kv, D)
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        layout = self._layout(meta)
+        if not layout.parts:
+            return self.plain.attend(q, kv_cache, meta, scale)
+        T, H, D = q.shape
+        h_kv = k.shape[1]
+        g = H // h_kv
+        bs = meta.block_size
+        out = torch.empty(T, H, D, dtype=torch.float32)
+        lse = torch.empty(T, H, dtype=torch.float32)
+
+        # Each sequence alone over its own pages. Decodes as one padded batch.
+        own = layout.own_from_page
+        dec = [i for i, s in enumerate(meta.seqs) if s.q_len == 1]
+        if dec:
+            rows, tables, mask = self._decode_own(meta, own, dec)
+            B = len(dec)
+            kc = self.gather(kv_cache[0], tables, 0)  # (B, H_kv, L, D)
+            vc = self.gather(kv_cache[1], tables, 1)
+            o, s_lse = attend_with_lse(q[rows].view(B, h_kv, g, D), kc, vc, mask, scale)
+            out[rows] = o.reshape(B, H, D).float()
+            lse[rows] = s_lse.reshape(B, H)
+        for i, s in enumerate(meta.seqs):
+            if s.q_len == 1:
+                continue
+            first = own[i]
+            pages = torch.tensor(s.pages[first:], dtype=torch.long)
+            L = s.ctx_len - first * bs
+            kc = self.gather(kv_cache[0], pages, 0)[:, :L]  # (H_kv, L, D)
+            vc = self.gather(kv_cache[1], pages, 1)[:, :L]
+            qs = _fold(q[s.q_start : s.q_start + s.q_len], h_kv)  # (1, H_kv, G*Q, D)
+            mask = causal_mask(s.q_len, L).repeat(g, 1)  # (G*Q, L)
+            o, s_lse = attend_with_lse(qs, kc[None], vc[None], mask, scale)
+            sl = slice(s.q_start, s.q_start + s.q_len)
+            out[sl], lse[sl] = _unfold(o, s_lse, s.q_len, h_kv)
+
+        # Every shared part once, for the stacked queries of all its sequences.
+        for j, part in enumerate(layout.parts):
+            rows = meta.memo.get(("part_rows", j))
+            if rows is None:
+                idx = [r for i in part.members for r in _rows(meta.seqs[i])]
+                rows = meta.memo[("part_rows", j)] = torch.tensor(idx, dtype=torch.long)
+            pages = torch.tensor(part.pages, dtype=torch.long)
+            kc = self.gather(kv_cache[0], pages, 2)  # (H_kv, P, D)
+            vc = self.gather(kv_cache[1], pages, 3)
+            M = rows.numel()
+            o, s_lse = attend_with_lse(_fold(q[rows], h_kv), kc[None], vc[None], None, scale)
+            o_part, lse_part = _unfold(o, s_lse, M, h_kv)
+            acc_o, acc_lse = out[rows], lse[rows]
+            merge_into(acc_o, acc_lse, o_part, lse_part)
+            out[rows], lse[rows] = acc_o, acc_lse
+        return out.to(q.dtype)
+
+    def _layout(self, meta: AttentionMetadata) -> PrefixLayout:
+        layout = meta.memo.get("prefix_layout")
+        if layout is None:
+            bs = meta.block_size
+            layout = plan_prefix_layout(
+                [s.pages for s in meta.seqs],
+                [(s.ctx_len - s.q_len) // bs for s in meta.seqs],
+                self.min_shared_tokens,
+                bs,
+            )
+            meta.memo["prefix_layout"] = layout
+        return layout
+
+    def _decode_own(
+        self, meta: AttentionMetadata, own: list[int], dec: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cached = meta.memo.get("decode_own")
+        if cached is None:
+            bs = meta.block_size
+            seqs = [meta.seqs[i] for i in dec]
+            tables = [s.pages[own[i] :] for i, s in zip(dec, seqs, strict=True)]
+            lens = [s.ctx_len - own[i] * bs for i, s in zip(dec, seqs, strict=True)]
+            width = max(len(t) for t in tables)
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+            mask = torch.arange(width * bs) < torch.tensor(lens)[:, None]  # (B, L)
+            rows = torch.tensor([s.q_start for s in seqs], dtype=torch.long)
+            cached = meta.memo["decode_own"] = (rows, padded, mask[:, None, None, :])
+        return cached
+
+
+def _rows(s) -> range:
+    return range(s.q_start, s.q_start + s.q_len)
+
+
+def _fold(q: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """(M, H, D) queries -> (1, H_kv, G*M, D): the G query heads of a KV head share its keys."""
+    M, H, D = q.shape
+    return q.view(M, h_kv, H // h_kv, D).permute(1, 2, 0, 3).reshape(1, h_kv, -1, D)
+
+
+def _unfold(
+    o: torch.Tensor, lse: torch.Tensor, M: int, h_kv: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, H_kv, G*M, D) output and (1, H_kv, G*M) lse -> (M, H, D) float32 and (M, H)."""
+    D = o.shape[-1]
+    g = o.shape[2] // M
+    o = o.view(h_kv, g, M, D).permute(2, 0, 1, 3).reshape(M, h_kv * g, D).float()
+    lse = lse.view(h_kv, g, M).permute(2, 0, 1).reshape(M, h_kv * g)
+    return o, lse

@@ -1,0 +1,125 @@
+"""Shared-prefix attention (parts merged by log-sum-exp) against plain paged attention."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from prefixflow.attention.merge import attend_with_lse, merge_into
+from prefixflow.attention.paged import PagedAttention
+from prefixflow.attention.prefix_groups import plan_prefix_layout
+from prefixflow.attention.shared_prefix import SharedPrefixAttention
+from prefixflow.engine.outputs import ScheduledSeq
+from prefixflow.runner.step_inputs import build_step
+from prefixflow.sampling_params import SamplingParams
+
+
+def make_step(rng: random.Random, bs: int, num_blocks: int = 160) -> list[ScheduledSeq]:
+    """Sequences under a two-level prefix tree (root, then one of a few documents), with
+    ragged own pages, some decoding and some computing a prompt chunk."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+
+    def take(n: int) -> list[int]:
+        return [free.pop() for _ in range(n)]
+
+    root = take(rng.randint(1, 4))
+    docs = [take(rng.randint(0, 3)) for _ in range(rng.randint(1, 3))]
+    seqs = []
+    for i in range(rng.randint(2, 9)):
+        shared = root + rng.choice(docs)
+        q_len = 1 if rng.random() < 0.6 else rng.randint(2, 3 * bs)
+        ctx = len(shared) * bs + rng.randint(0, 2 * bs) + q_len
+        pages = shared + take(-(-ctx // bs) - len(shared))
+        seqs.append(
+            ScheduledSeq(
+                request_id=str(i),
+                token_ids=[0] * q_len,
+                start_pos=ctx - q_len,
+                block_ids=pages,
+                sample=True,
+                params=SamplingParams(),
+            )
+        )
+    return seqs
+
+
+@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_attention_equals_paged_attention(seed, dtype):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    bs = rng.choice([2, 4, 16])
+    h_kv = rng.choice([1, 3])
+    g = rng.choice([1, 3])
+    D = rng.choice([16, 64])
+    seqs = make_step(rng, bs)
+    cache = torch.randn(2, 160, bs, h_kv, D).to(dtype)
+    T = sum(len(s.token_ids) for s in seqs)
+    q = torch.randn(T, h_kv * g, D).to(dtype)
+    k = torch.randn(T, h_kv, D).to(dtype)
+    v = torch.randn(T, h_kv, D).to(dtype)
+    scale = D**-0.5
+
+    _, _, meta_ref, _ = build_step(seqs, bs)
+    ref = PagedAttention().forward(q, k, v, cache.clone(), meta_ref, scale)
+    _, _, meta, _ = build_step(seqs, bs)
+    backend = SharedPrefixAttention(min_shared_tokens=0)
+    got = backend.forward(q, k, v, cache.clone(), meta, scale)
+    assert meta.memo["prefix_layout"].parts  # the shared path really ran
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_merge_of_two_halves_equals_attention_over_all_keys():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 8)
+    k = torch.randn(2, 3, 40, 8)
+    v = torch.randn(2, 3, 40, 8)
+    o_all, lse_all = attend_with_lse(q, k, v, None, 0.3)
+    o, lse = attend_with_lse(q, k[:, :, :17], v[:, :, :17], None, 0.3)
+    o2, lse2 = attend_with_lse(q, k[:, :, 17:], v[:, :, 17:], None, 0.3)
+    o, lse, o2, lse2 = (x.transpose(1, 2).contiguous() for x in (o, lse, o2, lse2))
+    merge_into(o, lse, o2, lse2)
+    torch.testing.assert_close(o, o_all.transpose(1, 2), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, lse_all.transpose(1, 2), atol=1e-6, rtol=1e-6)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(o_all, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_a_fully_masked_part_weighs_nothing():
+    q = torch.randn(1, 1, 2, 4)
+    k = torch.randn(1, 1, 3, 4)
+    mask = torch.zeros(1, 1, 2, 3, dtype=torch.bool)
+    o, lse = attend_with_lse(q, k, k, mask, 1.0)
+    assert torch.all(o == 0) and torch.all(torch.isinf(lse))
+    acc_o, acc_lse = torch.ones(2, 1, 4), torch.zeros(2, 1)
+    merge_into(acc_o, acc_lse, o[0].transpose(0, 1), lse[0].transpose(0, 1))
+    assert torch.all(acc_o == 1) and torch.all(acc_lse == 0)
+
+
+def test_layout_finds_every_level_of_a_prefix_tree():
+    # Pages: root [1, 2], doc A [3] under it, doc B [4, 5]; then own pages.
+    tables = [[1, 2, 3, 10], [1, 2, 3, 11], [1, 2, 4, 5, 12], [1, 2, 4, 5, 13], [9, 14]]
+    full = [3, 3, 4, 4, 1]
+    layout = plan_prefix_layout(tables, full, min_shared_tokens=0, block_size=4)
+    parts = sorted((p.pages, sorted(p.members)) for p in layout.parts)
+    assert parts == [([1, 2], [0, 1, 2, 3]), ([3], [0, 1]), ([4, 5], [2, 3])]
+    assert layout.own_from_page == [3, 3, 4, 4, 0]
+
+
+def test_layout_only_shares_pages_before_every_members_queries():
+    # Sequence 1 is still computing page 3 (a prompt chunk): only [7] is shared.
+    layout = plan_prefix_layout([[7, 3, 5], [7, 3]], [2, 1], 0, 4)
+    assert [(p.pages, p.members) for p in layout.parts] == [([7], [0, 1])]
+    assert layout.own_from_page == [1, 1]
+
+
+def test_layout_leaves_small_parts_to_their_members():
+    tables = [[1, 2, 3], [1, 2, 4]]
+    layout = plan_prefix_layout(tables, [2, 2], min_shared_tokens=64, block_size=16)
+    assert layout.parts == [] and layout.own_from_page == [0, 0]
+    layout = plan_prefix_layout(tables, [2, 2], min_shared_tokens=32, block_size=16)
+    assert [p.pages for p in layout.parts] == [[1, 2]]
