@@ -28,27 +28,70 @@ def merge_into(
     lse.copy_(m + torch.log(total))
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask (True = may attend) -> 0 / -inf biases, the form the fused kernel takes."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
 def attend_with_lse(
     q: torch.Tensor,  # (B, H_kv, Q, D)
     k: torch.Tensor,  # (B, H_kv, L, D)
     v: torch.Tensor,  # (B, H_kv, L, D)
-    mask: torch.Tensor | None,  # bool, broadcastable to (B, H_kv, Q, L); True = may attend
-    scale: float,
+    mask: torch.Tensor | None,  # broadcastable to (B, H_kv, Q, L): bool (True = may attend)
+    scale: float,  # or additive in q's dtype (additive_mask)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output (B, H_kv, Q, D) in q's dtype and its log-sum-exp (B, H_kv, Q) in float32.
 
     A query that may attend to no key gets output 0 and lse -inf, which the merge weighs 0.
     """
-    if mask is None and q.device.type == "cpu" and _CPU_FLASH is not None:
-        # PyTorch's fused CPU kernel never materialises the (Q, L) scores: about 3x faster
-        # than the matmuls below on long prefixes, where those scores dominate memory traffic.
-        o, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        # PyTorch's fused CPU kernel never materialises the (Q, L) scores: several times
+        # faster than the matmuls below on long contexts, where those scores dominate.
+        # The kernel gives a query with no key lse 0, not -inf: such rows are found from a
+        # boolean mask; an additive one must leave every query a key (the backend's do).
+        dead = None
+        if mask is not None and mask.dtype == torch.bool:
+            dead = ~mask.any(-1)
+            mask = additive_mask(mask, q.dtype)
+        o, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+        if dead is not None and bool(dead.any()):
+            dead = dead.expand(lse.shape)
+            o = o.masked_fill(dead.unsqueeze(-1), 0.0)
+            lse = lse.masked_fill(dead, float("-inf"))
         return o, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)  # (B, H_kv, Q, L)
     if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        else:
+            scores.add_(mask)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H_kv, Q)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(scores.sub_(safe.unsqueeze(-1)))
     o = torch.matmul(p.to(v.dtype), v)
     return o, lse
+
+
+def attend_causal_with_lse(
+    q: torch.Tensor,  # (1, H, Q, D): a whole prompt (or its first chunk), query i at position i
+    k: torch.Tensor,  # (1, H_kv, Q, D)
+    v: torch.Tensor,  # (1, H_kv, Q, D)
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal self-attention with its lse: (1, H, Q, D) and (1, H, Q) float32.
+
+    The fused kernel skips the blocks above the diagonal when told the attention is
+    causal, about 1.7x faster than passing the mask; that needs one key head per query
+    head, so the KV heads are repeated (they are small next to the scores).
+    """
+    g = q.shape[1] // k.shape[1]
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        o, lse = _CPU_FLASH(q, k, v, 0.0, True, attn_mask=None, scale=scale)[:2]
+        return o, lse
+    Q = q.shape[2]
+    B, h_kv, _, D = k.shape
+    causal = torch.ones(Q, Q, dtype=torch.bool).tril()
+    qf = q.reshape(B, h_kv, g * Q, D)
+    o, lse = attend_with_lse(qf, k, v, causal.repeat(g, 1), scale)
+    return o.reshape(B, h_kv * g, Q, D), lse.reshape(B, h_kv * g, Q)

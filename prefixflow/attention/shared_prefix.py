@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 
 from prefixflow.attention.backend import AttentionBackend, register_backend
-from prefixflow.attention.merge import attend_with_lse, merge_into
+from prefixflow.attention.merge import (
+    additive_mask,
+    attend_causal_with_lse,
+    attend_with_lse,
+    merge_into,
+)
 from prefixflow.attention.metadata import AttentionMetadata
 from prefixflow.attention.paged import PagedAttention, PageGather, causal_mask, write_kv
 from prefixflow.attention.prefix_groups import PrefixLayout, plan_prefix_layout
@@ -59,7 +64,7 @@ class SharedPrefixAttention(AttentionBackend):
         own = layout.own_from_page
         dec = [i for i, s in enumerate(meta.seqs) if s.q_len == 1]
         if dec:
-            rows, tables, mask = self._decode_own(meta, own, dec)
+            rows, tables, mask = self._decode_own(meta, own, dec, q.dtype)
             B = len(dec)
             kc = self.gather(kv_cache[0], tables, 0)  # (B, H_kv, L, D)
             vc = self.gather(kv_cache[1], tables, 1)
@@ -74,10 +79,19 @@ class SharedPrefixAttention(AttentionBackend):
             L = s.ctx_len - first * bs
             kc = self.gather(kv_cache[0], pages, 0)[:, :L]  # (H_kv, L, D)
             vc = self.gather(kv_cache[1], pages, 1)[:, :L]
-            qs = _fold(q[s.q_start : s.q_start + s.q_len], h_kv)  # (1, H_kv, G*Q, D)
-            mask = causal_mask(s.q_len, L).repeat(g, 1)  # (G*Q, L)
-            o, s_lse = attend_with_lse(qs, kc[None], vc[None], mask, scale)
             sl = slice(s.q_start, s.q_start + s.q_len)
+            if L == s.q_len:  # a prompt from its start: plain causal attention
+                qh = q[sl].transpose(0, 1)[None]  # (1, H, Q, D)
+                o, s_lse = attend_causal_with_lse(qh, kc[None], vc[None], scale)
+                out[sl] = o[0].transpose(0, 1).float()
+                lse[sl] = s_lse[0].transpose(0, 1)
+                continue
+            qs = _fold(q[s.q_start : s.q_start + s.q_len], h_kv)  # (1, H_kv, G*Q, D)
+            mask = meta.memo.get(("own_mask", i))
+            if mask is None:
+                bool_mask = causal_mask(s.q_len, L).repeat(g, 1)  # (G*Q, L)
+                mask = meta.memo[("own_mask", i)] = additive_mask(bool_mask, q.dtype)
+            o, s_lse = attend_with_lse(qs, kc[None], vc[None], mask, scale)
             out[sl], lse[sl] = _unfold(o, s_lse, s.q_len, h_kv)
 
         # Every shared part once, for the stacked queries of all its sequences.
@@ -111,7 +125,7 @@ class SharedPrefixAttention(AttentionBackend):
         return layout
 
     def _decode_own(
-        self, meta: AttentionMetadata, own: list[int], dec: list[int]
+        self, meta: AttentionMetadata, own: list[int], dec: list[int], dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cached = meta.memo.get("decode_own")
         if cached is None:
@@ -122,8 +136,9 @@ class SharedPrefixAttention(AttentionBackend):
             width = max(len(t) for t in tables)
             padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
             mask = torch.arange(width * bs) < torch.tensor(lens)[:, None]  # (B, L)
+            mask = additive_mask(mask[:, None, None, :], dtype)  # (B, 1, 1, L)
             rows = torch.tensor([s.q_start for s in seqs], dtype=torch.long)
-            cached = meta.memo["decode_own"] = (rows, padded, mask[:, None, None, :])
+            cached = meta.memo["decode_own"] = (rows, padded, mask)
         return cached
 
 

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from prefixflow.attention.merge import attend_with_lse, merge_into
+from prefixflow.attention import merge
+from prefixflow.attention.merge import attend_causal_with_lse, attend_with_lse, merge_into
 from prefixflow.attention.paged import PagedAttention
 from prefixflow.attention.prefix_groups import plan_prefix_layout
 from prefixflow.attention.shared_prefix import SharedPrefixAttention
@@ -28,6 +29,18 @@ def make_step(rng: random.Random, bs: int, num_blocks: int = 160) -> list[Schedu
     root = take(rng.randint(1, 4))
     docs = [take(rng.randint(0, 3)) for _ in range(rng.randint(1, 3))]
     seqs = []
+    for i in range(rng.randint(0, 2)):  # prompts from their first token: nothing shared
+        q_len = rng.randint(2, 4 * bs)
+        seqs.append(
+            ScheduledSeq(
+                request_id=f"fresh{i}",
+                token_ids=[0] * q_len,
+                start_pos=0,
+                block_ids=take(-(-q_len // bs)),
+                sample=True,
+                params=SamplingParams(),
+            )
+        )
     for i in range(rng.randint(2, 9)):
         shared = root + rng.choice(docs)
         q_len = 1 if rng.random() < 0.6 else rng.randint(2, 3 * bs)
@@ -48,7 +61,10 @@ def make_step(rng: random.Random, bs: int, num_blocks: int = 160) -> list[Schedu
 
 @pytest.mark.parametrize("seed", range(24))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shared_prefix_attention_equals_paged_attention(seed, dtype):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_shared_prefix_attention_equals_paged_attention(seed, dtype, fused, monkeypatch):
+    if not fused:  # the portable path, as on a machine without PyTorch's fused CPU kernel
+        monkeypatch.setattr(merge, "_CPU_FLASH", None)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     bs = rng.choice([2, 4, 16])
@@ -123,3 +139,21 @@ def test_layout_leaves_small_parts_to_their_members():
     assert layout.parts == [] and layout.own_from_page == [0, 0]
     layout = plan_prefix_layout(tables, [2, 2], min_shared_tokens=32, block_size=16)
     assert [p.pages for p in layout.parts] == [[1, 2]]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_causal_attention_with_lse_matches_sdpa(fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(merge, "_CPU_FLASH", None)
+    torch.manual_seed(1)
+    q = torch.randn(1, 6, 11, 8)
+    k = torch.randn(1, 2, 11, 8)
+    v = torch.randn(1, 2, 11, 8)
+    o, lse = attend_causal_with_lse(q, k, v, 0.4)
+    ke, ve = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True, scale=0.4)
+    torch.testing.assert_close(o, ref, atol=1e-6, rtol=1e-6)
+    scores = (q @ ke.transpose(-1, -2) * 0.4).masked_fill(
+        ~torch.ones(11, 11, dtype=torch.bool).tril(), float("-inf")
+    )
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
