@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from prefixflow.entrypoints.openai.serving import RequestError
 
 METHOD = "POST"
+# Requests run-batch reads ahead and keeps in flight: bounds memory, and is what the prefix
+# planner sees at once.
+DEFAULT_WINDOW = 4096
 
 
 @dataclass

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from prefixflow.config import EngineConfig, SchedulerConfig
+from prefixflow.entrypoints.batch_file import DEFAULT_WINDOW
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,8 @@ def _fail(msg: str) -> int:
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
+    if args.window < 1:
+        return _fail(f"--window must be at least 1, got {args.window}")
     from prefixflow.engine.engine import Engine
     from prefixflow.entrypoints.run_batch import run_batch
 
@@ -86,7 +89,15 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         f"({engine.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
         file=sys.stderr,
     )
-    summary = run_batch(inp, out, engine, progress=not args.no_progress)
+    summary = run_batch(
+        inp,
+        out,
+        engine,
+        progress=not args.no_progress,
+        window=args.window,
+        ordered=args.ordered,
+        overwrite=args.overwrite,
+    )
     print(summary.line(), file=sys.stderr)
     if args.report:
         Path(args.report).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
@@ -103,6 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("-o", "--output", required=True, help="output .jsonl")
     rb.add_argument("--report", default=None, help="write a JSON summary here")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rb.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help=f"requests read ahead and in flight at once; bounds memory (default {DEFAULT_WINDOW})",
+    )
+    rb.add_argument(
+        "--ordered",
+        action="store_true",
+        help="write results in input order (buffers at most --window), not as they finish",
+    )
+    rb.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh; by default an existing output is resumed after its last whole line",
+    )
     _engine_args(rb)
     rb.set_defaults(func=cmd_run_batch)
     from prefixflow.bench.main import add_arguments

@@ -1,10 +1,18 @@
-"""`prefixflow run-batch`: an OpenAI batch file through the engine, results as they finish."""
+"""`prefixflow run-batch`: an OpenAI batch file through the engine, results as they finish.
+
+The input is read in windows, so memory stays bounded whatever the file's size: at most
+`window` requests are in the engine (or, with `ordered`, waiting for their turn to be
+written) at once, topped up in chunks of half a window so the prefix planner sees many
+requests together. Every result line is appended and flushed as its request finishes;
+rerunning the same command resumes after the last whole line (batch_resume.py).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -12,7 +20,14 @@ from typing import TextIO
 from tqdm.auto import tqdm
 
 from prefixflow.engine.engine import Engine
-from prefixflow.entrypoints.batch_file import custom_id_of, error_line, parse_line, result_line
+from prefixflow.entrypoints.batch_file import (
+    DEFAULT_WINDOW,
+    custom_id_of,
+    error_line,
+    parse_line,
+    result_line,
+)
+from prefixflow.entrypoints.batch_resume import DoneLines, read_done
 from prefixflow.entrypoints.openai.serving import (
     COMPLETIONS,
     PreparedRequest,
@@ -28,6 +43,7 @@ from prefixflow.request import RequestOutput
 class BatchSummary:
     requests_ok: int = 0
     requests_failed: int = 0
+    requests_skipped: int = 0  # already in the output from an earlier run (resume)
     prompt_tokens: int = 0
     prompt_tokens_computed: int = 0
     prompt_tokens_cached: int = 0  # reused from the prefix cache (n samples count once)
@@ -43,9 +59,10 @@ class BatchSummary:
         return {**asdict(self), "output_tok_per_s": self.output_tok_per_s}
 
     def line(self) -> str:
+        before = f", {self.requests_skipped} done before" if self.requests_skipped else ""
         return (
             f"run-batch: {self.requests_ok + self.requests_failed} requests "
-            f"({self.requests_ok} ok, {self.requests_failed} failed) | prompt tokens "
+            f"({self.requests_ok} ok, {self.requests_failed} failed{before}) | prompt tokens "
             f"{self.prompt_tokens:,} (cached {self.prompt_tokens_cached:,}, computed "
             f"{self.prompt_tokens_computed:,}) | output tokens "
             f"{self.output_tokens:,} in {self.wall_s:.1f}s = {self.output_tok_per_s:,.1f} tok/s | "
@@ -56,38 +73,63 @@ class BatchSummary:
 @dataclass
 class _Pending:
     custom_id: str
+    index: int  # position among the lines written by this run, for ordered output
     prepared: PreparedRequest
     request_ids: list[str]
     outputs: dict[str, RequestOutput] = field(default_factory=dict)
 
 
 class BatchRunner:
-    def __init__(self, engine: Engine, out: TextIO) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        out: TextIO,
+        done: DoneLines | None = None,
+        window: int = DEFAULT_WINDOW,
+        ordered: bool = False,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1 request, got {window}")
         self.engine = engine
         self.out = out
+        self.done = done or DoneLines()
+        self.window = window
+        self.ordered = ordered
         self.summary = BatchSummary(load_s=engine.load_seconds)
         self._pending: dict[str, _Pending] = {}
         self._owner: dict[str, _Pending] = {}
         self._seen_ids: set[str] = set()
+        self._next_index = 0
+        self._ready: dict[int, dict] = {}  # ordered output: finished lines awaiting their turn
+        self._next_write = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending) + len(self._ready)
 
     def submit(self, line_no: int, data: bytes | str) -> None:
         """Parse, validate and queue one input line; a bad one gets its error line now."""
         try:
             raw = data.decode("utf-8") if isinstance(data, bytes) else data
         except UnicodeDecodeError as e:
+            if self._skip_done(line_no, None):
+                return
             err = RequestError(f"line {line_no}: not valid UTF-8 ({e.reason} at byte {e.start})")
-            self._write(error_line(None, err, line_no))
-            self.summary.requests_failed += 1
+            self._fail(None, err, line_no)
             return
         if not raw.strip():
             return
         custom_id = None
+        index: int | None = None
         request_ids: list[str] = []
         try:
             item = parse_line(line_no, raw, self._seen_ids)
             custom_id = item.custom_id
+            if self._skip_done(line_no, custom_id):
+                return
             prepared = prepare(item.url, item.body, self.engine.codec, self.engine.max_model_len)
-            pending = _Pending(custom_id, prepared, request_ids)
+            index = self._take_index()
+            pending = _Pending(custom_id, index, prepared, request_ids)
             for j, (text, ids) in enumerate(prepared.prompts):
                 rid = f"{line_no}/{j}"
                 self.engine.add_request(rid, ids, prepared.params, prompt_text=text)
@@ -98,30 +140,49 @@ class BatchRunner:
                 self.engine.abort(rid)
                 self._owner.pop(rid, None)
             err = e if isinstance(e, RequestError) else RequestError(str(e))
-            self._write(error_line(custom_id or custom_id_of(raw), err, line_no))
-            self.summary.requests_failed += 1
+            if custom_id is None:
+                if self._skip_done(line_no, None):
+                    return
+                # A duplicate's error line must not repeat the custom_id of the line it copies.
+                if err.code != "duplicate_custom_id":
+                    custom_id = custom_id_of(raw)
+            self._fail(custom_id, err, line_no, index)
             return
         self._pending[custom_id] = pending
 
-    def run(self, progress: bool = True) -> BatchSummary:
+    def run(
+        self,
+        lines: Iterable[tuple[int, bytes | str]],
+        total: int | None = None,
+        progress: bool = True,
+    ) -> BatchSummary:
+        """Feed the numbered input lines through the engine a window at a time."""
         eng = self.engine
-        start_out, start_computed = eng.stats.output_tokens, eng.stats.prompt_computed_tokens
+        start_out = eng.stats.output_tokens
+        start_computed = eng.stats.prompt_computed_tokens
         t0 = time.perf_counter()
-        bar = tqdm(
-            total=len(self._pending),
-            desc="run-batch",
-            unit="req",
-            disable=not progress,
-            file=sys.stderr,
-        )
+        bar = tqdm(total=total, desc="run-batch", unit="req", disable=not progress, file=sys.stderr)
+        source: Iterator[tuple[int, bytes | str]] | None = iter(lines)
+        reported = 0
         try:
-            while eng.has_unfinished():
+            while True:
+                if source is not None and self.in_flight <= self.window // 2:
+                    source = self._refill(source)
+                if not eng.has_unfinished():
+                    if source is None:
+                        break
+                    continue
                 for out in eng.step():
-                    if self._collect(out):
-                        bar.update(1)
-                dt = time.perf_counter() - t0
+                    self._collect(out)
+                s = self.summary
+                finished = s.requests_ok + s.requests_failed + s.requests_skipped
+                bar.update(finished - reported)
+                reported = finished
+                dt = max(time.perf_counter() - t0, 1e-9)
+                reuse = s.prompt_tokens_cached / s.prompt_tokens if s.prompt_tokens else 0.0
                 bar.set_postfix(
-                    tok_s=f"{(eng.stats.output_tokens - start_out) / max(dt, 1e-9):.0f}"
+                    tok_s=f"{(eng.stats.output_tokens - start_out) / dt:.0f}",
+                    reuse=f"{reuse:.0%}",
                 )
         finally:
             bar.close()
@@ -130,11 +191,39 @@ class BatchRunner:
         s.prompt_tokens_computed = eng.stats.prompt_computed_tokens - start_computed
         return s
 
-    def _collect(self, out: RequestOutput) -> bool:
+    def _refill(self, source: Iterator[tuple[int, bytes | str]]):
+        """Read lines until the window is full; None once the input is exhausted."""
+        while self.in_flight < self.window:
+            try:
+                line_no, raw = next(source)
+            except StopIteration:
+                return None
+            self.submit(line_no, raw)
+        return source
+
+    def _skip_done(self, line_no: int, custom_id: str | None) -> bool:
+        if self.done.covers(line_no, custom_id):
+            self.summary.requests_skipped += 1
+            return True
+        return False
+
+    def _take_index(self) -> int:
+        self._next_index += 1
+        return self._next_index - 1
+
+    def _fail(
+        self, custom_id: str | None, err: RequestError, line_no: int, index: int | None = None
+    ) -> None:
+        self.summary.requests_failed += 1
+        self._emit(
+            self._take_index() if index is None else index, error_line(custom_id, err, line_no)
+        )
+
+    def _collect(self, out: RequestOutput) -> None:
         pending = self._owner.pop(out.request_id)
         pending.outputs[out.request_id] = out
         if len(pending.outputs) < len(pending.request_ids):
-            return False
+            return
         outputs = [pending.outputs[r] for r in pending.request_ids]
         p = pending.prepared
         name = self.engine.model_name
@@ -143,14 +232,22 @@ class BatchRunner:
             body = completion_body(name, outputs, self.engine.codec, k)
         else:
             body = chat_body(name, outputs, self.engine.codec, k)
-        self._write(result_line(pending.custom_id, body))
         del self._pending[pending.custom_id]
         s = self.summary
         s.requests_ok += 1
         s.prompt_tokens += body["usage"]["prompt_tokens"]
         s.prompt_tokens_cached += body["usage"]["prompt_tokens_details"]["cached_tokens"]
         s.output_tokens += body["usage"]["completion_tokens"]
-        return True
+        self._emit(pending.index, result_line(pending.custom_id, body))
+
+    def _emit(self, index: int, obj: dict) -> None:
+        if not self.ordered:
+            self._write(obj)
+            return
+        self._ready[index] = obj
+        while self._next_write in self._ready:
+            self._write(self._ready.pop(self._next_write))
+            self._next_write += 1
 
     def _write(self, obj: dict) -> None:
         line = json.dumps(obj, ensure_ascii=False)
@@ -162,12 +259,29 @@ class BatchRunner:
         self.out.flush()
 
 
+def count_lines(path: Path) -> int:
+    """Non-blank lines of a file, read in blocks (fast even for millions of lines)."""
+    n = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            n += bool(raw.strip())
+    return n
+
+
 def run_batch(
-    input_path: Path, output_path: Path, engine: Engine, progress: bool = True
+    input_path: Path,
+    output_path: Path,
+    engine: Engine,
+    progress: bool = True,
+    window: int = DEFAULT_WINDOW,
+    ordered: bool = False,
+    overwrite: bool = False,
 ) -> BatchSummary:
+    """Run a batch file; without `overwrite`, resume after what `output_path` already holds."""
+    done = DoneLines() if overwrite else read_done(output_path)
+    total = count_lines(input_path) if progress else None
     # Binary input: a line of invalid UTF-8 gets an error line instead of stopping the job.
-    with open(input_path, "rb") as f, open(output_path, "w", encoding="utf-8") as out:
-        runner = BatchRunner(engine, out)
-        for line_no, raw in enumerate(f, start=1):
-            runner.submit(line_no, raw)
-        return runner.run(progress)
+    mode = "w" if overwrite else "a"
+    with open(input_path, "rb") as f, open(output_path, mode, encoding="utf-8") as out:
+        runner = BatchRunner(engine, out, done, window, ordered)
+        return runner.run(enumerate(f, start=1), total, progress)

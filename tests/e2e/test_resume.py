@@ -1,0 +1,121 @@
+"""run-batch survives being killed: rerun the same command and it finishes the job, with
+exactly one line per request and the results an uninterrupted run gives."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.test_run_batch import chat_line, completion_line, run_cli
+
+pytestmark = pytest.mark.slow
+
+TOPICS = ["rivers", "compilers", "bread", "planets", "bridges", "violins", "glaciers", "ants"]
+
+
+def write_input(path) -> tuple[list[str], list[int]]:
+    """40 valid requests (half under one shared system prompt) and 3 bad lines."""
+    lines, ids = [], []
+    for i in range(40):
+        topic = TOPICS[i % len(TOPICS)]
+        if i % 2:
+            obj = completion_line(
+                f"req-{i}", f"Three facts about {topic}, number {i}:", max_tokens=10
+            )
+        else:
+            obj = chat_line(f"req-{i}", f"Tell me about {topic} ({i}).", max_tokens=10)
+            obj["body"]["messages"].insert(0, {"role": "system", "content": "Be brief. " * 40})
+        lines.append(json.dumps(obj))
+        ids.append(f"req-{i}")
+    lines.insert(5, '{"custom_id": "torn", ')  # invalid JSON
+    lines.insert(17, json.dumps(completion_line("req-3", "duplicate id")))
+    lines.insert(30, json.dumps(completion_line("bad-max", "x", max_tokens=0)))
+    path.write_text("\n".join(lines) + "\n")
+    return ids, [6, 18, 31]
+
+
+def results(path) -> tuple[dict[str, str], list[dict]]:
+    ok, errors = {}, []
+    for raw in path.read_text().splitlines():
+        r = json.loads(raw)
+        if r["error"] is None:
+            assert r["custom_id"] not in ok, f"{r['custom_id']} written twice"
+            choice = r["response"]["body"]["choices"][0]
+            ok[r["custom_id"]] = choice.get("text", choice.get("message", {}).get("content"))
+        else:
+            errors.append(r)
+    return ok, errors
+
+
+def count_lines(path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_then_rerun_gives_one_line_per_request_and_same_results(tmp_path, seed):
+    inp = tmp_path / "in.jsonl"
+    ids, bad_lines = write_input(inp)
+    ref_out = tmp_path / "ref.jsonl"
+    args = ["--dtype", "float32", "--no-progress", "--window", "8"]
+    proc = run_cli(str(inp), "-o", str(ref_out), *args)
+    assert proc.returncode == 0, proc.stderr
+    ref, ref_errors = results(ref_out)
+    assert sorted(ref) == sorted(ids) and len(ref_errors) == 3
+
+    out = tmp_path / "out.jsonl"
+    kill_after = random.Random(seed).randint(4, 35)  # lines written before the kill
+    job = subprocess.Popen(
+        [sys.executable, "-m", "prefixflow", "run-batch", str(inp), "-o", str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while count_lines(out) < kill_after and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    written = count_lines(out)
+    # A write cut off halfway, as a crash in the middle of a line leaves it.
+    with open(out, "ab") as f:
+        f.write(b'{"id": "batch_req_x", "custom_id": "req-39", "resp')
+
+    proc = run_cli(str(inp), "-o", str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    if written < 43:
+        assert f"{written} done before" in proc.stderr
+    got, errors = results(out)
+    assert got == ref
+    error_lines = sorted(int(e["error"]["message"].split(":")[0].split()[1]) for e in errors)
+    assert error_lines == bad_lines
+
+
+def test_overwrite_starts_afresh_and_ordered_keeps_input_order(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_input(inp)
+    line_of = {}
+    for k, raw in enumerate(inp.read_text().splitlines(), start=1):
+        if raw.startswith('{"custom_id": "req'):
+            line_of.setdefault(json.loads(raw)["custom_id"], k)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"custom_id": "req-0", "error": None}) + "\n")
+    proc = run_cli(
+        str(inp), "-o", str(out), "--overwrite", "--ordered", "--window", "6", "--no-progress"
+    )
+    assert proc.returncode == 0, proc.stderr
+    order = []
+    for raw in out.read_text().splitlines():
+        r = json.loads(raw)
+        if r["error"] is None:
+            order.append(line_of[r["custom_id"]])
+        else:
+            order.append(int(r["error"]["message"].split(":")[0].split()[1]))
+    assert order == list(range(1, 44))
