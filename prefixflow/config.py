@@ -64,6 +64,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     # Fraction of pages kept free when admitting, so running requests can grow a while.
     watermark: float = 0.01
+    # Who may start while others run (engine/admission.py): "past_future" predicts the
+    # peak KV use from past output lengths; "conservative" reserves max_tokens for all;
+    # "aggressive" admits while pages are free now.
+    admission: str = "past_future"
     # Reuse computed prefixes (radix cache) and prefill the n samples of a prompt once.
     prefix_sharing: bool = True
     # With sharing on, order the waiting queue by the batch's prefix tree (BatchLLM) rather
@@ -76,6 +80,11 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.admission not in ("past_future", "conservative", "aggressive"):
+            raise ValueError(
+                f"admission must be 'past_future', 'conservative' or 'aggressive', "
+                f"got {self.admission!r}"
             )
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")

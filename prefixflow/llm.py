@@ -36,6 +36,7 @@ class LLM:
         attention_backend: str = "shared_prefix",
         seed: int = 0,
         prefix_sharing: bool = True,
+        admission: str = "past_future",
         **vllm_kwargs,
     ) -> None:
         # vLLM's name for the same switch: honour it rather than ignore it.
@@ -53,6 +54,7 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 prefix_sharing=prefix_sharing,
+                admission=admission,
             ),
         )
         self.engine = Engine(self.config)

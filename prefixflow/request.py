@@ -46,6 +46,7 @@ class Request:
         self.max_output_tokens: int = limit if limit is not None else 1 << 62
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output, appended in place
         self.num_computed_tokens = 0
+        self.max_computed_tokens = 0  # most ever computed: beyond a preemption, recomputation
         self.num_cached_tokens = 0  # prompt tokens read from the prefix cache, not computed
         self.block_ids: list[int] = []
         self.num_pages_cached = 0  # leading pages of block_ids entered in the prefix cache

@@ -65,7 +65,14 @@ class EngineStats:
     computed_tokens: int = 0  # every token run through the model, decodes included
     prompt_computed_tokens: int = 0  # prompt tokens run through the model (not reused)
     cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache instead
+    recomputed_tokens: int = 0  # computed again after their request was preempted
+    preemptions: int = 0
     steps: int = 0
+    kv_utilisation_sum: float = 0.0  # KV pages in use / all pages, summed over steps
+
+    @property
+    def mean_kv_utilisation(self) -> float:
+        return self.kv_utilisation_sum / self.steps if self.steps else 0.0
 
 
 class Engine:
@@ -197,12 +204,17 @@ class Engine:
             raise RuntimeError(
                 "the scheduler could not place any request; the KV cache is too small"
             )
+        st = self.stats
         for seq in sched.seqs:
-            prompt_len = self.scheduler.requests[seq.request_id].num_prompt_tokens
-            end = min(seq.start_pos + len(seq.token_ids), prompt_len)
-            self.stats.prompt_computed_tokens += max(0, end - seq.start_pos)
+            req = self.scheduler.requests[seq.request_id]
+            end = seq.start_pos + len(seq.token_ids)
+            st.prompt_computed_tokens += max(0, min(end, req.num_prompt_tokens) - seq.start_pos)
+            st.recomputed_tokens += max(0, min(end, req.max_computed_tokens) - seq.start_pos)
+            req.max_computed_tokens = max(req.max_computed_tokens, end)
         result = self.runner.execute(sched)
-        self.stats.steps += 1
+        st.steps += 1
+        st.preemptions = self.scheduler.num_preemptions
+        st.kv_utilisation_sum += self.pool.num_used / self.pool.num_blocks
         self.stats.computed_tokens += sched.num_tokens
         events = self.scheduler.update(sched, result)
         ended: dict[str, _Parent] = {}

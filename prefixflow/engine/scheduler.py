@@ -27,6 +27,7 @@ from collections import deque
 from prefixflow.cache.block_pool import BlockPool
 from prefixflow.cache.radix_cache import RadixCache
 from prefixflow.config import SchedulerConfig
+from prefixflow.engine.admission import make_policy
 from prefixflow.engine.outputs import (
     RunnerOutput,
     SampledToken,
@@ -54,7 +55,7 @@ class Scheduler:
         self._num_unplanned = 0  # arrivals at the end of `waiting` since the last plan
         self._finished_ids: list[str] = []
         self._copies: list[tuple[int, int]] = []
-        self._watermark_blocks = int(config.watermark * pool.num_blocks)
+        self.policy = make_policy(config.admission, int(config.watermark * pool.num_blocks))
         self.num_preemptions = 0
 
     # ---- queue ----
@@ -139,6 +140,7 @@ class Scheduler:
             i += 1
 
         # Admitting while preempting would thrash: wait until pressure eases.
+        self.policy.begin_step(self.running, self.pool)
         while not preempted and budget > 0 and (self.resumed or self.waiting):
             req = self.resumed[0] if self.resumed else self.waiting[0]
             seats = 1 + len(req.fork_siblings)
@@ -219,9 +221,9 @@ class Scheduler:
             req.num_computed_tokens = len(hit) * self.pool.block_size
         n = min(req.num_tokens - req.num_computed_tokens, budget)
         need = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-        if (need > self.pool.num_free - self._watermark_blocks and self.running) or not self._grow(
-            req, n
-        ):
+        # With nothing running the request always starts: it fits alone (checked at add).
+        admit = self.policy.admits(req, need, self.pool) or not self.running
+        if not admit or not self._grow(req, n):
             if hit:  # not this step: give the pages back, match again next time
                 self.pool.release(hit[::-1])
                 req.block_ids = []
@@ -230,6 +232,7 @@ class Scheduler:
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
         req.num_pages_cached = len(hit)
+        self.policy.admitted(req)
         return n
 
     def _grow(self, req: Request, n: int) -> bool:
@@ -330,5 +333,7 @@ class Scheduler:
             req.block_ids = []
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        if reason != FinishReason.ABORT:
+            self.policy.finished(req)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)

@@ -35,6 +35,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--admission",
+        default="past_future",
+        choices=["past_future", "conservative", "aggressive"],
+        help="who may start while others run: predicted peak KV (past_future), room for "
+        "max_tokens for all (conservative), or free pages now (aggressive)",
+    )
+    p.add_argument(
         "--no-prefix-sharing",
         action="store_true",
         help="compute every prompt in full: no prefix cache, no shared prefill of n samples",
@@ -54,6 +61,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             prefix_sharing=not args.no_prefix_sharing,
+            admission=args.admission,
         ),
     )
 

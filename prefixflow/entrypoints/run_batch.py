@@ -48,6 +48,9 @@ class BatchSummary:
     prompt_tokens_computed: int = 0
     prompt_tokens_cached: int = 0  # reused from the prefix cache (n samples count once)
     output_tokens: int = 0
+    preemptions: int = 0
+    recomputed_tokens: int = 0  # computed again after a preemption
+    mean_kv_utilisation: float = 0.0  # KV pages in use / all pages, averaged over steps
     load_s: float = 0.0
     wall_s: float = 0.0
 
@@ -66,7 +69,8 @@ class BatchSummary:
             f"{self.prompt_tokens:,} (cached {self.prompt_tokens_cached:,}, computed "
             f"{self.prompt_tokens_computed:,}) | output tokens "
             f"{self.output_tokens:,} in {self.wall_s:.1f}s = {self.output_tok_per_s:,.1f} tok/s | "
-            f"model load {self.load_s:.1f}s"
+            f"KV use {self.mean_kv_utilisation:.0%}, {self.preemptions} preemptions "
+            f"({self.recomputed_tokens:,} tokens recomputed) | model load {self.load_s:.1f}s"
         )
 
 
@@ -160,6 +164,8 @@ class BatchRunner:
         eng = self.engine
         start_out = eng.stats.output_tokens
         start_computed = eng.stats.prompt_computed_tokens
+        start_preemptions, start_recomputed = eng.stats.preemptions, eng.stats.recomputed_tokens
+        start_steps, start_kv = eng.stats.steps, eng.stats.kv_utilisation_sum
         t0 = time.perf_counter()
         bar = tqdm(total=total, desc="run-batch", unit="req", disable=not progress, file=sys.stderr)
         source: Iterator[tuple[int, bytes | str]] | None = iter(lines)
@@ -188,7 +194,12 @@ class BatchRunner:
             bar.close()
         s = self.summary
         s.wall_s = time.perf_counter() - t0
-        s.prompt_tokens_computed = eng.stats.prompt_computed_tokens - start_computed
+        st = eng.stats
+        s.prompt_tokens_computed = st.prompt_computed_tokens - start_computed
+        s.preemptions = st.preemptions - start_preemptions
+        s.recomputed_tokens = st.recomputed_tokens - start_recomputed
+        steps = st.steps - start_steps
+        s.mean_kv_utilisation = (st.kv_utilisation_sum - start_kv) / steps if steps else 0.0
         return s
 
     def _refill(self, source: Iterator[tuple[int, bytes | str]]):

@@ -178,3 +178,27 @@ def test_hostile_lines_never_stop_the_job(tmp_path):
         "stop_token_ids",
     ):
         assert needle in messages, needle
+
+
+def test_a_request_too_large_for_the_kv_budget_gets_an_error_and_the_rest_complete(tmp_path):
+    lines = [completion_line(f"ok-{i}", f"Count to {i}:", max_tokens=8) for i in range(6)]
+    lines.insert(3, completion_line("too-big", "Write a novel.", max_tokens=4000))
+    inp, out, report = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "r.json"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = run_cli(
+        str(inp),
+        "-o",
+        str(out),
+        "--kv-cache-memory",
+        "8MiB",
+        "--no-progress",
+        "--report",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = {json.loads(x)["custom_id"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert {c for c, r in results.items() if r["error"] is None} == {f"ok-{i}" for i in range(6)}
+    message = results["too-big"]["error"]["message"]
+    assert "KV cache" in message and "lower max_tokens" in message
+    rep = json.loads(report.read_text())
+    assert set(rep) >= {"preemptions", "recomputed_tokens", "mean_kv_utilisation"}

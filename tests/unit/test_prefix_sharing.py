@@ -25,6 +25,7 @@ def run(
     budget: int = 64,
     max_num_seqs: int = 64,
     plan: bool = True,
+    admission: str = "past_future",
 ) -> tuple[dict[str, list[int]], PageTableRunner, Scheduler]:
     pool = BlockPool(num_blocks, block_size)
     config = SchedulerConfig(
@@ -33,6 +34,7 @@ def run(
         watermark=0.0,
         prefix_sharing=sharing,
         plan_prefixes=plan,
+        admission=admission,
     )
     sched = Scheduler(config, pool)
     runner = PageTableRunner(pool)
@@ -97,14 +99,16 @@ def test_planned_batch_computes_each_page_aligned_prefix_once(seed):
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_tiny_pool_with_preemption_still_gives_identical_outputs(seed):
+@pytest.mark.parametrize("admission", ["aggressive", "conservative", "past_future"])
+def test_tiny_pool_with_preemption_still_gives_identical_outputs(seed, admission):
     rng = random.Random(200 + seed)
     bs = rng.choice([2, 4])
     batch = tree_batch(rng, bs)
     longest = max(len(p) + m for _, p, m, _ in batch)
     blocks = -(-longest // bs) + rng.randint(1, 6)
-    on, _, sched = run(batch, True, num_blocks=blocks, block_size=bs, budget=32)
-    off, _, _ = run(batch, False, num_blocks=blocks, block_size=bs, budget=32)
+    kw = {"num_blocks": blocks, "block_size": bs, "budget": 32, "admission": admission}
+    on, _, _ = run(batch, True, **kw)
+    off, _, _ = run(batch, False, **kw)
     assert on == off
 
 

@@ -32,6 +32,7 @@ def make_scheduler(
     watermark: float = 0.0,
     prefix_sharing: bool = True,
     plan_prefixes: bool = False,  # most tests here check first-come-first-served order
+    admission: str = "aggressive",  # the mechanics of pages and preemption, laid bare
 ) -> tuple[Scheduler, BlockPool]:
     pool = BlockPool(num_blocks, block_size)
     config = SchedulerConfig(
@@ -40,6 +41,7 @@ def make_scheduler(
         watermark=watermark,
         prefix_sharing=prefix_sharing,
         plan_prefixes=plan_prefixes,
+        admission=admission,
     )
     return Scheduler(config, pool), pool
 
@@ -685,7 +687,8 @@ def test_preempted_request_recompute_is_chunked_when_over_budget():
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_workloads_complete_with_invariants(seed):
+@pytest.mark.parametrize("admission", ["aggressive", "conservative", "past_future"])
+def test_random_workloads_complete_with_invariants(seed, admission):
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 8])
     num_blocks = rng.randint(4, 24)
@@ -696,6 +699,7 @@ def test_random_workloads_complete_with_invariants(seed):
         max_num_seqs=rng.randint(1, 6),
         max_num_batched_tokens=rng.randint(1, 40),
         watermark=rng.choice([0.0, 0.1, 0.3]),
+        admission=admission,
     )
     reqs: list[Request] = []
     expected_len: dict[str, int] = {}
