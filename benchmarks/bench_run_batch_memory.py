@@ -32,6 +32,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", default="20000,200000")
     ap.add_argument("--window", type=int, default=None)
+    ap.add_argument(
+        "--kv",
+        default="auto",
+        help="KV cache budget; the cache fills its budget (unused pages keep prefixes), so "
+        "a small one shows the rest of the process",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,7 +45,7 @@ def main() -> None:
             inp, out, rep = Path(tmp, f"{n}.jsonl"), Path(tmp, f"{n}.out"), Path(tmp, f"{n}.json")
             write_input(inp, n)
             cmd = [sys.executable, "-m", "prefixflow", "run-batch", str(inp), "-o", str(out)]
-            cmd += ["--no-progress", "--report", str(rep)]
+            cmd += ["--no-progress", "--report", str(rep), "--kv-cache-memory", args.kv]
             if args.window:
                 cmd += ["--window", str(args.window)]
             code, rss_mb, err = _run_measured(cmd, None, 3600)

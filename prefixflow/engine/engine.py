@@ -105,6 +105,7 @@ class Engine:
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
         self._sample_of: dict[str, tuple[_Parent, _Sample]] = {}
+        self.updated_request_ids: set[str] = set()  # requests with new tokens in the last step
         logger.info(
             "loaded %s (%s) in %.1fs; KV cache %d pages of %d tokens (%.2f GiB)",
             self.model_name,
@@ -218,9 +219,11 @@ class Engine:
         self.stats.computed_tokens += sched.num_tokens
         events = self.scheduler.update(sched, result)
         ended: dict[str, _Parent] = {}
+        self.updated_request_ids = set()
         for req, tok in events:
             self.stats.output_tokens += 1
             parent, sample = self._sample_of[req.request_id]
+            self.updated_request_ids.add(parent.request_id)
             self._record_logprobs(sample, tok)
             p = req.sampling_params
             if p.stop and req.finish_reason in (None, FinishReason.LENGTH):
@@ -270,12 +273,22 @@ class Engine:
         else:
             self.scheduler.finish(req.request_id, FinishReason.STOP, stop)
 
+    def snapshot(self, request_id: str) -> RequestOutput:
+        """What an unfinished request has generated so far (finished=False), for streaming."""
+        return self._output(self._parents[request_id], finished=False)
+
     def _finish_parent(self, parent: _Parent) -> RequestOutput:
         del self._parents[parent.request_id]
+        for s in parent.samples:
+            self._sample_of.pop(s.request.request_id, None)
+        first = parent.samples[0].request
+        self.stats.cached_prompt_tokens += first.num_cached_tokens
+        return self._output(parent, finished=True)
+
+    def _output(self, parent: _Parent, finished: bool) -> RequestOutput:
         outputs = []
         for i, s in enumerate(parent.samples):
             req = s.request
-            self._sample_of.pop(req.request_id, None)
             ids = req.output_token_ids
             text_ids = ids
             p = req.sampling_params
@@ -294,18 +307,17 @@ class Engine:
                     text=text,
                     token_ids=ids,
                     cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                    logprobs=s.logprobs,
+                    logprobs=None if s.logprobs is None else list(s.logprobs),
                     finish_reason=req.finish_reason.value if req.finish_reason else None,
                     stop_reason=req.stop_reason,
                 )
             )
         first = parent.samples[0].request
-        self.stats.cached_prompt_tokens += first.num_cached_tokens
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
             outputs=outputs,
-            finished=True,
+            finished=finished,
             num_cached_tokens=first.num_cached_tokens,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -112,6 +113,26 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from prefixflow.engine.engine import Engine
+    from prefixflow.entrypoints.server.app import build_app
+
+    try:
+        engine = Engine(engine_config(args))
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load the model: {e}")
+    print(
+        f"prefixflow: serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
+        f"(KV cache {engine.pool.num_blocks} pages x {engine.pool.block_size} tokens)",
+        file=sys.stderr,
+    )
+    app = build_app(engine, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="prefixflow", description="Throughput-first batch LLM inference."
@@ -140,6 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     _engine_args(rb)
     rb.set_defaults(func=cmd_run_batch)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--api-key",
+        default=os.environ.get("PREFIXFLOW_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+        "(default: $PREFIXFLOW_API_KEY, or none)",
+    )
+    sv.add_argument("--log-level", default="warning")
+    _engine_args(sv)
+    sv.set_defaults(func=cmd_serve)
     from prefixflow.bench.main import add_arguments
     from prefixflow.bench.main import run as cmd_bench
 

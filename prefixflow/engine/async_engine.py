@@ -1,0 +1,149 @@
+"""AsyncEngine: the engine on its own thread, fed and read from an asyncio event loop.
+
+The HTTP server's handlers run on the event loop; the engine (not thread-safe, and busy
+in torch for most of each step) runs on one background thread that owns it. Handlers
+send it commands (add, abort) through a queue; it answers an add with a future (so a
+request the engine refuses becomes a 400 before any response starts) and pushes each
+request's outputs (snapshots while streaming, the final one at the end) to that
+request's asyncio queue. Requests from all connections share every step's batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prefixflow.engine.engine import Engine
+from prefixflow.request import RequestOutput
+from prefixflow.sampling_params import SamplingParams
+
+logger = logging.getLogger("prefixflow")
+
+
+@dataclass
+class _Route:
+    outputs: asyncio.Queue
+    stream: bool
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; the server cannot serve any more requests."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._routes: dict[str, _Route] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+
+    # ---- lifecycle (event loop side) ----
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="prefixflow-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- requests (event loop side) ----
+    async def add(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        text: str | None,
+        stream: bool,
+    ) -> None:
+        """Queue a request; raises the engine's InvalidRequestError if it cannot run."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed: {self.error}")
+        route = _Route(asyncio.Queue(), stream)
+        self._routes[request_id] = route
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("add", request_id, prompt, params, text, done))
+        self._wake.set()
+        try:
+            await asyncio.wrap_future(done)
+        except BaseException:
+            self._routes.pop(request_id, None)
+            raise
+
+    async def outputs(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The request's outputs until its final one; leaving early aborts it."""
+        route = self._routes[request_id]
+        finished = False
+        try:
+            while not finished:
+                out = await route.outputs.get()
+                if isinstance(out, BaseException):
+                    raise EngineDeadError(f"the engine failed: {out}")
+                finished = out.finished
+                yield out
+        finally:
+            self._routes.pop(request_id, None)
+            if not finished:  # the client left, or the handler was cancelled
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # ---- the engine thread ----
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not eng.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                finished = eng.step()
+                done_ids = set()
+                for out in finished:
+                    done_ids.add(out.request_id)
+                    self._deliver(out.request_id, out)
+                for rid in eng.updated_request_ids - done_ids:
+                    route = self._routes.get(rid)
+                    if route is not None and route.stream:
+                        self._deliver(rid, eng.snapshot(rid))
+        except BaseException as e:  # noqa: BLE001 - reported to every waiting request
+            logger.exception("engine thread failed")
+            self.error = e
+            for rid in list(self._routes):
+                self._deliver(rid, e)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, prompt, params, text, done = cmd
+                try:
+                    self.engine.add_request(rid, prompt, params, prompt_text=text)
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    done.set_exception(e)
+                else:
+                    done.set_result(None)
+            else:
+                self.engine.abort(cmd[1])
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        route = self._routes.get(request_id)
+        if route is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(route.outputs.put_nowait, item)

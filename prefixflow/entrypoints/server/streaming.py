@@ -1,0 +1,91 @@
+"""Server-sent events for `stream: true`: OpenAI chunks with the new text of each choice.
+
+Each update is a snapshot of everything generated so far; a choice's delta is what its
+text gained since the last chunk. While a choice runs, text that a stop string might
+still cut (its last len(stop) - 1 characters) and a trailing partial UTF-8 character are
+held back, so the concatenated deltas equal the final text exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from prefixflow.entrypoints.openai.serving import COMPLETIONS, _usage
+from prefixflow.request import CompletionOutput, RequestOutput
+
+
+@dataclass
+class StreamState:
+    url: str
+    model: str
+    n: int  # samples per prompt
+    holdback: int  # characters a stop string could still take back
+    include_usage: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    sent: dict[int, int] = field(default_factory=dict)  # choice index -> characters sent
+    finished: set[int] = field(default_factory=set)
+    started: set[int] = field(default_factory=set)
+
+    def chunks(self, prompt_index: int, out: RequestOutput) -> list[str]:
+        """SSE events for one prompt's update."""
+        events = []
+        for c in out.outputs:
+            index = prompt_index * self.n + c.index
+            if index in self.finished:
+                continue
+            delta = self._delta(index, c)
+            done = c.finish_reason is not None
+            if not delta and not done and index in self.started:
+                continue
+            events.append(self._event([self._choice(index, delta, c if done else None)]))
+            if done:
+                self.finished.add(index)
+        return events
+
+    def usage_event(self, outputs: list[RequestOutput]) -> str:
+        return self._event([], usage=_usage(outputs))
+
+    def _delta(self, index: int, c: CompletionOutput) -> str:
+        text = c.text
+        if c.finish_reason is None:
+            end = len(text) - self.holdback
+            while end > 0 and text[end - 1] == "\ufffd":
+                end -= 1
+            text = text[: max(end, 0)]
+        start = self.sent.get(index, 0)
+        if len(text) <= start:
+            return ""
+        self.sent[index] = len(text)
+        return text[start:]
+
+    def _choice(self, index: int, delta: str, done: CompletionOutput | None) -> dict:
+        finish = {
+            "finish_reason": done.finish_reason if done else None,
+            "stop_reason": done.stop_reason if done else None,
+        }
+        first = index not in self.started
+        self.started.add(index)
+        if self.url == COMPLETIONS:
+            return {"index": index, "text": delta, "logprobs": None, **finish}
+        d: dict = {"role": "assistant", "content": delta} if first else {"content": delta}
+        return {"index": index, "delta": d, "logprobs": None, **finish}
+
+    def _event(self, choices: list[dict], usage: dict | None = None) -> str:
+        chat = self.url != COMPLETIONS
+        body = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{self.id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None or self.include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
