@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 
 class TextCodec:
-    """Wraps a transformers tokenizer with the few operations the engine needs."""
+    """Wraps a transformers tokenizer with the few operations the engine needs.
+
+    Calls are serialised by a lock: the server encodes on its event loop while the engine
+    thread decodes, and a fast tokenizer used from two threads at once can fail
+    ("Already borrowed").
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._piece_cache: dict[int, str] = {}
         self.vocab_size = len(tokenizer)
+        self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text).input_ids
+        with self._lock:
+            return self.tokenizer(text).input_ids
 
     def apply_chat_template(
         self,
@@ -27,28 +35,34 @@ class TextCodec:
         from jinja2 import TemplateError
 
         try:
-            return self.tokenizer.apply_chat_template(
-                [_flatten(m) for m in messages],
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template,
-            )
+            with self._lock:
+                return self.tokenizer.apply_chat_template(
+                    [_flatten(m) for m in messages],
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    chat_template=chat_template,
+                )
         except TemplateError as e:
             raise ValueError(f"the chat template rejected these messages: {e}") from e
+        except Exception as e:  # a template's own bug (a type error, a division by zero)
+            raise ValueError(f"the chat template failed on these messages: {e!r}") from e
 
     def encode_chat(self, messages: list[dict], **kwargs) -> tuple[str, list[int]]:
         """The templated prompt and its ids. The template already holds any special tokens."""
         text = self.apply_chat_template(messages, **kwargs)
-        return text, self.tokenizer(text, add_special_tokens=False).input_ids
+        with self._lock:
+            return text, self.tokenizer(text, add_special_tokens=False).input_ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        with self._lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def piece(self, token_id: int) -> str:
         """The text of one token alone (for logprobs), cached."""
         s = self._piece_cache.get(token_id)
         if s is None:
-            s = self.tokenizer.decode([token_id])
+            with self._lock:
+                s = self.tokenizer.decode([token_id])
             self._piece_cache[token_id] = s
         return s
 

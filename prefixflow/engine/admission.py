@@ -119,11 +119,13 @@ class PastFuture(AdmissionPolicy):
         self._block_size = bs
 
     def admits(self, req: Request, pages_now: int, pool: BlockPool) -> bool:
+        b = self.remaining(req)
+        # Its cache hits held by running requests too are counted already (shared, or as
+        # theirs); a hit taken back from the free pool is its own new memory.
+        counted = sum(1 for p in req.block_ids if pool.ref_count(p) > 1) * self._block_size
+        self._candidate = [(-b, req.num_tokens - counted)] + [(-b, 0)] * len(req.fork_siblings)
         if pages_now > pool.num_free - self.reserve_pages:
             return False
-        b = self.remaining(req)
-        cached = len(req.block_ids) * self._block_size  # pages it read from the cache
-        self._candidate = [(-b, req.num_tokens - cached)] + [(-b, 0)] * len(req.fork_siblings)
         future = list(self._future)
         for entry in self._candidate:
             insort(future, entry)

@@ -75,10 +75,17 @@ class AsyncEngine:
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("add", request_id, prompt, params, text, done))
         self._wake.set()
+        waiting = asyncio.wrap_future(done)
         try:
-            await asyncio.wrap_future(done)
+            while not waiting.done():
+                # The engine thread answers every add it reads; if it died first, say so.
+                await asyncio.wait({waiting}, timeout=0.5)
+                if not waiting.done() and self.error is not None:
+                    waiting.cancel()
+                    raise EngineDeadError(f"the engine failed: {self.error}")
+            waiting.result()
         except BaseException:
-            self._routes.pop(request_id, None)
+            self.cancel(request_id)  # refused, or the caller was cancelled meanwhile
             raise
 
     async def outputs(self, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -100,6 +107,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Forget a request's outputs and abort it (a no-op once it finished)."""
+        if self._routes.pop(request_id, None) is not None:
+            self.abort(request_id)
 
     # ---- the engine thread ----
     def _run(self) -> None:
@@ -125,6 +137,13 @@ class AsyncEngine:
             self.error = e
             for rid in list(self._routes):
                 self._deliver(rid, e)
+            while True:  # adds nobody will run: fail them now
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    cmd[-1].set_exception(EngineDeadError(f"the engine failed: {e}"))
 
     def _drain_inbox(self) -> None:
         while True:

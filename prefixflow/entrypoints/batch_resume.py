@@ -52,7 +52,8 @@ def read_done(path: Path) -> DoneLines:
             if isinstance(cid, str):
                 done.custom_ids.add(cid)
             # Error lines name their input line: the key for lines without a usable custom_id.
-            m = _LINE_NO.match(str((obj.get("error") or {}).get("message", "")))
+            err = obj.get("error")
+            m = _LINE_NO.match(str(err.get("message", ""))) if isinstance(err, dict) else None
             if m:
                 done.line_numbers.add(int(m.group(1)))
     size = path.stat().st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -94,3 +95,20 @@ def test_api_key_is_checked_everywhere_but_health(client):
         r = getattr(client, method)(path, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 48
+
+
+def test_a_refused_prompt_of_several_leaves_nothing_behind(client):
+    runner = client.app.state.engine
+    r = client.post("/v1/completions", json={"prompt": [[1, 2, 3], [10**9]], "max_tokens": 2})
+    assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while runner.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner._routes == {} and not runner.engine.has_unfinished()
+
+
+def test_stream_given_as_a_string_follows_the_validated_value(client):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": "false"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": "true"})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")

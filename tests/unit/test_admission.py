@@ -121,3 +121,33 @@ def test_past_future_peak_counts_shared_pages_once():
     assert not policy.admits(big, pool.blocks_for(100), pool)  # its peak: 5 + 33 + 3 > 40
     small = Request("small", list(range(8)), params)
     assert policy.admits(small, 2, pool)
+
+
+@pytest.mark.parametrize("policy", ["past_future", "conservative", "aggressive"])
+def test_a_first_request_bigger_than_the_free_pages_less_the_reserve_still_runs(policy):
+    pool = BlockPool(100, 4)
+    config = SchedulerConfig(watermark=0.05, admission=policy, max_num_batched_tokens=1024)
+    sched = Scheduler(config, pool)
+    req = Request("big", list(range(10, 10 + 97 * 4)), SamplingParams(max_tokens=1))
+    sched.add(req)
+    out = sched.schedule()  # needs 97 pages; 100 - 5 reserved = 95: admitted, nothing runs
+    assert [s.request_id for s in out.seqs] == ["big"]
+    sched.update(out, RunnerOutput(sampled={"big": SampledToken(7)}))
+    assert req.is_finished and pool.num_free == 100
+
+
+def test_past_future_counts_cache_hits_taken_back_from_the_free_pool():
+    pool = BlockPool(40, 4)
+    policy = make_policy("past_future")
+    policy.begin_step([], pool)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    req = Request("q", list(range(33)), params)
+    req.block_ids = pool.allocate(8)  # as if 8 cached-free pages were matched: ref 1, its own
+    policy.admits(req, 1, pool)
+    (own,) = [a for _, a in policy._candidate]
+    assert own == 33  # all its tokens are new memory, hits included
+    other = Request("o", list(range(33)), params)
+    other.block_ids = list(req.block_ids)
+    pool.ref(other.block_ids)  # now shared with a running request: counted there already
+    policy.admits(other, 1, pool)
+    assert [a for _, a in policy._candidate] == [1]

@@ -48,6 +48,8 @@ class PreparedRequest:
     url: str
     prompts: list[tuple[str | None, list[int]]]  # (text, token ids) per prompt
     params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
 
 
 def describe_validation_error(e: ValidationError) -> tuple[str, str | None]:
@@ -120,7 +122,10 @@ def prepare(url: str, body: object, codec: TextCodec, max_model_len: int) -> Pre
                 "max_tokens",
                 "context_length_exceeded",
             )
-    return PreparedRequest(url, prompts, params)
+    options = req.stream_options or {}
+    return PreparedRequest(
+        url, prompts, params, req.stream, bool(options.get("include_usage", False))
+    )
 
 
 def _usage(outputs: list[RequestOutput]) -> dict:

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from prefixflow.engine.async_engine import AsyncEngine, EngineDeadError
 from prefixflow.engine.engine import Engine
@@ -110,34 +111,39 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             return JSONResponse(e.body(), status_code=400)
         base = uuid.uuid4().hex
         rids = [f"{base}-{i}" for i in range(len(prepared.prompts))]
-        stream = bool(body.get("stream"))
-        added: list[str] = []
         try:
             for rid, (text, ids) in zip(rids, prepared.prompts, strict=True):
-                await runner.add(rid, ids, prepared.params, text, stream)
-                added.append(rid)
+                await runner.add(rid, ids, prepared.params, text, prepared.stream)
         except EngineDeadError as e:
-            _abort(added)
+            _cancel(rids)
             return error_response(503, str(e), code="engine_failed")
         except ValueError as e:
-            _abort(added)
+            _cancel(rids)
             counters.requests_failed += 1
             return error_response(400, str(e))
-        if stream:
-            options = body.get("stream_options") or {}
+        except BaseException:  # cancelled while queueing: leave nothing running
+            _cancel(rids)
+            raise
+        if prepared.stream:
             state = StreamState(
                 url,
                 engine.model_name,
                 prepared.params.n,
-                max((len(s) for s in prepared.params.stop), default=1) - 1,
-                bool(options.get("include_usage")) if isinstance(options, dict) else False,
+                _holdback(prepared.params.stop, prepared.params.min_tokens),
+                prepared.include_usage,
             )
-            return StreamingResponse(_events(rids, state), media_type="text/event-stream")
+            # The background task runs however the response ends, even when the client
+            # left before the stream started and the generator never ran.
+            return StreamingResponse(
+                _events(rids, state),
+                media_type="text/event-stream",
+                background=BackgroundTask(_cancel, rids),
+            )
         return await _respond(request, rids, url, prepared.params.logprobs or 0)
 
-    def _abort(rids: list[str]) -> None:
+    def _cancel(rids: list[str]) -> None:
         for rid in rids:
-            runner.abort(rid)
+            runner.cancel(rid)
 
     async def _final(rid: str) -> RequestOutput:
         last = None
@@ -198,6 +204,19 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 t.cancel()  # a reader cancelled before the end aborts its request
 
     return app
+
+
+def _holdback(stops: list[str], min_tokens: int) -> int:
+    """Characters of streamed text to hold back while a stop string could still cut it.
+
+    Stop strings are checked at every step, so a new hit starts at most len(stop) - 1
+    characters before the newest token. The first check after min_tokens looks further
+    back, over the text of the last len(stop) + 4 tokens: hold back about that much.
+    """
+    if not stops:
+        return 0
+    longest = max(len(s) for s in stops)
+    return longest - 1 + (4 * (longest + 4) if min_tokens else 0)
 
 
 async def _wait_disconnect(request: Request) -> None:
