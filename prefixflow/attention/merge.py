@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_SCORES_PER_PASS = 1 << 24
 
 
 def merge_into(
@@ -44,6 +45,8 @@ def attend_with_lse(
 
     A query that may attend to no key gets output 0 and lse -inf, which the merge weighs 0.
     """
+    if mask is None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return _attend_bf16_unmasked(q, k, v, scale)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
         # PyTorch's fused CPU kernel never materialises the (Q, L) scores: several times
         # faster than the matmuls below on long contexts, where those scores dominate.
@@ -70,6 +73,34 @@ def attend_with_lse(
     p = torch.exp(scores.sub_(safe.unsqueeze(-1)))
     o = torch.matmul(p.to(v.dtype), v)
     return o, lse
+
+
+def _attend_bf16_unmasked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shared part in bfloat16: two bf16 GEMMs around a fused softmax.
+
+    About 3x faster than the fused flash kernel for the stacked queries of a shared prefix
+    (hundreds of rows against thousands of keys), where the GEMMs run near the machine's
+    matmul rate. The softmax gives no log-sum-exp, but its largest probability is
+    exp(max - lse), so lse = max - log(p_max), exact up to bfloat16 rounding of p_max
+    (2^-9 relative, a few thousandths in lse), well inside bfloat16 attention's own error.
+    """
+    B, h_kv, Q, _ = q.shape
+    L = k.shape[-2]
+    # Query rows per pass, so the (rows, L) scores stay near 32 MB whatever the prefix.
+    step = max(1, _SCORES_PER_PASS // (B * h_kv * L))
+    kt = k.transpose(-1, -2)
+    outs, lses = [], []
+    for r in range(0, Q, step):
+        scores = torch.matmul(q[:, :, r : r + step] * scale, kt)  # (B, H_kv, rows, L) bf16
+        top = scores.amax(dim=-1)
+        p = torch.softmax(scores, dim=-1)
+        outs.append(torch.matmul(p, v))
+        lses.append(top.float() - torch.log(p.amax(dim=-1).float()))
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def attend_causal_with_lse(

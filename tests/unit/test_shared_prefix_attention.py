@@ -157,3 +157,18 @@ def test_causal_attention_with_lse_matches_sdpa(fused, monkeypatch):
         ~torch.ones(11, 11, dtype=torch.bool).tril(), float("-inf")
     )
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_parts_in_several_passes_equal_one_pass(monkeypatch):
+    torch.manual_seed(3)
+    q = torch.randn(1, 3, 50, 16).bfloat16()
+    k = torch.randn(1, 3, 70, 16).bfloat16()
+    v = torch.randn(1, 3, 70, 16).bfloat16()
+    whole = attend_with_lse(q, k, v, None, 0.25)
+    monkeypatch.setattr(merge, "_SCORES_PER_PASS", 3 * 70 * 7)  # 7 query rows per pass
+    parts = attend_with_lse(q, k, v, None, 0.25)
+    torch.testing.assert_close(parts[0], whole[0], atol=0, rtol=0)
+    torch.testing.assert_close(parts[1], whole[1], atol=0, rtol=0)
+    ref_o, ref_lse = attend_with_lse(q.float(), k.float(), v.float(), None, 0.25)
+    torch.testing.assert_close(parts[0].float(), ref_o, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(parts[1], ref_lse, atol=2e-2, rtol=2e-2)
