@@ -31,41 +31,46 @@ def plan_prefix_layout(
     full_pages: list[int],
     min_shared_tokens: int,
     block_size: int,
+    min_part_tokens: int = 0,
 ) -> PrefixLayout:
     """tables[i]: page table of sequence i; full_pages[i]: how many of its leading pages are
     entirely before its first query (only those can be shared).
 
-    A part is kept when it spares at least `min_shared_tokens` token reads ((members - 1) x
-    its tokens); below that it is cheaper to let each member read it alone, along with
-    everything deeper (a sequence's own pages must be one contiguous run).
+    A part is kept when it is at least `min_part_tokens` long and spares at least
+    `min_shared_tokens` token reads ((members - 1) x its tokens): each part costs a product
+    and a merge whatever its size. A run too small on its own is not dropped but carried
+    down into the parts below it (a chat template's first page joins each document's
+    part), or into its members' own pages (a sequence's own pages are one contiguous run).
     """
     n = len(tables)
     own = [0] * n
     parts: list[SharedPart] = []
-    stack: list[tuple[list[int], int]] = [(list(range(n)), 0)] if n > 1 else []
+    # (members, depth where their common run starts, start of the part being built)
+    stack: list[tuple[list[int], int, int]] = [(list(range(n)), 0, 0)] if n > 1 else []
     while stack:
-        members, depth = stack.pop()
-        start = depth
+        members, depth, part_start = stack.pop()
         head = tables[members[0]]
         while all(full_pages[i] > depth for i in members) and all(
             tables[i][depth] == head[depth] for i in members
         ):
             depth += 1
-        if depth > start:
-            if (len(members) - 1) * (depth - start) * block_size < min_shared_tokens:
-                for i in members:
-                    own[i] = start
-                continue
-            parts.append(SharedPart(head[start:depth], members))
+        tokens = (depth - part_start) * block_size
+        if (
+            tokens
+            and tokens >= min_part_tokens
+            and (len(members) - 1) * tokens >= min_shared_tokens
+        ):
+            parts.append(SharedPart(head[part_start:depth], members))
+            part_start = depth
         by_page: dict[int, list[int]] = {}
         for i in members:
             if full_pages[i] > depth:
                 by_page.setdefault(tables[i][depth], []).append(i)
             else:
-                own[i] = depth
+                own[i] = part_start
         for sub in by_page.values():
             if len(sub) > 1:
-                stack.append((sub, depth))
+                stack.append((sub, depth, part_start))
             else:
-                own[sub[0]] = depth
+                own[sub[0]] = part_start
     return PrefixLayout(parts, own)

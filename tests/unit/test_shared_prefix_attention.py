@@ -68,6 +68,7 @@ def test_shared_prefix_attention_equals_paged_attention(seed, dtype, fused, monk
     rng = random.Random(seed)
     torch.manual_seed(seed)
     bs = rng.choice([2, 4, 16])
+    min_part = rng.choice([0, 0, 2 * bs])  # sometimes small runs are carried into deeper parts
     h_kv = rng.choice([1, 3])
     g = rng.choice([1, 3])
     D = rng.choice([16, 64])
@@ -82,9 +83,10 @@ def test_shared_prefix_attention_equals_paged_attention(seed, dtype, fused, monk
     _, _, meta_ref, _ = build_step(seqs, bs)
     ref = PagedAttention().forward(q, k, v, cache.clone(), meta_ref, scale)
     _, _, meta, _ = build_step(seqs, bs)
-    backend = SharedPrefixAttention(min_shared_tokens=0)
+    backend = SharedPrefixAttention(min_shared_tokens=0, min_part_tokens=min_part)
     got = backend.forward(q, k, v, cache.clone(), meta, scale)
-    assert meta.memo["prefix_layout"].parts  # the shared path really ran
+    if not min_part:
+        assert meta.memo["prefix_layout"].parts  # the shared path really ran
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
 
@@ -131,6 +133,16 @@ def test_layout_only_shares_pages_before_every_members_queries():
     layout = plan_prefix_layout([[7, 3, 5], [7, 3]], [2, 1], 0, 4)
     assert [(p.pages, p.members) for p in layout.parts] == [([7], [0, 1])]
     assert layout.own_from_page == [1, 1]
+
+
+def test_layout_carries_a_short_run_into_the_parts_below_it():
+    # Root page [1] (shared by all) is too short alone; each document part takes it along.
+    tables = [[1, 3, 4, 10], [1, 3, 4, 11], [1, 5, 6, 12], [1, 5, 6, 13], [1, 14]]
+    full = [3, 3, 3, 3, 1]
+    layout = plan_prefix_layout(tables, full, 0, block_size=4, min_part_tokens=12)
+    parts = sorted((p.pages, sorted(p.members)) for p in layout.parts)
+    assert parts == [([1, 3, 4], [0, 1]), ([1, 5, 6], [2, 3])]
+    assert layout.own_from_page == [3, 3, 3, 3, 0]  # the last reads the root page itself
 
 
 def test_layout_leaves_small_parts_to_their_members():
