@@ -80,7 +80,7 @@ class SharedPrefixAttention(AttentionBackend):
             if s.q_len == 1:
                 continue
             first = own[i]
-            pages = torch.tensor(s.pages[first:], dtype=torch.long)
+            pages = self._pages(meta, ("own_pages", i), s.pages[first:])
             L = s.ctx_len - first * bs
             kc = self.gather(kv_cache[0], pages, 0)[:, :L]  # (H_kv, L, D)
             vc = self.gather(kv_cache[1], pages, 1)[:, :L]
@@ -91,7 +91,7 @@ class SharedPrefixAttention(AttentionBackend):
                 out[sl] = o[0].transpose(0, 1).float()
                 lse[sl] = s_lse[0].transpose(0, 1)
                 continue
-            qs = _fold(q[s.q_start : s.q_start + s.q_len], h_kv)  # (1, H_kv, G*Q, D)
+            qs = _fold(q[sl], h_kv)  # (1, H_kv, G*Q, D)
             mask = meta.memo.get(("own_mask", i))
             if mask is None:
                 bool_mask = causal_mask(s.q_len, L).repeat(g, 1)  # (G*Q, L)
@@ -105,7 +105,7 @@ class SharedPrefixAttention(AttentionBackend):
             if rows is None:
                 idx = [r for i in part.members for r in _rows(meta.seqs[i])]
                 rows = meta.memo[("part_rows", j)] = torch.tensor(idx, dtype=torch.long)
-            pages = torch.tensor(part.pages, dtype=torch.long)
+            pages = self._pages(meta, ("part_pages", j), part.pages)
             kc = self.gather(kv_cache[0], pages, 2)  # (H_kv, P, D)
             vc = self.gather(kv_cache[1], pages, 3)
             M = rows.numel()
@@ -115,6 +115,14 @@ class SharedPrefixAttention(AttentionBackend):
             merge_into(acc_o, acc_lse, o_part, lse_part)
             out[rows], lse[rows] = acc_o, acc_lse
         return out.to(q.dtype)
+
+    @staticmethod
+    def _pages(meta: AttentionMetadata, key: tuple, pages: list[int]) -> torch.Tensor:
+        """A page-id tensor built by the first layer of the step, reused by the others."""
+        t = meta.memo.get(key)
+        if t is None:
+            t = meta.memo[key] = torch.tensor(pages, dtype=torch.long)
+        return t
 
     def _layout(self, meta: AttentionMetadata) -> PrefixLayout:
         layout = meta.memo.get("prefix_layout")

@@ -216,7 +216,7 @@ class Engine:
         st.steps += 1
         st.preemptions = self.scheduler.num_preemptions
         st.kv_utilisation_sum += self.pool.num_used / self.pool.num_blocks
-        self.stats.computed_tokens += sched.num_tokens
+        st.computed_tokens += sched.num_tokens
         events = self.scheduler.update(sched, result)
         ended: dict[str, _Parent] = {}
         self.updated_request_ids = set()

@@ -271,7 +271,7 @@ class BatchRunner:
 
 
 def count_lines(path: Path) -> int:
-    """Non-blank lines of a file, read in blocks (fast even for millions of lines)."""
+    """Non-blank lines of a file (the progress bar's total), one buffered pass."""
     n = 0
     with open(path, "rb") as f:
         for raw in f:

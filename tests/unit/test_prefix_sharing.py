@@ -247,3 +247,14 @@ def test_plan_runs_decode_heavy_groups_first():
 def test_plan_keeps_arrival_order_of_unrelated_equal_requests():
     items = [_Item([i] * 8, 10) for i in range(1, 20)]
     assert plan_order(items, 4) == list(range(19))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_outputs_identical_with_the_planner_on_and_off(seed):
+    rng = random.Random(300 + seed)
+    bs = rng.choice([2, 4])
+    batch = tree_batch(rng, bs)
+    planned, runner_planned, _ = run(batch, True, block_size=bs, budget=32)
+    fifo, runner_fifo, _ = run(batch, True, block_size=bs, budget=32, plan=False)
+    assert planned == fifo
+    assert runner_planned.prompt_tokens_computed <= runner_fifo.prompt_tokens_computed
