@@ -64,7 +64,7 @@ def main() -> None:
             st.steps,
         )
         print(
-            f"{policy:12s} done in {wall:.1f}s ({pool.num_blocks} pages of {pool.block_size})",
+            f"{policy:12s} done in {wall:.1f}s ({pool.num_pages} pages of {pool.page_size})",
             flush=True,
         )
         del llm

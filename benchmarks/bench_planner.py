@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--prefix", type=int, default=1900, help="tokens of each shared prefix")
     ap.add_argument("--prefixes", type=int, default=10)
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=16)
     args = ap.parse_args()
 
     rng = random.Random(0)
@@ -46,7 +46,7 @@ def main() -> None:
     print(f"built {args.requests:,} requests of {args.tokens:,} tokens in {build_s:.1f}s")
 
     t0 = time.perf_counter()
-    order = plan_order(reqs, args.block_size)
+    order = plan_order(reqs, args.page_size)
     plan_s = time.perf_counter() - t0
     runs = 1 + sum(which[a] != which[b] for a, b in zip(order, order[1:], strict=False))
     tokens = args.requests * args.tokens

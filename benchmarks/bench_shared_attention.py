@@ -35,7 +35,7 @@ def decode_step(num_seqs: int, prefix: int, own: int, bs: int, pages: list[int])
                 request_id=str(i),
                 token_ids=[1],
                 start_pos=prefix + own,
-                block_ids=table,
+                page_ids=table,
                 sample=True,
                 params=SamplingParams(temperature=0.0),
             )
@@ -54,8 +54,8 @@ def main() -> None:
 
     llm = LLM(dtype=args.dtype, kv_cache_memory="2GiB")
     runner = llm.engine.runner
-    bs = llm.engine.pool.block_size
-    pages = list(range(llm.engine.pool.num_blocks))
+    bs = llm.engine.pool.page_size
+    pages = list(range(llm.engine.pool.num_pages))
     backends = {name: get_backend(name) for name in ("paged", "shared_prefix")}
     times: dict[tuple[str, int], float] = {}
     for prefix in [int(p) for p in args.prefixes.split(",")]:

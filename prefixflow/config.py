@@ -95,7 +95,7 @@ class EngineConfig:
     model: str | None = None  # HF folder or .gguf file; None = the embedded default model
     dtype: str = "auto"  # "float32", "bfloat16" or "auto"
     kv_cache_memory: int | float | str = "auto"  # size, fraction of free memory, or "auto"
-    block_size: int = 16
+    page_size: int = 16
     max_model_len: int | None = None
     attention_backend: str = "shared_prefix"  # or "paged", the plain reference path
     seed: int = 0  # seeds the shared generator of unseeded sampled requests
@@ -104,8 +104,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_memory != "auto":
             parse_memory(self.kv_cache_memory)
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -48,8 +48,8 @@ class Request:
         self.num_computed_tokens = 0
         self.max_computed_tokens = 0  # most ever computed: beyond a preemption, recomputation
         self.num_cached_tokens = 0  # prompt tokens read from the prefix cache, not computed
-        self.block_ids: list[int] = []
-        self.num_pages_cached = 0  # leading pages of block_ids entered in the prefix cache
+        self.page_ids: list[int] = []
+        self.num_pages_cached = 0  # leading pages of page_ids entered in the prefix cache
         # n > 1 with prefix sharing: the leader computes the prompt once, and its siblings
         # fork off it when it samples its first token.
         self.fork_siblings: list[Request] = []

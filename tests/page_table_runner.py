@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import zlib
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.engine.outputs import RunnerOutput, SampledToken, SchedulerOutput
 from prefixflow.request import Request
 
 
 class PageTableRunner:
-    def __init__(self, pool: BlockPool) -> None:
-        self.bs = pool.block_size
+    def __init__(self, pool: PagePool) -> None:
+        self.bs = pool.page_size
         self.slots: dict[int, list[int | None]] = {}
         self.tokens: dict[str, list[int]] = {}  # what each sequence really holds
         self.prompt_tokens_computed = 0
@@ -33,7 +33,7 @@ class PageTableRunner:
         for s in out.seqs:
             for k, tok in enumerate(s.token_ids):
                 pos = s.start_pos + k
-                page = self.slots.setdefault(s.block_ids[pos // self.bs], [None] * self.bs)
+                page = self.slots.setdefault(s.page_ids[pos // self.bs], [None] * self.bs)
                 page[pos % self.bs] = tok
             end = s.start_pos + len(s.token_ids)
             self.prompt_tokens_computed += max(
@@ -44,7 +44,7 @@ class PageTableRunner:
             if not s.sample:
                 continue
             end = s.start_pos + len(s.token_ids)
-            context = [self.slots[s.block_ids[p // self.bs]][p % self.bs] for p in range(end)]
+            context = [self.slots[s.page_ids[p // self.bs]][p % self.bs] for p in range(end)]
             assert context == self.tokens[s.request_id][:end], s.request_id
             for seq in [s, *s.forks]:
                 key = f"{seq.request_id}:{context}".encode()

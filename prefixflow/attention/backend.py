@@ -22,7 +22,7 @@ class AttentionBackend(ABC):
         q: torch.Tensor,  # (T, H, D)
         k: torch.Tensor,  # (T, H_kv, D)
         v: torch.Tensor,  # (T, H_kv, D)
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, H_kv, D)
+        kv_cache: torch.Tensor,  # (2, num_pages, page_size, H_kv, D)
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # (T, H, D)

@@ -17,7 +17,7 @@ class PrefillSeq:
     q_start: int  # first of its tokens in the step's flat token axis
     q_len: int
     ctx_len: int  # tokens of KV it attends to, its new ones included
-    block_table: torch.Tensor  # (num_pages,) page ids covering ctx_len
+    page_table: torch.Tensor  # (num_pages,) page ids covering ctx_len
 
 
 @dataclass
@@ -30,12 +30,12 @@ class SeqLayout:
 
 @dataclass
 class AttentionMetadata:
-    block_size: int
-    slot_mapping: torch.Tensor  # (T,) cache slot (page * block_size + offset) of each new token
+    page_size: int
+    slot_mapping: torch.Tensor  # (T,) cache slot (page * page_size + offset) of each new token
     prefills: list[PrefillSeq]
     # Sequences with a single new token (decodes), attended together as one padded batch.
     decode_idx: torch.Tensor  # (B,) their token index in the step
-    decode_block_tables: torch.Tensor  # (B, max_pages) padded with page 0
+    decode_page_tables: torch.Tensor  # (B, max_pages) padded with page 0
     decode_ctx_lens: torch.Tensor  # (B,)
     # Every sequence of the step, in step order, for backends that look across sequences.
     seqs: list[SeqLayout] = field(default_factory=list)

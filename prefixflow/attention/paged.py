@@ -16,9 +16,9 @@ from prefixflow.attention.metadata import AttentionMetadata
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store the step's new keys and values in their cache slots."""
-    _, num_blocks, block_size, h_kv, d = kv_cache.shape
-    kv_cache[0].view(num_blocks * block_size, h_kv, d).index_copy_(0, slots, k)
-    kv_cache[1].view(num_blocks * block_size, h_kv, d).index_copy_(0, slots, v)
+    _, num_pages, page_size, h_kv, d = kv_cache.shape
+    kv_cache[0].view(num_pages * page_size, h_kv, d).index_copy_(0, slots, k)
+    kv_cache[1].view(num_pages * page_size, h_kv, d).index_copy_(0, slots, v)
 
 
 class PageGather:
@@ -31,9 +31,9 @@ class PageGather:
     def __init__(self) -> None:
         self._bufs: list[torch.Tensor] = []
 
-    def __call__(self, cache: torch.Tensor, block_table: torch.Tensor, slot: int) -> torch.Tensor:
-        """(num_blocks, bs, H_kv, D) pages -> (..., H_kv, pages * bs, D) context view."""
-        n = block_table.numel()
+    def __call__(self, cache: torch.Tensor, page_table: torch.Tensor, slot: int) -> torch.Tensor:
+        """(num_pages, bs, H_kv, D) pages -> (..., H_kv, pages * bs, D) context view."""
+        n = page_table.numel()
         page_shape = cache.shape[1:]
         while len(self._bufs) <= slot:
             self._bufs.append(torch.empty(0, dtype=cache.dtype))
@@ -42,8 +42,8 @@ class PageGather:
             buf = torch.empty(n * page_shape.numel(), dtype=cache.dtype)
             self._bufs[slot] = buf
         out = buf[: n * page_shape.numel()].view(n, *page_shape)
-        torch.index_select(cache, 0, block_table.reshape(-1), out=out)
-        x = out.view(*block_table.shape, *page_shape)  # (..., P, bs, H_kv, D)
+        torch.index_select(cache, 0, page_table.reshape(-1), out=out)
+        x = out.view(*page_table.shape, *page_shape)  # (..., P, bs, H_kv, D)
         return x.flatten(-4, -3).transpose(-3, -2)  # (..., H_kv, L, D)
 
 
@@ -78,8 +78,8 @@ class PagedAttention(AttentionBackend):
         if meta.decode_idx.numel():
             B = meta.decode_idx.numel()
             qd = q[meta.decode_idx].view(B, h_kv, g, D)  # (B, H_kv, G, D)
-            kc = self.gather(kv_cache[0], meta.decode_block_tables, 0)  # (B, H_kv, L, D)
-            vc = self.gather(kv_cache[1], meta.decode_block_tables, 1)
+            kc = self.gather(kv_cache[0], meta.decode_page_tables, 0)  # (B, H_kv, L, D)
+            vc = self.gather(kv_cache[1], meta.decode_page_tables, 1)
             mask = meta.memo.get("decode_mask")
             if mask is None:
                 L = kc.shape[-2]
@@ -92,8 +92,8 @@ class PagedAttention(AttentionBackend):
             qs = q[p.q_start : p.q_start + p.q_len]  # (Q, H, D)
             # (1, H_kv, G*Q, D): 4-D inputs take SDPA's flash kernel, 3-D ones its slow math path
             qs = qs.view(p.q_len, h_kv, g, D).permute(1, 2, 0, 3).reshape(1, h_kv, g * p.q_len, D)
-            kc = self.gather(kv_cache[0], p.block_table, 0)[:, : p.ctx_len]  # (H_kv, L, D)
-            vc = self.gather(kv_cache[1], p.block_table, 1)[:, : p.ctx_len]
+            kc = self.gather(kv_cache[0], p.page_table, 0)[:, : p.ctx_len]  # (H_kv, L, D)
+            vc = self.gather(kv_cache[1], p.page_table, 1)[:, : p.ctx_len]
             mask = meta.memo.get(("prefill_mask", i))
             if mask is None:
                 mask = causal_mask(p.q_len, p.ctx_len).repeat(g, 1)  # (G*Q, L)

@@ -30,7 +30,7 @@ def plan_prefix_layout(
     tables: list[list[int]],
     full_pages: list[int],
     min_shared_tokens: int,
-    block_size: int,
+    page_size: int,
     min_part_tokens: int = 0,
 ) -> PrefixLayout:
     """tables[i]: page table of sequence i; full_pages[i]: how many of its leading pages are
@@ -54,7 +54,7 @@ def plan_prefix_layout(
             tables[i][depth] == head[depth] for i in members
         ):
             depth += 1
-        tokens = (depth - part_start) * block_size
+        tokens = (depth - part_start) * page_size
         if (
             tokens
             and tokens >= min_part_tokens

@@ -50,7 +50,7 @@ class SharedPrefixAttention(AttentionBackend):
         q: torch.Tensor,  # (T, H, D)
         k: torch.Tensor,  # (T, H_kv, D)
         v: torch.Tensor,
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, H_kv, D)
+        kv_cache: torch.Tensor,  # (2, num_pages, page_size, H_kv, D)
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
@@ -61,7 +61,7 @@ class SharedPrefixAttention(AttentionBackend):
         T, H, D = q.shape
         h_kv = k.shape[1]
         g = H // h_kv
-        bs = meta.block_size
+        bs = meta.page_size
         out = torch.empty(T, H, D, dtype=torch.float32)
         lse = torch.empty(T, H, dtype=torch.float32)
 
@@ -127,7 +127,7 @@ class SharedPrefixAttention(AttentionBackend):
     def _layout(self, meta: AttentionMetadata) -> PrefixLayout:
         layout = meta.memo.get("prefix_layout")
         if layout is None:
-            bs = meta.block_size
+            bs = meta.page_size
             layout = plan_prefix_layout(
                 [s.pages for s in meta.seqs],
                 [(s.ctx_len - s.q_len) // bs for s in meta.seqs],
@@ -143,7 +143,7 @@ class SharedPrefixAttention(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cached = meta.memo.get("decode_own")
         if cached is None:
-            bs = meta.block_size
+            bs = meta.page_size
             seqs = [meta.seqs[i] for i in dec]
             tables = [s.pages[own[i] :] for i, s in zip(dec, seqs, strict=True)]
             lens = [s.ctx_len - own[i] * bs for i, s in zip(dec, seqs, strict=True)]

@@ -5,7 +5,7 @@ with page size > 1): a node is the key (parent page, the page's tokens) and maps
 page holding that prefix's KV. Keys compare the tokens themselves, so two different
 prefixes never share a page, whatever their hashes.
 
-Reference counts live in the BlockPool: a request holds every page of its prefix, and a
+Reference counts live in the PagePool: a request holds every page of its prefix, and a
 page nobody holds stays cached but free, handed out last (LRU). When the pool reuses a
 page, the cache forgets it and everything below it. Only full pages are cached; a
 partly filled page belongs to the request writing into it (n samples of one prompt copy
@@ -14,16 +14,16 @@ it on write, see the scheduler).
 
 from __future__ import annotations
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 
 _ROOT = -1
 _Key = tuple[int, tuple[int, ...]]  # (parent page or _ROOT, the page's token ids)
 
 
 class RadixCache:
-    def __init__(self, pool: BlockPool) -> None:
+    def __init__(self, pool: PagePool) -> None:
         self.pool = pool
-        self.block_size = pool.block_size
+        self.page_size = pool.page_size
         self._page_of: dict[_Key, int] = {}
         self._key_of: dict[int, _Key] = {}
         self._children: dict[int, set[int]] = {}
@@ -37,7 +37,7 @@ class RadixCache:
 
         Takes a reference on each returned page for the caller.
         """
-        bs = self.block_size
+        bs = self.page_size
         pages: list[int] = []
         parent = _ROOT
         for p in range(min(max_pages, len(token_ids) // bs)):
@@ -51,19 +51,19 @@ class RadixCache:
         return pages
 
     def insert(
-        self, token_ids: list[int], block_ids: list[int], start_page: int, end_page: int
+        self, token_ids: list[int], page_ids: list[int], start_page: int, end_page: int
     ) -> None:
-        """Record that block_ids[start_page:end_page] hold those full pages of token_ids.
+        """Record that page_ids[start_page:end_page] hold those full pages of token_ids.
 
         A page whose prefix is already cached under another page stays the caller's own;
         the cached one remains the shared copy.
         """
-        bs = self.block_size
-        parent = _ROOT if start_page == 0 else block_ids[start_page - 1]
+        bs = self.page_size
+        parent = _ROOT if start_page == 0 else page_ids[start_page - 1]
         if parent != _ROOT and parent not in self._key_of:
             return  # the prefix above is not cached (a duplicate): nothing below can be reached
         for p in range(start_page, end_page):
-            page = block_ids[p]
+            page = page_ids[p]
             key = (parent, tuple(token_ids[p * bs : (p + 1) * bs]))
             cached = self._page_of.get(key)
             if cached is not None and cached != page:

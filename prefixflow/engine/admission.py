@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from bisect import insort
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.request import Request
 
 _CAP = 1 << 20  # max_tokens without a bound, as far as memory planning goes
@@ -30,7 +30,7 @@ class AdmissionPolicy(ABC):
     def __init__(self, reserve_pages: int = 0) -> None:
         self.reserve_pages = reserve_pages
 
-    def begin_step(self, running: list[Request], pool: BlockPool) -> None:  # noqa: B027
+    def begin_step(self, running: list[Request], pool: PagePool) -> None:  # noqa: B027
         """Called once per step before any admission, with the requests running now."""
 
     def admitted(self, req: Request) -> None:  # noqa: B027
@@ -40,14 +40,14 @@ class AdmissionPolicy(ABC):
         """A request ended on its own (stop or length): the history past_future learns from."""
 
     @abstractmethod
-    def admits(self, req: Request, pages_now: int, pool: BlockPool) -> bool:
+    def admits(self, req: Request, pages_now: int, pool: PagePool) -> bool:
         """May `req` start now? pages_now: pages it must be given this step."""
 
 
 class Aggressive(AdmissionPolicy):
     name = "aggressive"
 
-    def admits(self, req: Request, pages_now: int, pool: BlockPool) -> bool:
+    def admits(self, req: Request, pages_now: int, pool: PagePool) -> bool:
         return pages_now <= pool.num_free - self.reserve_pages
 
 
@@ -60,17 +60,17 @@ class Conservative(AdmissionPolicy):
 
     name = "conservative"
 
-    def begin_step(self, running: list[Request], pool: BlockPool) -> None:  # noqa: B027
+    def begin_step(self, running: list[Request], pool: PagePool) -> None:  # noqa: B027
         self._reserved = sum(self._growth(r, pool) for r in running)
 
-    def _growth(self, req: Request, pool: BlockPool) -> int:
+    def _growth(self, req: Request, pool: PagePool) -> int:
         """Pages req (and its unforked samples) may still allocate."""
         final = req.num_prompt_tokens + _max_out(req) - 1
-        own = pool.blocks_for(final) - len(req.block_ids)
-        per_sample = pool.blocks_for(_max_out(req)) + 1  # their own pages plus a copied one
+        own = pool.pages_for(final) - len(req.page_ids)
+        per_sample = pool.pages_for(_max_out(req)) + 1  # their own pages plus a copied one
         return max(own, 0) + len(req.fork_siblings) * per_sample
 
-    def admits(self, req: Request, pages_now: int, pool: BlockPool) -> bool:
+    def admits(self, req: Request, pages_now: int, pool: PagePool) -> bool:
         self._candidate = self._growth(req, pool)
         return self._reserved + self._candidate <= pool.num_free - self.reserve_pages
 
@@ -104,32 +104,32 @@ class PastFuture(AdmissionPolicy):
             return cap - done
         return max(min(cap, max(int(1.1 * done), round(self.mean_output))) - done, 1)
 
-    def begin_step(self, running: list[Request], pool: BlockPool) -> None:  # noqa: B027
-        bs = pool.block_size
-        shared = {p for r in running for p in r.block_ids if pool.ref_count(p) > 1}
+    def begin_step(self, running: list[Request], pool: PagePool) -> None:  # noqa: B027
+        bs = pool.page_size
+        shared = {p for r in running for p in r.page_ids if pool.ref_count(p) > 1}
         self._shared_pages = len(shared)
         # (remaining, own tokens held) per sequence, sorted by remaining, longest first.
         self._future: list[tuple[int, int]] = []
         for r in running:
-            own = sum(1 for p in r.block_ids if p not in shared) * bs
+            own = sum(1 for p in r.page_ids if p not in shared) * bs
             self._future.append((-self.remaining(r), own))
             for _ in r.fork_siblings:
                 self._future.append((-self.remaining(r), 0))
         self._future.sort()
-        self._block_size = bs
+        self._page_size = bs
 
-    def admits(self, req: Request, pages_now: int, pool: BlockPool) -> bool:
+    def admits(self, req: Request, pages_now: int, pool: PagePool) -> bool:
         b = self.remaining(req)
         # Its cache hits held by running requests too are counted already (shared, or as
         # theirs); a hit taken back from the free pool is its own new memory.
-        counted = sum(1 for p in req.block_ids if pool.ref_count(p) > 1) * self._block_size
+        counted = sum(1 for p in req.page_ids if pool.ref_count(p) > 1) * self._page_size
         self._candidate = [(-b, req.num_tokens - counted)] + [(-b, 0)] * len(req.fork_siblings)
         if pages_now > pool.num_free - self.reserve_pages:
             return False
         future = list(self._future)
         for entry in self._candidate:
             insort(future, entry)
-        return self._peak(future) <= pool.num_blocks - self.reserve_pages
+        return self._peak(future) <= pool.num_pages - self.reserve_pages
 
     def admitted(self, req: Request) -> None:  # noqa: B027
         for entry in self._candidate:
@@ -141,7 +141,7 @@ class PastFuture(AdmissionPolicy):
         When the k-th longest ends, the k longest are alive, each grown by its b_k:
         shared + sum of their own tokens + k * b_k, plus a partly filled page each.
         """
-        bs = self._block_size
+        bs = self._page_size
         held = 0
         peak = 0
         for k, (neg_b, own) in enumerate(future, start=1):

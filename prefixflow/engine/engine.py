@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import EngineConfig
 from prefixflow.engine.outputs import SampledToken
 from prefixflow.engine.scheduler import Scheduler
@@ -27,7 +27,7 @@ from prefixflow.request import (
     Request,
     RequestOutput,
 )
-from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for
+from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, num_pages_for
 from prefixflow.runner.runner import ModelRunner
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.tokenizer import TextCodec
@@ -94,11 +94,11 @@ class Engine:
         if config.max_model_len is not None:
             self.max_model_len = min(self.max_model_len, config.max_model_len)
 
-        bs = config.block_size
-        num_blocks = num_blocks_for(config.kv_cache_memory, hf_config, bs, self.dtype)
-        kv = allocate_kv_cache(hf_config, num_blocks, bs, self.dtype)
-        self.kv_cache_bytes = num_blocks * bytes_per_block(hf_config, bs, self.dtype)
-        self.pool = BlockPool(num_blocks, bs)
+        bs = config.page_size
+        num_pages = num_pages_for(config.kv_cache_memory, hf_config, bs, self.dtype)
+        kv = allocate_kv_cache(hf_config, num_pages, bs, self.dtype)
+        self.kv_cache_bytes = num_pages * bytes_per_page(hf_config, bs, self.dtype)
+        self.pool = PagePool(num_pages, bs)
         self.scheduler = Scheduler(config.scheduler, self.pool)
         self.runner = ModelRunner(self.model, kv, config.attention_backend, config.seed)
         self.load_seconds = time.perf_counter() - t0
@@ -111,7 +111,7 @@ class Engine:
             self.model_name,
             str(self.dtype).removeprefix("torch."),
             self.load_seconds,
-            num_blocks,
+            num_pages,
             bs,
             self.kv_cache_bytes / 2**30,
         )
@@ -215,7 +215,7 @@ class Engine:
         result = self.runner.execute(sched)
         st.steps += 1
         st.preemptions = self.scheduler.num_preemptions
-        st.kv_utilisation_sum += self.pool.num_used / self.pool.num_blocks
+        st.kv_utilisation_sum += self.pool.num_used / self.pool.num_pages
         st.computed_tokens += sched.num_tokens
         events = self.scheduler.update(sched, result)
         ended: dict[str, _Parent] = {}

@@ -18,7 +18,7 @@ class ScheduledSeq:
     request_id: str
     token_ids: list[int]  # the new tokens to run through the model this step
     start_pos: int  # tokens of this sequence already in the KV cache
-    block_ids: list[int]  # page table covering start_pos + len(token_ids) tokens
+    page_ids: list[int]  # page table covering start_pos + len(token_ids) tokens
     sample: bool  # True when this chunk ends the known tokens, so a next token is drawn
     params: SamplingParams
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws

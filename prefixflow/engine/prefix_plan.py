@@ -28,12 +28,12 @@ class Plannable(Protocol):
     def planned_decode_tokens(self) -> int: ...
 
 
-def page_hashes(token_ids: list[int], block_size: int) -> list[int]:
+def page_hashes(token_ids: list[int], page_size: int) -> list[int]:
     """One hash per full page, each covering the whole prefix up to that page's end."""
     out = []
     h = 0
-    for p in range(len(token_ids) // block_size):
-        h = hash((h, tuple(token_ids[p * block_size : (p + 1) * block_size])))
+    for p in range(len(token_ids) // page_size):
+        h = hash((h, tuple(token_ids[p * page_size : (p + 1) * page_size])))
         out.append(h)
     return out
 
@@ -49,9 +49,9 @@ class _Node:
         self.pages = 0  # distinct prompt pages below, this node's own included
 
 
-def plan_order(requests: Sequence[Plannable], block_size: int) -> list[int]:
+def plan_order(requests: Sequence[Plannable], page_size: int) -> list[int]:
     """Indices of `requests` in the order to admit them."""
-    hashes = [page_hashes(r.prompt_token_ids, block_size) for r in requests]
+    hashes = [page_hashes(r.prompt_token_ids, page_size) for r in requests]
     root = _Node()
     depth_of: dict[int, int] = {id(root): 0}  # only for nodes holding a lazy request
 

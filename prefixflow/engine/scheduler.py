@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.cache.radix_cache import RadixCache
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.admission import make_policy
@@ -44,7 +44,7 @@ class RequestTooLargeError(ValueError):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+    def __init__(self, config: SchedulerConfig, pool: PagePool) -> None:
         self.config = config
         self.pool = pool
         self.cache = RadixCache(pool) if config.prefix_sharing else None
@@ -55,7 +55,7 @@ class Scheduler:
         self._num_unplanned = 0  # arrivals at the end of `waiting` since the last plan
         self._finished_ids: list[str] = []
         self._copies: list[tuple[int, int]] = []
-        self.policy = make_policy(config.admission, int(config.watermark * pool.num_blocks))
+        self.policy = make_policy(config.admission, int(config.watermark * pool.num_pages))
         self.num_preemptions = 0
 
     # ---- queue ----
@@ -83,10 +83,10 @@ class Scheduler:
     def _check_fits(self, req: Request) -> None:
         # The last sampled token is never run through the model, so it needs no KV slot.
         peak_tokens = req.num_prompt_tokens + max(min(req.max_output_tokens, 1 << 40) - 1, 0)
-        if self.pool.blocks_for(peak_tokens) > self.pool.num_blocks:
+        if self.pool.pages_for(peak_tokens) > self.pool.num_pages:
             raise RequestTooLargeError(
                 f"request {req.request_id!r} needs up to {peak_tokens} tokens of KV cache but the "
-                f"cache holds {self.pool.num_blocks * self.pool.block_size}; lower max_tokens or "
+                f"cache holds {self.pool.num_pages * self.pool.page_size}; lower max_tokens or "
                 "give the KV cache more memory"
             )
 
@@ -206,7 +206,7 @@ class Scheduler:
         if self._num_unplanned * 2 < len(self.waiting) or self._num_unplanned == 0:
             return
         queue = list(self.waiting)
-        order = plan_order(queue, self.pool.block_size)
+        order = plan_order(queue, self.pool.page_size)
         self.waiting = deque(queue[i] for i in order)
         self._num_unplanned = 0
 
@@ -215,18 +215,18 @@ class Scheduler:
         hit: list[int] = []
         if self.cache is not None and req.num_computed_tokens == 0:
             # At least the last token is computed, to have logits to sample from.
-            max_pages = (req.num_tokens - 1) // self.pool.block_size
+            max_pages = (req.num_tokens - 1) // self.pool.page_size
             hit = self.cache.match(req.token_ids, max_pages)
-            req.block_ids = list(hit)
-            req.num_computed_tokens = len(hit) * self.pool.block_size
+            req.page_ids = list(hit)
+            req.num_computed_tokens = len(hit) * self.pool.page_size
         n = min(req.num_tokens - req.num_computed_tokens, budget)
-        need = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+        need = self.pool.pages_for(req.num_computed_tokens + n) - len(req.page_ids)
         # With nothing running the request always starts: it fits alone (checked at add).
         admit = self.policy.admits(req, need, self.pool) or not self.running
         if not admit or not self._grow(req, n):
             if hit:  # not this step: give the pages back, match again next time
                 self.pool.release(hit[::-1])
-                req.block_ids = []
+                req.page_ids = []
                 req.num_computed_tokens = 0
             return 0
         if req.num_preemptions == 0:
@@ -238,30 +238,30 @@ class Scheduler:
     def _grow(self, req: Request, n: int) -> bool:
         """Give req the pages to compute n more tokens: new ones, and a private copy of a
         partly filled page it shares (a sibling's) before writing into it."""
-        bs = self.pool.block_size
+        bs = self.pool.page_size
         start = req.num_computed_tokens
-        shared_tail = start % bs != 0 and self.pool.ref_count(req.block_ids[start // bs]) > 1
-        need = self.pool.blocks_for(start + n) - len(req.block_ids) + shared_tail
+        shared_tail = start % bs != 0 and self.pool.ref_count(req.page_ids[start // bs]) > 1
+        need = self.pool.pages_for(start + n) - len(req.page_ids) + shared_tail
         if need > self.pool.num_free:
             return False
         if shared_tail:
-            src = req.block_ids[start // bs]
+            src = req.page_ids[start // bs]
             (dst,) = self.pool.allocate(1)
             self._copies.append((src, dst))
-            req.block_ids[start // bs] = dst
+            req.page_ids[start // bs] = dst
             self.pool.release([src])
             need -= 1
         if need > 0:
-            req.block_ids.extend(self.pool.allocate(need))
+            req.page_ids.extend(self.pool.allocate(need))
         return True
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
         if self.cache is not None:
             # Cache the full pages this step completes (see the module docstring).
-            end_page = (start + n) // self.pool.block_size
+            end_page = (start + n) // self.pool.page_size
             if end_page > req.num_pages_cached:
-                self.cache.insert(req.token_ids, req.block_ids, req.num_pages_cached, end_page)
+                self.cache.insert(req.token_ids, req.page_ids, req.num_pages_cached, end_page)
                 req.num_pages_cached = end_page
         sample = start + n == req.num_tokens
         forks = []
@@ -271,7 +271,7 @@ class Scheduler:
                     request_id=s.request_id,
                     token_ids=[],
                     start_pos=start,
-                    block_ids=[],
+                    page_ids=[],
                     sample=True,
                     params=s.sampling_params,
                     masked_token_ids=masked_token_ids(s),
@@ -282,7 +282,7 @@ class Scheduler:
             request_id=req.request_id,
             token_ids=req.token_ids[start : start + n],
             start_pos=start,
-            block_ids=list(req.block_ids),
+            page_ids=list(req.page_ids),
             sample=sample,
             params=req.sampling_params,
             num_output_tokens=req.num_output_tokens,
@@ -297,8 +297,8 @@ class Scheduler:
             return None  # aborted during the step
         leader.fork_siblings.remove(sib)
         sib.fork_leader = None
-        sib.block_ids = list(leader.block_ids)
-        self.pool.ref(sib.block_ids)
+        sib.page_ids = list(leader.page_ids)
+        self.pool.ref(sib.page_ids)
         sib.num_computed_tokens = leader.num_computed_tokens
         sib.num_cached_tokens = leader.num_cached_tokens
         sib.num_pages_cached = leader.num_pages_cached
@@ -314,8 +314,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Free the request's pages; it is recomputed (prompt and output so far) later."""
         self.running.remove(req)
-        self.pool.release(req.block_ids[::-1])
-        req.block_ids = []
+        self.pool.release(req.page_ids[::-1])
+        req.page_ids = []
         req.num_computed_tokens = 0
         req.num_pages_cached = 0
         req.status = RequestStatus.WAITING
@@ -328,9 +328,9 @@ class Scheduler:
             return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
-        if req.block_ids:
-            self.pool.release(req.block_ids[::-1])
-            req.block_ids = []
+        if req.page_ids:
+            self.pool.release(req.page_ids[::-1])
+            req.page_ids = []
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         if reason != FinishReason.ABORT:

@@ -94,7 +94,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         return _fail(f"cannot load the model: {e}")
     print(
         f"prefixflow: {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}), "
-        f"KV cache {engine.pool.num_blocks} pages x {engine.pool.block_size} tokens "
+        f"KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens "
         f"({engine.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
         file=sys.stderr,
     )
@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"cannot load the model: {e}")
     print(
         f"prefixflow: serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
-        f"(KV cache {engine.pool.num_blocks} pages x {engine.pool.block_size} tokens)",
+        f"(KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens)",
         file=sys.stderr,
     )
     app = build_app(engine, api_key=args.api_key)

@@ -52,7 +52,7 @@ class Attention(nn.Module):
         rope: RotaryEmbedding,
         positions: torch.Tensor,  # (T,)
         meta: AttentionMetadata,
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, H_kv, D)
+        kv_cache: torch.Tensor,  # (2, num_pages, page_size, H_kv, D)
         backend: AttentionBackend,
     ) -> torch.Tensor:
         T = x.shape[0]
@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # (T,)
         positions: torch.Tensor,  # (T,)
         meta: AttentionMetadata,
-        kv_caches: torch.Tensor,  # (L, 2, num_blocks, block_size, H_kv, D)
+        kv_caches: torch.Tensor,  # (L, 2, num_pages, page_size, H_kv, D)
         backend: AttentionBackend,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)

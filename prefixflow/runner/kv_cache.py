@@ -10,45 +10,43 @@ from prefixflow.model.shapes import head_dim_of
 _AUTO_CAP = 4 << 30  # "auto": up to 4 GiB, and at most 30% of what is free
 
 
-def kv_shape(hf_config, num_blocks: int, block_size: int) -> tuple[int, ...]:
+def kv_shape(hf_config, num_pages: int, page_size: int) -> tuple[int, ...]:
     head_dim = head_dim_of(hf_config)
     return (
         hf_config.num_hidden_layers,
         2,
-        num_blocks,
-        block_size,
+        num_pages,
+        page_size,
         hf_config.num_key_value_heads,
         head_dim,
     )
 
 
-def bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_page(hf_config, page_size: int, dtype: torch.dtype) -> int:
     n = 1
-    for d in kv_shape(hf_config, 1, block_size):
+    for d in kv_shape(hf_config, 1, page_size):
         n *= d
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def num_blocks_for(
-    memory: int | float | str, hf_config, block_size: int, dtype: torch.dtype
-) -> int:
+def num_pages_for(memory: int | float | str, hf_config, page_size: int, dtype: torch.dtype) -> int:
     budget = (
         min(_AUTO_CAP, int(0.3 * available_memory_bytes()))
         if memory == "auto"
         else parse_memory(memory)
     )
-    per_block = bytes_per_block(hf_config, block_size, dtype)
-    if budget < per_block:
+    per_page = bytes_per_page(hf_config, page_size, dtype)
+    if budget < per_page:
         raise ValueError(
-            f"kv_cache_memory of {budget} bytes holds no page of {per_block} bytes; give a size "
+            f"kv_cache_memory of {budget} bytes holds no page of {per_page} bytes; give a size "
             "such as '1GiB' or a fraction of free memory below 1"
         )
-    return budget // per_block
+    return budget // per_page
 
 
 def allocate_kv_cache(
-    hf_config, num_blocks: int, block_size: int, dtype: torch.dtype
+    hf_config, num_pages: int, page_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Uninitialised: the runner zeroes pages when they are first handed out, so start-up is
     instant and resident memory grows with use."""
-    return torch.empty(kv_shape(hf_config, num_blocks, block_size), dtype=dtype)
+    return torch.empty(kv_shape(hf_config, num_pages, page_size), dtype=dtype)

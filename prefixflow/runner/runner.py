@@ -15,13 +15,13 @@ class ModelRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
-        kv_cache: torch.Tensor,  # (L, 2, num_blocks, block_size, H_kv, D)
+        kv_cache: torch.Tensor,  # (L, 2, num_pages, page_size, H_kv, D)
         attention_backend: str = "shared_prefix",
         seed: int = 0,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.block_size = kv_cache.shape[3]
+        self.page_size = kv_cache.shape[3]
         self.backend = get_backend(attention_backend)
         self.sampler = Sampler(seed)
         self._pages_zeroed = 0
@@ -38,7 +38,7 @@ class ModelRunner:
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
         if sched.is_empty:
             return RunnerOutput()
-        input_ids, positions, meta, last_idx = build_step(sched.seqs, self.block_size)
+        input_ids, positions, meta, last_idx = build_step(sched.seqs, self.page_size)
         hidden = self.model(input_ids, positions, meta, self.kv_cache, self.backend)  # (T, hidden)
         to_sample = [s for s in sched.seqs if s.sample]
         if not to_sample:

@@ -26,25 +26,25 @@ def build_step(
         q_start = len(ids)
         ids.extend(s.token_ids)
         pos.extend(range(start, start + n))
-        slots.extend(s.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+        slots.extend(s.page_ids[p // bs] * bs + p % bs for p in range(start, start + n))
         last_idx.append(q_start + n - 1)
         ctx = start + n
-        layouts.append(SeqLayout(q_start, n, ctx, s.block_ids[: -(-ctx // bs)]))
+        layouts.append(SeqLayout(q_start, n, ctx, s.page_ids[: -(-ctx // bs)]))
         if n == 1:
             dec_idx.append(q_start)
-            dec_tables.append(s.block_ids[: -(-ctx // bs)])
+            dec_tables.append(s.page_ids[: -(-ctx // bs)])
             dec_lens.append(ctx)
         else:
-            table = torch.tensor(s.block_ids[: -(-ctx // bs)], dtype=torch.long)
+            table = torch.tensor(s.page_ids[: -(-ctx // bs)], dtype=torch.long)
             prefills.append(PrefillSeq(q_start, n, ctx, table))
     width = max((len(t) for t in dec_tables), default=0)
     padded = [t + [0] * (width - len(t)) for t in dec_tables]
     meta = AttentionMetadata(
-        block_size=bs,
+        page_size=bs,
         slot_mapping=torch.tensor(slots, dtype=torch.long),
         prefills=prefills,
         decode_idx=torch.tensor(dec_idx, dtype=torch.long),
-        decode_block_tables=torch.tensor(padded, dtype=torch.long).view(len(padded), width),
+        decode_page_tables=torch.tensor(padded, dtype=torch.long).view(len(padded), width),
         decode_ctx_lens=torch.tensor(dec_lens, dtype=torch.long),
         seqs=layouts,
     )

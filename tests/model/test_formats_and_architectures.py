@@ -40,15 +40,15 @@ def export_sharded(hf_model, tokenizer, folder, shards: int) -> None:
 
 def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     """(L, V) logits of every prompt position, through prefixflow's own model and cache."""
-    bs = engine.pool.block_size
+    bs = engine.pool.page_size
     pages = engine.pool.allocate(-(-len(ids) // bs))
     try:
         meta = AttentionMetadata(
-            block_size=bs,
+            page_size=bs,
             slot_mapping=torch.tensor([pages[p // bs] * bs + p % bs for p in range(len(ids))]),
             prefills=[PrefillSeq(0, len(ids), len(ids), torch.tensor(pages))],
             decode_idx=torch.zeros(0, dtype=torch.long),
-            decode_block_tables=torch.zeros(0, 0, dtype=torch.long),
+            decode_page_tables=torch.zeros(0, 0, dtype=torch.long),
             decode_ctx_lens=torch.zeros(0, dtype=torch.long),
         )
         runner = engine.runner

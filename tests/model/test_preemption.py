@@ -17,14 +17,14 @@ def test_tiny_kv_cache_preempts_and_outputs_are_unchanged(llm_f32, prompts):
         max_num_batched_tokens=512,
         admission="aggressive",  # admits on free pages now, so it must preempt later
     )
-    assert small.engine.pool.num_blocks * small.engine.pool.block_size < 1100  # ~2 long prompts
+    assert small.engine.pool.num_pages * small.engine.pool.page_size < 1100  # ~2 long prompts
     batch = [{"prompt_token_ids": p["ids"]} for p in prompts] * 2
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = llm_f32.generate(batch, params, use_tqdm=False)
     got = small.generate(batch, params, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    assert small.engine.pool.num_free == small.engine.pool.num_blocks
+    assert small.engine.pool.num_free == small.engine.pool.num_pages
 
 
 def mixed_batch(tokenizer) -> list[dict]:
@@ -43,14 +43,14 @@ def mixed_batch(tokenizer) -> list[dict]:
 def test_200_mixed_requests_in_a_kv_budget_of_a_few_sequences(llm_f32, tokenizer, admission):
     small = LLM(dtype="float32", kv_cache_memory="16MiB", admission=admission)
     pool = small.engine.pool
-    assert pool.num_blocks * pool.block_size < 400  # a few sequences of up to ~150 tokens
+    assert pool.num_pages * pool.page_size < 400  # a few sequences of up to ~150 tokens
     batch = mixed_batch(tokenizer)
     prompts = [{"prompt_token_ids": b["prompt_token_ids"]} for b in batch]
     params = [SamplingParams(temperature=0, max_tokens=b["max_tokens"]) for b in batch]
     got = small.generate(prompts, params, use_tqdm=False)
     want = llm_f32.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
     stats = small.engine.stats
     assert 0 < stats.mean_kv_utilisation <= 1
     if admission == "aggressive":

@@ -6,7 +6,7 @@ import pytest
 
 from prefixflow import SamplingParams
 from prefixflow.bench.workloads import build_workloads
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.request import Request
@@ -59,7 +59,7 @@ def test_bench_workloads_compute_distinct_page_aligned_tokens_within_2_percent(l
     (w,) = [w for w in build_workloads(scale=0.5) if w.name == name]
     codec = llm_f32.engine.codec
     bs = 16
-    pool = BlockPool(4096, bs)
+    pool = PagePool(4096, bs)
     sched = Scheduler(SchedulerConfig(), pool)
     runner = PageTableRunner(pool)
     prompts = []

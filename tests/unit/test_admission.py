@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.admission import PastFuture, make_policy
 from prefixflow.engine.outputs import RunnerOutput, SampledToken
@@ -19,9 +19,9 @@ from prefixflow.sampling_params import SamplingParams
 EOS = 2
 
 
-def simulate(policy: str, lengths: list[int], max_tokens: int, num_blocks: int, seed: int = 0):
+def simulate(policy: str, lengths: list[int], max_tokens: int, num_pages: int, seed: int = 0):
     """Requests that stop (EOS) after lengths[i] tokens; returns (steps, preemptions, util)."""
-    pool = BlockPool(num_blocks, 4)
+    pool = PagePool(num_pages, 4)
     config = SchedulerConfig(
         max_num_seqs=64, max_num_batched_tokens=256, watermark=0.0, admission=policy
     )
@@ -38,7 +38,7 @@ def simulate(policy: str, lengths: list[int], max_tokens: int, num_blocks: int, 
     while sched.has_unfinished():
         out = sched.schedule()
         assert not out.is_empty
-        used += pool.num_used / pool.num_blocks
+        used += pool.num_used / pool.num_pages
         sampled = {
             s.request_id: SampledToken(
                 EOS if s.num_output_tokens + 1 >= stop_at[s.request_id] else 7
@@ -65,7 +65,7 @@ def varied_lengths(seed: int, count: int = 120) -> list[int]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_conservative_never_preempts(seed):
-    _, preemptions, _ = simulate("conservative", varied_lengths(seed), 256, num_blocks=200)
+    _, preemptions, _ = simulate("conservative", varied_lengths(seed), 256, num_pages=200)
     assert preemptions == 0
 
 
@@ -73,7 +73,7 @@ def test_conservative_never_preempts(seed):
 def test_past_future_preempts_less_than_aggressive_and_finishes_before_conservative(seed):
     lengths = varied_lengths(seed)
     results = {
-        p: simulate(p, lengths, 256, num_blocks=200)
+        p: simulate(p, lengths, 256, num_pages=200)
         for p in ("aggressive", "conservative", "past_future")
     }
     steps = {p: r[0] for p, r in results.items()}
@@ -101,7 +101,7 @@ def test_past_future_learns_the_mean_output_length():
 
 
 def test_past_future_peak_counts_shared_pages_once():
-    pool = BlockPool(40, 4)
+    pool = PagePool(40, 4)
     policy = make_policy("past_future")
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     # Two running requests on the same 5 prefix pages (20 tokens), each with 1 own page.
@@ -109,7 +109,7 @@ def test_past_future_peak_counts_shared_pages_once():
     running = []
     for i in range(2):
         r = Request(f"r{i}", list(range(22)), params)
-        r.block_ids = [*shared, *pool.allocate(1)]
+        r.page_ids = [*shared, *pool.allocate(1)]
         r.num_computed_tokens = 22
         running.append(r)
     pool.ref(shared)
@@ -118,14 +118,14 @@ def test_past_future_peak_counts_shared_pages_once():
     # partly filled page each = 5 + 6 + 2. Counting the shared pages twice would give 18.
     assert policy._peak(list(policy._future)) == 13
     big = Request("big", list(range(100)), SamplingParams(max_tokens=20, ignore_eos=True))
-    assert not policy.admits(big, pool.blocks_for(100), pool)  # its peak: 5 + 33 + 3 > 40
+    assert not policy.admits(big, pool.pages_for(100), pool)  # its peak: 5 + 33 + 3 > 40
     small = Request("small", list(range(8)), params)
     assert policy.admits(small, 2, pool)
 
 
 @pytest.mark.parametrize("policy", ["past_future", "conservative", "aggressive"])
 def test_a_first_request_bigger_than_the_free_pages_less_the_reserve_still_runs(policy):
-    pool = BlockPool(100, 4)
+    pool = PagePool(100, 4)
     config = SchedulerConfig(watermark=0.05, admission=policy, max_num_batched_tokens=1024)
     sched = Scheduler(config, pool)
     req = Request("big", list(range(10, 10 + 97 * 4)), SamplingParams(max_tokens=1))
@@ -137,17 +137,17 @@ def test_a_first_request_bigger_than_the_free_pages_less_the_reserve_still_runs(
 
 
 def test_past_future_counts_cache_hits_taken_back_from_the_free_pool():
-    pool = BlockPool(40, 4)
+    pool = PagePool(40, 4)
     policy = make_policy("past_future")
     policy.begin_step([], pool)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     req = Request("q", list(range(33)), params)
-    req.block_ids = pool.allocate(8)  # as if 8 cached-free pages were matched: ref 1, its own
+    req.page_ids = pool.allocate(8)  # as if 8 cached-free pages were matched: ref 1, its own
     policy.admits(req, 1, pool)
     (own,) = [a for _, a in policy._candidate]
     assert own == 33  # all its tokens are new memory, hits included
     other = Request("o", list(range(33)), params)
-    other.block_ids = list(req.block_ids)
-    pool.ref(other.block_ids)  # now shared with a running request: counted there already
+    other.page_ids = list(req.page_ids)
+    pool.ref(other.page_ids)  # now shared with a running request: counted there already
     policy.admits(other, 1, pool)
     assert [a for _, a in policy._candidate] == [1]

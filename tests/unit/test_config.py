@@ -131,7 +131,7 @@ def test_engine_config_defaults():
     c = EngineConfig()
     assert c.dtype == "auto"
     assert c.kv_cache_memory == "auto"
-    assert c.block_size == 16
+    assert c.page_size == 16
     assert isinstance(c.scheduler, SchedulerConfig)
 
 
@@ -147,14 +147,14 @@ def test_engine_config_bad_dtype(dtype):
 
 
 @pytest.mark.parametrize("bs", [1, 2, 8, 16, 32, 256])
-def test_engine_config_power_of_two_block_size(bs):
-    assert EngineConfig(block_size=bs).block_size == bs
+def test_engine_config_power_of_two_page_size(bs):
+    assert EngineConfig(page_size=bs).page_size == bs
 
 
 @pytest.mark.parametrize("bs", [0, -16, 3, 12, 24, 100])
-def test_engine_config_bad_block_size(bs):
-    with pytest.raises(ValueError, match="block_size"):
-        EngineConfig(block_size=bs)
+def test_engine_config_bad_page_size(bs):
+    with pytest.raises(ValueError, match="page_size"):
+        EngineConfig(page_size=bs)
 
 
 @pytest.mark.parametrize("mem", ["auto", "1GiB", 1 << 30, 0.5, "0.5"])
@@ -178,4 +178,4 @@ def test_engine_config_max_model_len():
 
 def test_engine_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        EngineConfig().block_size = 8  # type: ignore[misc]
+        EngineConfig().page_size = 8  # type: ignore[misc]

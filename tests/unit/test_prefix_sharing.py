@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.prefix_plan import plan_order
 from prefixflow.engine.scheduler import Scheduler
@@ -20,14 +20,14 @@ from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens
 def run(
     requests: list[tuple[str, list[int], int, int]],  # (id, prompt, max_tokens, n)
     sharing: bool,
-    num_blocks: int = 256,
-    block_size: int = 4,
+    num_pages: int = 256,
+    page_size: int = 4,
     budget: int = 64,
     max_num_seqs: int = 64,
     plan: bool = True,
     admission: str = "past_future",
 ) -> tuple[dict[str, list[int]], PageTableRunner, Scheduler]:
-    pool = BlockPool(num_blocks, block_size)
+    pool = PagePool(num_pages, page_size)
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget,
@@ -59,7 +59,7 @@ def run(
         sched.update(out, runner.execute(out))
         steps += 1
         assert steps < 20_000
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
     return {r.request_id: r.output_token_ids for r in reqs}, runner, sched
 
 
@@ -83,8 +83,8 @@ def test_outputs_identical_with_sharing_on_and_off(seed):
     bs = rng.choice([1, 2, 4, 8])
     batch = tree_batch(rng, bs)
     budget = rng.choice([7, 16, 64, 200])
-    on, runner_on, _ = run(batch, True, block_size=bs, budget=budget)
-    off, runner_off, _ = run(batch, False, block_size=bs, budget=budget)
+    on, runner_on, _ = run(batch, True, page_size=bs, budget=budget)
+    off, runner_off, _ = run(batch, False, page_size=bs, budget=budget)
     assert on == off
     assert runner_on.prompt_tokens_computed <= runner_off.prompt_tokens_computed
 
@@ -94,7 +94,7 @@ def test_planned_batch_computes_each_page_aligned_prefix_once(seed):
     rng = random.Random(100 + seed)
     bs = rng.choice([2, 4, 8])
     batch = tree_batch(rng, bs)
-    _, runner, _ = run(batch, True, block_size=bs, budget=rng.choice([16, 64, 256]))
+    _, runner, _ = run(batch, True, page_size=bs, budget=rng.choice([16, 64, 256]))
     assert runner.prompt_tokens_computed == ideal_prompt_tokens([p for _, p, _, _ in batch], bs)
 
 
@@ -105,8 +105,8 @@ def test_tiny_pool_with_preemption_still_gives_identical_outputs(seed, admission
     bs = rng.choice([2, 4])
     batch = tree_batch(rng, bs)
     longest = max(len(p) + m for _, p, m, _ in batch)
-    blocks = -(-longest // bs) + rng.randint(1, 6)
-    kw = {"num_blocks": blocks, "block_size": bs, "budget": 32, "admission": admission}
+    pages = -(-longest // bs) + rng.randint(1, 6)
+    kw = {"num_pages": pages, "page_size": bs, "budget": 32, "admission": admission}
     on, _, _ = run(batch, True, **kw)
     off, _, _ = run(batch, False, **kw)
     assert on == off
@@ -123,7 +123,7 @@ def test_n_samples_prefill_their_prompt_once_and_differ():
 
 
 def test_samples_copy_the_shared_partial_page_before_writing():
-    pool = BlockPool(16, 4)
+    pool = PagePool(16, 4)
     sched = Scheduler(SchedulerConfig(watermark=0.0), pool)
     runner = PageTableRunner(pool)
     samples = [
@@ -136,8 +136,8 @@ def test_samples_copy_the_shared_partial_page_before_writing():
     assert [s.request_id for s in out.seqs] == ["p#0"]
     assert [f.request_id for f in out.seqs[0].forks] == ["p#1", "p#2"]
     sched.update(out, runner.execute(out))
-    first_page, partial = samples[0].block_ids
-    assert all(r.block_ids == [first_page, partial] for r in samples)
+    first_page, partial = samples[0].page_ids
+    assert all(r.page_ids == [first_page, partial] for r in samples)
     assert pool.ref_count(partial) == 3
     out = sched.schedule()
     # Two samples copy the partial page; the last holder writes into it in place.
@@ -145,12 +145,12 @@ def test_samples_copy_the_shared_partial_page_before_writing():
     assert all(src == partial for src, _ in out.page_copies)
     sched.update(out, runner.execute(out))
     assert pool.ref_count(first_page) == 3
-    assert len({r.block_ids[1] for r in samples}) == 3
+    assert len({r.page_ids[1] for r in samples}) == 3
 
 
 def test_aborting_samples_before_the_fork():
     # The leader goes: the next sample leads; an aborted sibling never runs.
-    pool = BlockPool(32, 4)
+    pool = PagePool(32, 4)
     sched = Scheduler(SchedulerConfig(watermark=0.0), pool)
     runner = PageTableRunner(pool)
     samples = [
@@ -168,11 +168,11 @@ def test_aborting_samples_before_the_fork():
     assert samples[2].finish_reason == FinishReason.ABORT
     assert samples[1].num_output_tokens == samples[3].num_output_tokens == 4
     assert runner.prompt_tokens_computed == 10
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
 
 
 def test_num_cached_tokens_counts_reused_prompt_tokens():
-    pool = BlockPool(64, 4)
+    pool = PagePool(64, 4)
     sched = Scheduler(SchedulerConfig(watermark=0.0, max_num_batched_tokens=8), pool)
     shared = list(range(1, 14))  # 13 tokens: 3 full pages
     a = Request("a", shared + [50, 51], SamplingParams(max_tokens=2))
@@ -191,7 +191,7 @@ def test_num_cached_tokens_counts_reused_prompt_tokens():
 
 def test_group_prefix_pages_return_to_the_pool_when_its_last_request_ends():
     bs = 4
-    pool = BlockPool(64, bs)
+    pool = PagePool(64, bs)
     sched = Scheduler(SchedulerConfig(watermark=0.0, max_num_batched_tokens=256), pool)
     runner = PageTableRunner(pool)
     prefix = list(range(1, 17))  # 4 full pages
@@ -203,8 +203,8 @@ def test_group_prefix_pages_return_to_the_pool_when_its_last_request_ends():
         sched.add(r)
     out = sched.schedule()
     sched.update(out, runner.execute(out))
-    prefix_pages = group[0].block_ids[:4]
-    assert all(r.block_ids[:4] == prefix_pages for r in group)
+    prefix_pages = group[0].page_ids[:4]
+    assert all(r.page_ids[:4] == prefix_pages for r in group)
     assert [pool.ref_count(p) for p in prefix_pages] == [3] * 4
     used_before = pool.num_used
     while sched.has_unfinished():
@@ -213,7 +213,7 @@ def test_group_prefix_pages_return_to_the_pool_when_its_last_request_ends():
         live = [r for r in group if not r.is_finished]
         assert all(pool.ref_count(p) == len(live) for p in prefix_pages)
     assert used_before == 4 + 3
-    assert pool.num_used == 0 and pool.num_free == pool.num_blocks
+    assert pool.num_used == 0 and pool.num_free == pool.num_pages
 
 
 class _Item:
@@ -254,7 +254,7 @@ def test_outputs_identical_with_the_planner_on_and_off(seed):
     rng = random.Random(300 + seed)
     bs = rng.choice([2, 4])
     batch = tree_batch(rng, bs)
-    planned, runner_planned, _ = run(batch, True, block_size=bs, budget=32)
-    fifo, runner_fifo, _ = run(batch, True, block_size=bs, budget=32, plan=False)
+    planned, runner_planned, _ = run(batch, True, page_size=bs, budget=32)
+    fifo, runner_fifo, _ = run(batch, True, page_size=bs, budget=32, plan=False)
     assert planned == fifo
     assert runner_planned.prompt_tokens_computed <= runner_fifo.prompt_tokens_computed

@@ -1,22 +1,22 @@
-"""RadixCache and the BlockPool's cached-free pages: match, insert, LRU reuse, eviction."""
+"""RadixCache and the PagePool's cached-free pages: match, insert, LRU reuse, eviction."""
 
 from __future__ import annotations
 
 import pytest
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.cache.radix_cache import RadixCache
 
 
-def setup(num_blocks: int = 8, block_size: int = 4) -> tuple[BlockPool, RadixCache]:
-    pool = BlockPool(num_blocks, block_size)
+def setup(num_pages: int = 8, page_size: int = 4) -> tuple[PagePool, RadixCache]:
+    pool = PagePool(num_pages, page_size)
     return pool, RadixCache(pool)
 
 
-def compute(pool: BlockPool, cache: RadixCache, tokens: list[int]) -> list[int]:
+def compute(pool: PagePool, cache: RadixCache, tokens: list[int]) -> list[int]:
     """A request computes tokens from scratch and caches its full pages."""
-    pages = pool.allocate(pool.blocks_for(len(tokens)))
-    cache.insert(tokens, pages, 0, len(tokens) // pool.block_size)
+    pages = pool.allocate(pool.pages_for(len(tokens)))
+    cache.insert(tokens, pages, 0, len(tokens) // pool.page_size)
     return pages
 
 
@@ -49,7 +49,7 @@ def test_same_page_tokens_under_different_parents_do_not_match():
 
 
 def test_released_cached_pages_count_as_free_and_are_reused_last():
-    pool, cache = setup(num_blocks=4)
+    pool, cache = setup(num_pages=4)
     pages = compute(pool, cache, list(range(8)))  # 2 pages, both cached
     pool.release(pages[::-1])
     assert pool.num_free == 4 and pool.num_cached_free == 2
@@ -61,7 +61,7 @@ def test_released_cached_pages_count_as_free_and_are_reused_last():
 
 
 def test_reusing_a_cached_page_evicts_it_and_its_descendants():
-    pool, cache = setup(num_blocks=3)
+    pool, cache = setup(num_pages=3)
     pages = compute(pool, cache, list(range(8)))
     pool.release(pages[::-1])  # leaf released first: it is the first to go
     pool.allocate(1)  # the plain free page
@@ -72,7 +72,7 @@ def test_reusing_a_cached_page_evicts_it_and_its_descendants():
 
 
 def test_evicting_a_parent_forgets_cached_children_and_frees_them_plainly():
-    pool, cache = setup(num_blocks=4)
+    pool, cache = setup(num_pages=4)
     pages = compute(pool, cache, list(range(12)))  # 3 cached pages, a chain
     pool.release(pages)  # parent first: the root page becomes the oldest cached-free page
     (x,) = pool.allocate(1)  # the only plain free page

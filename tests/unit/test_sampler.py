@@ -24,7 +24,7 @@ def seq(
         request_id=rid,
         token_ids=[1],
         start_pos=0,
-        block_ids=[0],
+        page_ids=[0],
         sample=True,
         params=params,
         num_output_tokens=n_out,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from prefixflow.cache.block_pool import BlockPool
+from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.outputs import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 from prefixflow.engine.scheduler import RequestTooLargeError, Scheduler
@@ -25,16 +25,16 @@ EOS_IDS = frozenset({EOS})
 
 
 def make_scheduler(
-    num_blocks: int = 64,
-    block_size: int = 4,
+    num_pages: int = 64,
+    page_size: int = 4,
     max_num_seqs: int = 16,
     max_num_batched_tokens: int = 64,
     watermark: float = 0.0,
     prefix_sharing: bool = True,
     plan_prefixes: bool = False,  # most tests here check first-come-first-served order
     admission: str = "aggressive",  # the mechanics of pages and preemption, laid bare
-) -> tuple[Scheduler, BlockPool]:
-    pool = BlockPool(num_blocks, block_size)
+) -> tuple[Scheduler, PagePool]:
+    pool = PagePool(num_pages, page_size)
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -72,7 +72,7 @@ def fake_run(out: SchedulerOutput, token_fn: TokenFn = default_token) -> RunnerO
     )
 
 
-def check_step_invariants(sched: Scheduler, pool: BlockPool, out: SchedulerOutput) -> None:
+def check_step_invariants(sched: Scheduler, pool: PagePool, out: SchedulerOutput) -> None:
     cfg = sched.config
     assert out.num_tokens <= cfg.max_num_batched_tokens
     assert len(out.seqs) <= cfg.max_num_seqs
@@ -87,22 +87,22 @@ def check_step_invariants(sched: Scheduler, pool: BlockPool, out: SchedulerOutpu
         assert s.token_ids == req.token_ids[s.start_pos : s.start_pos + len(s.token_ids)]
         assert s.start_pos == req.num_computed_tokens
         # The page table covers every token in the KV cache after this step.
-        assert len(s.block_ids) >= pool.blocks_for(s.start_pos + len(s.token_ids))
-        assert all(0 <= b < out.num_pages_touched for b in s.block_ids)
-        assert all(pool.ref_count(b) >= 1 for b in s.block_ids)
+        assert len(s.page_ids) >= pool.pages_for(s.start_pos + len(s.token_ids))
+        assert all(0 <= b < out.num_pages_touched for b in s.page_ids)
+        assert all(pool.ref_count(b) >= 1 for b in s.page_ids)
         assert s.sample == (s.start_pos + len(s.token_ids) == req.num_tokens)
         assert s.num_output_tokens == req.num_output_tokens
         assert s.params is req.sampling_params
-        pages_in_step.extend(s.block_ids)
+        pages_in_step.extend(s.page_ids)
     # Every page in use is held by running requests, and its count is exactly its holders.
-    holders = Counter(p for r in sched.running for p in r.block_ids)
+    holders = Counter(p for r in sched.running for p in r.page_ids)
     assert len(holders) == pool.num_used
     for page, count in holders.items():
         assert pool.ref_count(page) == count
     if sched.cache is None:  # without sharing no page is in two sequences
         assert len(pages_in_step) == len(set(pages_in_step))
     for r in queued(sched):
-        assert r.block_ids == []
+        assert r.page_ids == []
         assert r.status == RequestStatus.WAITING
     for r in sched.running:
         assert r.status == RequestStatus.RUNNING
@@ -116,7 +116,7 @@ def queued(sched: Scheduler) -> list[Request]:
 
 def run_to_completion(
     sched: Scheduler,
-    pool: BlockPool,
+    pool: PagePool,
     token_fn: TokenFn = default_token,
     max_steps: int = 10_000,
 ) -> list[SchedulerOutput]:
@@ -139,7 +139,7 @@ PURE_MODULES = (
     "prefixflow.engine.stop",
     "prefixflow.engine.outputs",
     "prefixflow.request",
-    "prefixflow.cache.block_pool",
+    "prefixflow.cache.page_pool",
     "prefixflow.config",
     "prefixflow.sampling_params",
 )
@@ -204,7 +204,7 @@ def test_single_request_prefill_then_decode():
     assert req.output_token_ids == [1000, 1001, 1002]
     assert req.finish_reason == FinishReason.LENGTH
     assert not sched.has_unfinished()
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
     # The finished id is reported once, on the next step.
     nxt = sched.schedule()
     assert nxt.is_empty and nxt.finished_request_ids == ["a"]
@@ -283,7 +283,7 @@ def test_decodes_mixed_with_prefill_chunk_of_new_request():
 
 
 def test_token_budget_is_never_exceeded_and_all_complete():
-    sched, pool = make_scheduler(max_num_batched_tokens=7, num_blocks=128)
+    sched, pool = make_scheduler(max_num_batched_tokens=7, num_pages=128)
     reqs = [make_request(f"r{i}", prompt_len=3 + 5 * i, max_tokens=4 + i) for i in range(6)]
     for r in reqs:
         sched.add(r)
@@ -292,7 +292,7 @@ def test_token_budget_is_never_exceeded_and_all_complete():
     for i, r in enumerate(reqs):
         assert r.finish_reason == FinishReason.LENGTH
         assert r.output_token_ids == [1000 + k for k in range(4 + i)]
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
 
 
 def test_max_num_seqs_is_respected():
@@ -323,7 +323,7 @@ def test_finishes_on_eos():
     assert req.output_token_ids == [7, 7, EOS]
     assert req.finish_reason == FinishReason.STOP
     assert req.stop_reason is None
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
 
 
 def test_eos_of_another_request_does_not_stop():
@@ -438,7 +438,7 @@ def test_external_finish_sets_stop_reason_and_frees_pages():
     sched.finish("a", FinishReason.STOP, "###")
     assert req.is_finished and req.finish_reason == FinishReason.STOP
     assert req.stop_reason == "###"
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
     assert sched.schedule().finished_request_ids == ["a"]
 
 
@@ -456,7 +456,7 @@ def test_finished_ids_reported_for_every_finished_request():
 
 
 def test_pages_return_to_pool_after_all_finish():
-    sched, pool = make_scheduler(num_blocks=40, block_size=4)
+    sched, pool = make_scheduler(num_pages=40, page_size=4)
     for i in range(8):
         sched.add(make_request(f"r{i}", prompt_len=5 + i, max_tokens=3 + 2 * i))
     assert pool.num_free == 40
@@ -471,7 +471,7 @@ def test_pages_return_to_pool_after_all_finish():
 
 
 def test_request_too_large_rejected_at_add():
-    sched, _ = make_scheduler(num_blocks=4, block_size=4)  # 16 tokens of KV
+    sched, _ = make_scheduler(num_pages=4, page_size=4)  # 16 tokens of KV
     with pytest.raises(RequestTooLargeError, match="'big'"):
         sched.add(make_request("big", prompt_len=10, max_tokens=10))
     with pytest.raises(RequestTooLargeError):
@@ -481,7 +481,7 @@ def test_request_too_large_rejected_at_add():
 
 
 def test_unbounded_max_tokens_without_context_limit_is_too_large():
-    sched, _ = make_scheduler(num_blocks=1024, block_size=16)
+    sched, _ = make_scheduler(num_pages=1024, page_size=16)
     with pytest.raises(RequestTooLargeError):
         sched.add(make_request("a", max_tokens=None))
     # With the model's context as the limit, it fits.
@@ -489,7 +489,7 @@ def test_unbounded_max_tokens_without_context_limit_is_too_large():
 
 
 def test_request_that_exactly_fits_is_accepted_and_completes():
-    sched, pool = make_scheduler(num_blocks=4, block_size=4)
+    sched, pool = make_scheduler(num_pages=4, page_size=4)
     req = make_request("a", prompt_len=10, max_tokens=6)  # 16 tokens
     sched.add(req)
     run_to_completion(sched, pool)
@@ -498,7 +498,7 @@ def test_request_that_exactly_fits_is_accepted_and_completes():
 
 def test_request_needing_prompt_plus_max_tokens_minus_one_is_accepted():
     # 8 + 9 - 1 = 16 tokens of KV at most: exactly the 4 pages of 4 tokens.
-    sched, pool = make_scheduler(num_blocks=4, block_size=4)
+    sched, pool = make_scheduler(num_pages=4, page_size=4)
     req = make_request("a", prompt_len=8, max_tokens=9)
     sched.add(req)
     run_to_completion(sched, pool)
@@ -507,7 +507,7 @@ def test_request_needing_prompt_plus_max_tokens_minus_one_is_accepted():
 
 def test_peak_pages_of_a_request_is_prompt_plus_max_tokens_minus_one():
     # The bound the scheduler needs: the last sampled token takes no KV slot.
-    sched, pool = make_scheduler(num_blocks=64, block_size=4)
+    sched, pool = make_scheduler(num_pages=64, page_size=4)
     req = make_request("a", prompt_len=8, max_tokens=9)
     sched.add(req)
     peak = 0
@@ -515,7 +515,7 @@ def test_peak_pages_of_a_request_is_prompt_plus_max_tokens_minus_one():
         out = sched.schedule()
         peak = max(peak, pool.num_used)
         sched.update(out, fake_run(out))
-    assert peak == pool.blocks_for(8 + 9 - 1) == 4
+    assert peak == pool.pages_for(8 + 9 - 1) == 4
 
 
 def test_abort_running_request_frees_pages_and_is_reported():
@@ -526,12 +526,12 @@ def test_abort_running_request_frees_pages_and_is_reported():
     sched.add(b)
     out = sched.schedule()
     sched.update(out, fake_run(out))
-    used_by_b = len(b.block_ids)
+    used_by_b = len(b.page_ids)
     free_before = pool.num_free
     sched.abort("a")
     assert a.is_finished and a.finish_reason == FinishReason.ABORT
-    assert a.block_ids == []
-    assert pool.num_free == pool.num_blocks - used_by_b > free_before
+    assert a.page_ids == []
+    assert pool.num_free == pool.num_pages - used_by_b > free_before
     assert a not in sched.running
     out = sched.schedule()
     assert out.finished_request_ids == ["a"]
@@ -554,7 +554,7 @@ def test_abort_waiting_request():
     assert [s.request_id for s in out.seqs] == ["a"]
     sched.update(out, fake_run(out))
     run_to_completion(sched, pool)
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
 
 
 def test_abort_during_step_is_ignored_by_update():
@@ -566,7 +566,7 @@ def test_abort_during_step_is_ignored_by_update():
     events = sched.update(out, fake_run(out))
     assert events == []
     assert a.num_output_tokens == 0
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
     assert sched.schedule().finished_request_ids == ["a"]
 
 
@@ -586,7 +586,7 @@ def test_abort_unknown_or_finished_request_is_a_noop():
 
 def test_watermark_holds_back_admission_while_others_run():
     # 10 pages, watermark 0.2 -> 2 pages kept free when admitting next to running requests.
-    sched, pool = make_scheduler(num_blocks=10, block_size=4, watermark=0.2)
+    sched, pool = make_scheduler(num_pages=10, page_size=4, watermark=0.2)
     a = make_request("a", prompt_len=16, max_tokens=4)  # 4 pages
     b = make_request("b", prompt_len=16, max_tokens=4)  # 4 more would leave 2 - 2 = 0: ok
     c = make_request("c", prompt_len=4, max_tokens=4)  # 1 more page would dip into the 2
@@ -606,7 +606,7 @@ def test_watermark_holds_back_admission_while_others_run():
 def test_preemption_with_tiny_pool_everything_completes():
     # 6 pages of 4 tokens; each request peaks at 4 pages, so they cannot all grow at once.
     sched, pool = make_scheduler(
-        num_blocks=6, block_size=4, max_num_batched_tokens=32, prefix_sharing=False
+        num_pages=6, page_size=4, max_num_batched_tokens=32, prefix_sharing=False
     )
     reqs = [make_request(f"r{i}", prompt_len=6, max_tokens=10) for i in range(4)]
     for r in reqs:
@@ -621,7 +621,7 @@ def test_preemption_with_tiny_pool_everything_completes():
         for r in queued(sched):
             if r.num_preemptions > 0 and r.request_id not in preempted_seen:
                 assert r.num_computed_tokens == 0
-                assert r.block_ids == []
+                assert r.page_ids == []
                 preempted_seen[r.request_id] = r.num_output_tokens
         for s in out.seqs:
             if s.request_id in preempted_seen and s.start_pos == 0:
@@ -640,16 +640,16 @@ def test_preemption_with_tiny_pool_everything_completes():
         assert len(seq.token_ids) == req.num_prompt_tokens + n_out
         assert seq.token_ids == req.prompt_token_ids + [1000 + k for k in range(n_out)]
         assert seq.sample
-        assert seq.block_ids and len(seq.block_ids) >= pool.blocks_for(len(seq.token_ids))
+        assert seq.page_ids and len(seq.page_ids) >= pool.pages_for(len(seq.token_ids))
     for r in reqs:
         assert r.finish_reason == FinishReason.LENGTH
         # Preemption does not change what is generated.
         assert r.output_token_ids == [1000 + k for k in range(10)]
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages
 
 
 def test_preemption_takes_newest_and_it_waits_at_the_front():
-    sched, pool = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    sched, pool = make_scheduler(num_pages=4, page_size=4, max_num_batched_tokens=64)
     a = make_request("a", prompt_len=4, max_tokens=12)  # peaks at 4 pages
     b = make_request("b", prompt_len=4, max_tokens=12)
     c = make_request("c", prompt_len=4, max_tokens=2)
@@ -675,7 +675,7 @@ def test_preemption_takes_newest_and_it_waits_at_the_front():
 
 
 def test_preempted_request_recompute_is_chunked_when_over_budget():
-    sched, pool = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=5)
+    sched, pool = make_scheduler(num_pages=6, page_size=4, max_num_batched_tokens=5)
     reqs = [make_request(f"r{i}", prompt_len=7, max_tokens=12) for i in range(3)]
     for r in reqs:
         sched.add(r)
@@ -690,12 +690,12 @@ def test_preempted_request_recompute_is_chunked_when_over_budget():
 @pytest.mark.parametrize("admission", ["aggressive", "conservative", "past_future"])
 def test_random_workloads_complete_with_invariants(seed, admission):
     rng = random.Random(seed)
-    block_size = rng.choice([1, 2, 4, 8])
-    num_blocks = rng.randint(4, 24)
-    capacity = num_blocks * block_size
+    page_size = rng.choice([1, 2, 4, 8])
+    num_pages = rng.randint(4, 24)
+    capacity = num_pages * page_size
     sched, pool = make_scheduler(
-        num_blocks=num_blocks,
-        block_size=block_size,
+        num_pages=num_pages,
+        page_size=page_size,
         max_num_seqs=rng.randint(1, 6),
         max_num_batched_tokens=rng.randint(1, 40),
         watermark=rng.choice([0.0, 0.1, 0.3]),
@@ -734,4 +734,4 @@ def test_random_workloads_complete_with_invariants(seed, admission):
     for r in reqs:
         assert r.is_finished
         assert r.num_output_tokens == expected_len[r.request_id], r
-    assert pool.num_free == pool.num_blocks
+    assert pool.num_free == pool.num_pages

@@ -17,10 +17,10 @@ from prefixflow.runner.step_inputs import build_step
 from prefixflow.sampling_params import SamplingParams
 
 
-def make_step(rng: random.Random, bs: int, num_blocks: int = 160) -> list[ScheduledSeq]:
+def make_step(rng: random.Random, bs: int, num_pages: int = 160) -> list[ScheduledSeq]:
     """Sequences under a two-level prefix tree (root, then one of a few documents), with
     ragged own pages, some decoding and some computing a prompt chunk."""
-    free = list(range(num_blocks))
+    free = list(range(num_pages))
     rng.shuffle(free)
 
     def take(n: int) -> list[int]:
@@ -36,7 +36,7 @@ def make_step(rng: random.Random, bs: int, num_blocks: int = 160) -> list[Schedu
                 request_id=f"fresh{i}",
                 token_ids=[0] * q_len,
                 start_pos=0,
-                block_ids=take(-(-q_len // bs)),
+                page_ids=take(-(-q_len // bs)),
                 sample=True,
                 params=SamplingParams(),
             )
@@ -51,7 +51,7 @@ def make_step(rng: random.Random, bs: int, num_blocks: int = 160) -> list[Schedu
                 request_id=str(i),
                 token_ids=[0] * q_len,
                 start_pos=ctx - q_len,
-                block_ids=pages,
+                page_ids=pages,
                 sample=True,
                 params=SamplingParams(),
             )
@@ -122,7 +122,7 @@ def test_layout_finds_every_level_of_a_prefix_tree():
     # Pages: root [1, 2], doc A [3] under it, doc B [4, 5]; then own pages.
     tables = [[1, 2, 3, 10], [1, 2, 3, 11], [1, 2, 4, 5, 12], [1, 2, 4, 5, 13], [9, 14]]
     full = [3, 3, 4, 4, 1]
-    layout = plan_prefix_layout(tables, full, min_shared_tokens=0, block_size=4)
+    layout = plan_prefix_layout(tables, full, min_shared_tokens=0, page_size=4)
     parts = sorted((p.pages, sorted(p.members)) for p in layout.parts)
     assert parts == [([1, 2], [0, 1, 2, 3]), ([3], [0, 1]), ([4, 5], [2, 3])]
     assert layout.own_from_page == [3, 3, 4, 4, 0]
@@ -139,7 +139,7 @@ def test_layout_carries_a_short_run_into_the_parts_below_it():
     # Root page [1] (shared by all) is too short alone; each document part takes it along.
     tables = [[1, 3, 4, 10], [1, 3, 4, 11], [1, 5, 6, 12], [1, 5, 6, 13], [1, 14]]
     full = [3, 3, 3, 3, 1]
-    layout = plan_prefix_layout(tables, full, 0, block_size=4, min_part_tokens=12)
+    layout = plan_prefix_layout(tables, full, 0, page_size=4, min_part_tokens=12)
     parts = sorted((p.pages, sorted(p.members)) for p in layout.parts)
     assert parts == [([1, 3, 4], [0, 1]), ([1, 5, 6], [2, 3])]
     assert layout.own_from_page == [3, 3, 3, 3, 0]  # the last reads the root page itself
@@ -147,9 +147,9 @@ def test_layout_carries_a_short_run_into_the_parts_below_it():
 
 def test_layout_leaves_small_parts_to_their_members():
     tables = [[1, 2, 3], [1, 2, 4]]
-    layout = plan_prefix_layout(tables, [2, 2], min_shared_tokens=64, block_size=16)
+    layout = plan_prefix_layout(tables, [2, 2], min_shared_tokens=64, page_size=16)
     assert layout.parts == [] and layout.own_from_page == [0, 0]
-    layout = plan_prefix_layout(tables, [2, 2], min_shared_tokens=32, block_size=16)
+    layout = plan_prefix_layout(tables, [2, 2], min_shared_tokens=32, page_size=16)
     assert [p.pages for p in layout.parts] == [[1, 2]]
 
 

@@ -54,18 +54,18 @@ class _EngineCollector:
             "prefixflow_unfinished_requests", "Requests in the engine", eng.num_unfinished_requests
         )
         yield GaugeMetricFamily("prefixflow_kv_pages_used", "KV pages in use", pool.num_used)
-        yield GaugeMetricFamily("prefixflow_kv_pages_total", "KV pages", pool.num_blocks)
+        yield GaugeMetricFamily("prefixflow_kv_pages_total", "KV pages", pool.num_pages)
         # The cache is allocated untouched and pages are first written as they are first
         # handed out, so resident memory grows with this up to the KV budget, then stays.
         yield GaugeMetricFamily(
             "prefixflow_kv_bytes_touched",
             "Bytes of KV cache written at least once (resident)",
-            pool.high_water * eng.kv_cache_bytes // pool.num_blocks,
+            pool.high_water * eng.kv_cache_bytes // pool.num_pages,
         )
         yield GaugeMetricFamily(
             "prefixflow_kv_utilisation",
             "KV pages in use / all pages",
-            pool.num_used / pool.num_blocks,
+            pool.num_used / pool.num_pages,
         )
         reuse = st.cached_prompt_tokens / st.prompt_tokens if st.prompt_tokens else 0.0
         yield GaugeMetricFamily(

@@ -32,13 +32,13 @@ _GLOBAL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def hf_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL:
         return _GLOBAL[gguf_name]
-    m = _BLOCK.fullmatch(gguf_name)
+    m = _GGUF_LAYER.fullmatch(gguf_name)
     if m and m.group(2) in _LAYER:
         return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
     return None  # e.g. rope_freqs: derived from the config instead

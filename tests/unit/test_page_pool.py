@@ -1,21 +1,21 @@
-"""BlockPool: page allocation, reference counts, the free list and high_water."""
+"""PagePool: page allocation, reference counts, the free list and high_water."""
 
 from __future__ import annotations
 
 import pytest
 
-from prefixflow.cache.block_pool import BlockPool, OutOfPagesError
+from prefixflow.cache.page_pool import OutOfPagesError, PagePool
 
 
 def test_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="num_blocks"):
-        BlockPool(0, 16)
+    with pytest.raises(ValueError, match="num_pages"):
+        PagePool(0, 16)
     with pytest.raises(ValueError):
-        BlockPool(4, 0)
+        PagePool(4, 0)
 
 
 def test_fresh_pool_is_all_free():
-    pool = BlockPool(8, 4)
+    pool = PagePool(8, 4)
     assert pool.num_free == 8
     assert pool.num_used == 0
     assert pool.high_water == 0
@@ -25,12 +25,12 @@ def test_fresh_pool_is_all_free():
 @pytest.mark.parametrize(
     ("tokens", "pages"), [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (9, 3)]
 )
-def test_blocks_for_rounds_up(tokens, pages):
-    assert BlockPool(8, 4).blocks_for(tokens) == pages
+def test_pages_for_rounds_up(tokens, pages):
+    assert PagePool(8, 4).pages_for(tokens) == pages
 
 
 def test_allocate_hands_out_distinct_pages_with_one_ref():
-    pool = BlockPool(8, 4)
+    pool = PagePool(8, 4)
     a = pool.allocate(3)
     b = pool.allocate(2)
     assert len(a) == 3 and len(b) == 2
@@ -42,13 +42,13 @@ def test_allocate_hands_out_distinct_pages_with_one_ref():
 
 
 def test_allocate_zero_is_empty():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     assert pool.allocate(0) == []
     assert pool.num_free == 4
 
 
 def test_release_returns_pages_and_free_count_goes_back_to_full():
-    pool = BlockPool(8, 4)
+    pool = PagePool(8, 4)
     a = pool.allocate(5)
     b = pool.allocate(3)
     assert pool.num_free == 0
@@ -64,7 +64,7 @@ def test_release_returns_pages_and_free_count_goes_back_to_full():
 
 
 def test_over_allocation_raises_and_changes_nothing():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     held = pool.allocate(3)
     with pytest.raises(OutOfPagesError, match="asked for 2 pages, 1 free"):
         pool.allocate(2)
@@ -77,11 +77,11 @@ def test_over_allocation_raises_and_changes_nothing():
 
 def test_over_allocation_of_empty_pool_larger_than_capacity():
     with pytest.raises(OutOfPagesError):
-        BlockPool(4, 4).allocate(5)
+        PagePool(4, 4).allocate(5)
 
 
 def test_double_release_raises():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     ids = pool.allocate(2)
     pool.release(ids)
     with pytest.raises(ValueError, match="released more often"):
@@ -90,14 +90,14 @@ def test_double_release_raises():
 
 
 def test_release_of_never_allocated_page_raises():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     with pytest.raises(ValueError):
         pool.release([2])
     assert pool.num_free == 4
 
 
 def test_shared_page_stays_until_last_holder_releases():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     ids = pool.allocate(2)
     pool.ref(ids)
     pool.ref(ids[:1])
@@ -119,7 +119,7 @@ def test_shared_page_stays_until_last_holder_releases():
 
 
 def test_ref_of_free_page_raises():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     with pytest.raises(ValueError, match="free"):
         pool.ref([0])
     ids = pool.allocate(1)
@@ -129,13 +129,13 @@ def test_ref_of_free_page_raises():
 
 
 def test_fresh_pages_go_out_in_id_order():
-    pool = BlockPool(6, 4)
+    pool = PagePool(6, 4)
     assert pool.allocate(2) == [0, 1]
     assert pool.allocate(3) == [2, 3, 4]
 
 
 def test_high_water_tracks_highest_page_ever_handed_out():
-    pool = BlockPool(8, 4)
+    pool = PagePool(8, 4)
     a = pool.allocate(3)
     assert pool.high_water == 3
     pool.release(a)
@@ -152,7 +152,7 @@ def test_high_water_tracks_highest_page_ever_handed_out():
 
 
 def test_high_water_bounds_every_page_handed_out():
-    pool = BlockPool(16, 4)
+    pool = PagePool(16, 4)
     seen: set[int] = set()
     held: list[list[int]] = []
     for step in range(40):
