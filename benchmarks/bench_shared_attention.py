@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from prefixflow.attention.backend import get_backend
+from prefixflow.attention.registry import build_backend
 from prefixflow.engine.outputs import ScheduledSeq, SchedulerOutput
 from prefixflow.llm import LLM
 from prefixflow.sampling_params import SamplingParams
@@ -56,7 +56,7 @@ def main() -> None:
     runner = llm.engine.runner
     bs = llm.engine.pool.page_size
     pages = list(range(llm.engine.pool.num_pages))
-    backends = {name: get_backend(name) for name in ("paged", "shared_prefix")}
+    backends = {name: build_backend(name, llm.config) for name in ("paged", "shared_prefix")}
     times: dict[tuple[str, int], float] = {}
     for prefix in [int(p) for p in args.prefixes.split(",")]:
         sched = decode_step(args.seqs, prefix, args.own, bs, pages)

@@ -1,10 +1,23 @@
-"""Frozen, validated configuration. Torch-free: the scheduler imports it."""
+"""Every engine option, defined once: name, type, default, allowed values and help.
+
+`EngineConfig` (and the `SchedulerConfig` inside it) is the single definition. `LLM(**options)`
+builds one with `EngineConfig.from_options`, and the CLI flags of `run-batch`, `serve` and
+`bench` are generated from the same fields (entrypoints/engine_args.py), so a new option is
+added here and nowhere else. vLLM's spellings are accepted as aliases where ours differ.
+Torch-free: the scheduler imports it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
-from dataclasses import dataclass
+import typing
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 _UNITS = {
     "": 1,
@@ -58,33 +71,67 @@ def parse_memory(value: int | float | str) -> int:
     return result
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Callable[[], tuple[str, ...]] | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """A config field with what the API, the CLI and the docs need to know about it.
+
+    `choices` is a function, so that registries living elsewhere (attention backends,
+    admission policies) stay the one list of allowed values without an import cycle.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+
+
+def _attention_backends() -> tuple[str, ...]:
+    from prefixflow.attention.registry import BACKENDS
+
+    return tuple(BACKENDS)
+
+
+def _admission_policies() -> tuple[str, ...]:
+    from prefixflow.engine.admission import POLICIES
+
+    return tuple(POLICIES)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    # Fraction of pages kept free when admitting, so running requests can grow a while.
-    watermark: float = 0.01
-    # Who may start while others run (engine/admission.py): "past_future" predicts the
-    # peak KV use from past output lengths; "conservative" reserves max_tokens for all;
-    # "aggressive" admits while pages are free now.
-    admission: str = "past_future"
-    # Reuse computed prefixes (radix cache) and prefill the n samples of a prompt once.
-    prefix_sharing: bool = True
-    # With sharing on, order the waiting queue by the batch's prefix tree (BatchLLM) rather
-    # than first come, first served.
-    plan_prefixes: bool = True
+    """Who runs in each step: continuous batching, prefix sharing and admission."""
+
+    max_num_seqs: int = option(256, "most sequences running at once")
+    max_num_batched_tokens: int = option(2048, "most tokens computed in one step")
+    watermark: float = option(
+        0.01, "fraction of KV pages kept free when admitting, so running requests can grow"
+    )
+    admission: str = option(
+        "past_future",
+        "who may start while others run: predicted peak KV from past output lengths "
+        "(past_future), room for max_tokens for all (conservative), or free pages now "
+        "(aggressive)",
+        choices=_admission_policies,
+    )
+    prefix_sharing: bool = option(
+        True,
+        "reuse computed prefixes (radix cache) and prefill the n samples of a prompt once",
+        aliases=("enable_prefix_caching",),
+    )
+    plan_prefixes: bool = option(
+        True,
+        "with prefix sharing, order waiting requests by the batch's prefix tree (BatchLLM) "
+        "rather than first come, first served",
+    )
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
-        if self.admission not in ("past_future", "conservative", "aggressive"):
-            raise ValueError(
-                f"admission must be 'past_future', 'conservative' or 'aggressive', "
-                f"got {self.admission!r}"
             )
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
@@ -92,21 +139,165 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF folder or .gguf file; None = the embedded default model
-    dtype: str = "auto"  # "float32", "bfloat16" or "auto"
-    kv_cache_memory: int | float | str = "auto"  # size, fraction of free memory, or "auto"
-    page_size: int = 16
-    max_model_len: int | None = None
-    attention_backend: str = "shared_prefix"  # or "paged", the plain reference path
-    seed: int = 0  # seeds the shared generator of unseeded sampled requests
-    scheduler: SchedulerConfig = SchedulerConfig()
+    """The model, its KV cache, attention, and the speed-ups that can be switched off."""
+
+    model: str | None = option(
+        None, "Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    )
+    dtype: str = option(
+        "auto",
+        "weights and KV cache; auto = bfloat16 where the CPU has bfloat16 matrix "
+        "instructions (or on a GPU), float32 otherwise",
+        choices=lambda: ("auto", "float32", "bfloat16"),
+    )
+    kv_cache_memory: int | float | str = option(
+        "auto",
+        "KV cache size (2GiB, 512MB), a fraction of free memory (0.3), or auto "
+        "(30 percent of free memory, at most 4 GiB)",
+    )
+    page_size: int = option(16, "tokens per KV page (a power of two)", aliases=("block_size",))
+    max_model_len: int | None = option(
+        None, "cap on prompt + output tokens (default: the model's context)"
+    )
+    attention_backend: str = option(
+        "shared_prefix",
+        "shared_prefix reads each shared prefix once per step for all its sequences; "
+        "paged is the plain reference path",
+        choices=_attention_backends,
+    )
+    shared_prefix_min_tokens: int = option(
+        256,
+        "a shared prefix gets its own attention part only if it spares this many token "
+        "reads per step ((sharers - 1) x its tokens)",
+    )
+    shared_prefix_min_part_tokens: int = option(
+        64, "a shared prefix shorter than this is read with what follows it"
+    )
+    seed: int = option(0, "seeds the shared generator of unseeded sampled requests")
+    greedy_fast_path: bool = option(
+        True, "a step of plain greedy requests takes the argmax of the logits and nothing more"
+    )
+    lazy_kv_zeroing: bool = option(
+        True, "zero KV pages when first handed out rather than the whole cache at start-up"
+    )
+    reuse_gather_buffers: bool = option(
+        True, "the paged path copies pages into buffers kept from step to step"
+    )
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        _check_choices(self)
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_memory != "auto":
             parse_memory(self.kv_cache_memory)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        for name in ("shared_prefix_min_tokens", "shared_prefix_min_part_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """A config from flat keyword options (scheduler ones included), as LLM() takes them.
+
+        vLLM's names for our options are accepted; vLLM options with no meaning here are
+        accepted with a warning, so vLLM code runs as is; anything else is a TypeError.
+        """
+        by_name = {o.name: o for o in engine_options()}
+        for o in list(by_name.values()):
+            for alias in o.aliases:
+                by_name[alias] = o
+        engine: dict[str, Any] = {}
+        sched: dict[str, Any] = {}
+        ignored = []
+        for key, value in options.items():
+            opt = by_name.get(key)
+            if opt is None:
+                if key in VLLM_IGNORED:
+                    ignored.append(key)
+                    continue
+                close = difflib.get_close_matches(key, by_name, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"unknown engine option {key!r}{hint}")
+            target = sched if opt.section == "scheduler" else engine
+            if opt.name in target:
+                raise TypeError(f"option {opt.name!r} given twice (once as {key!r})")
+            target[opt.name] = value
+        if ignored:
+            warnings.warn(f"prefixflow ignores the vLLM settings {sorted(ignored)}", stacklevel=3)
+        return cls(**engine, scheduler=SchedulerConfig(**sched))
+
+    def options(self) -> dict[str, Any]:
+        """The flat options of this config (the inverse of from_options)."""
+        return {
+            o.name: getattr(self.scheduler if o.section == "scheduler" else self, o.name)
+            for o in engine_options()
+        }
+
+
+# vLLM settings that have no meaning here: accepted with a warning by LLM().
+VLLM_IGNORED = frozenset(
+    {
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "trust_remote_code",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "swap_space",
+        "disable_log_stats",
+        "tokenizer",
+        "tokenizer_mode",
+        "max_seq_len_to_capture",
+        "device",
+        "download_dir",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One engine option as the API and the CLI see it."""
+
+    name: str
+    type: Any  # the annotation, e.g. int, bool, str | None
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    aliases: tuple[str, ...]
+    section: str  # "engine" or "scheduler"
+
+
+def engine_options() -> list[Option]:
+    """Every option of EngineConfig and SchedulerConfig, flat, in definition order."""
+    out = []
+    for cls, section in ((EngineConfig, "engine"), (SchedulerConfig, "scheduler")):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "help" not in f.metadata:
+                continue  # EngineConfig.scheduler: its fields are listed themselves
+            choices = f.metadata["choices"]
+            out.append(
+                Option(
+                    f.name,
+                    hints[f.name],
+                    f.default,
+                    f.metadata["help"],
+                    choices() if choices else None,
+                    f.metadata["aliases"],
+                    section,
+                )
+            )
+    return out
+
+
+def _check_choices(config: object) -> None:
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        if choices is None:
+            continue
+        value, allowed = getattr(config, f.name), choices()
+        if value not in allowed:
+            raise ValueError(
+                f"{f.name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+            )

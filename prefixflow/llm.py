@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from prefixflow.config import EngineConfig, SchedulerConfig
+from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import Engine
+from prefixflow.errors import RequestError
 from prefixflow.request import RequestOutput
 from prefixflow.sampling_params import SamplingParams
 
@@ -24,39 +25,10 @@ class LLM:
     >>> outs[0].outputs[0].text
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str = "auto",
-        kv_cache_memory: int | float | str = "auto",
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        page_size: int = 16,
-        attention_backend: str = "shared_prefix",
-        seed: int = 0,
-        prefix_sharing: bool = True,
-        admission: str = "past_future",
-        **vllm_kwargs,
-    ) -> None:
-        # vLLM's name for the same switch: honour it rather than ignore it.
-        prefix_sharing = vllm_kwargs.pop("enable_prefix_caching", prefix_sharing)
-        _accept_vllm_kwargs(vllm_kwargs)
-        self.config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            kv_cache_memory=kv_cache_memory,
-            page_size=page_size,
-            max_model_len=max_model_len,
-            attention_backend=attention_backend,
-            seed=seed,
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                prefix_sharing=prefix_sharing,
-                admission=admission,
-            ),
-        )
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        """`options`: any engine option (see `prefixflow.config.EngineConfig`, or the flags
+        of `prefixflow run-batch --help`), by our name or vLLM's."""
+        self.config = EngineConfig.from_options(model=model, **options)
         self.engine = Engine(self.config)
         self._next_id = 0
 
@@ -72,7 +44,8 @@ class LLM:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}).
 
         Outputs come back in the order of the prompts. A prompt that cannot run raises
-        ValueError naming its index before any work starts.
+        RequestError (a ValueError with an OpenAI error `code`) naming its index before any
+        work starts.
         """
         items = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(items))
@@ -90,10 +63,13 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = _as_params_list(sampling_params, len(convs))
         items = []
-        for conv in convs:
-            text, ids = self.engine.codec.encode_chat(
-                conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-            )
+        for i, conv in enumerate(convs):
+            try:
+                text, ids = self.engine.codec.encode_chat(
+                    conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+                )
+            except ValueError as e:
+                raise RequestError(f"conversation {i}: {e}", "messages") from e
             items.append((ids, text))
         return self._run(items, params, use_tqdm)
 
@@ -105,10 +81,10 @@ class LLM:
             self._next_id += 1
             try:
                 eng.add_request(rid, prompt, p, prompt_text=text)
-            except ValueError as e:
+            except RequestError as e:
                 for r in ids:
                     eng.abort(r)
-                raise ValueError(f"prompt {i}: {e}") from e
+                raise e.with_prefix(f"prompt {i}: ") from e
             ids.append(rid)
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
@@ -130,31 +106,6 @@ class LLM:
         return [results[r] for r in ids]
 
 
-# vLLM settings that have no meaning here: accepted with a warning, so vLLM code runs as is.
-_VLLM_ONLY = {
-    "gpu_memory_utilization",
-    "enforce_eager",
-    "trust_remote_code",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-    "swap_space",
-    "disable_log_stats",
-    "tokenizer",
-    "tokenizer_mode",
-    "max_seq_len_to_capture",
-    "device",
-    "download_dir",
-}
-
-
-def _accept_vllm_kwargs(kwargs: dict) -> None:
-    unknown = sorted(set(kwargs) - _VLLM_ONLY)
-    if unknown:
-        raise TypeError(f"LLM() got unexpected keyword arguments {unknown}")
-    if kwargs:
-        warnings.warn(f"prefixflow ignores the vLLM settings {sorted(kwargs)}", stacklevel=3)
-
-
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str | dict):
         prompts = [prompts]
@@ -168,7 +119,7 @@ def _as_prompt_list(prompts) -> list:
             elif "prompt" in p:
                 p = p["prompt"]
             else:
-                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+                raise RequestError("a dict prompt needs 'prompt' or 'prompt_token_ids'", "prompt")
         out.append(p)
     return out
 

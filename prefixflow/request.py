@@ -6,9 +6,12 @@ Pure Python: the scheduler imports this, so no torch here.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefixflow.sampling_params import SamplingParams
+
+# "No limit" on a count of tokens, wherever one is needed (a plain int: sums stay exact).
+NO_LIMIT = 1 << 62
 
 
 class RequestStatus(enum.Enum):
@@ -43,7 +46,7 @@ class Request:
         if max_model_len is not None:
             room = max_model_len - len(self.prompt_token_ids)
             limit = room if limit is None else min(limit, room)
-        self.max_output_tokens: int = limit if limit is not None else 1 << 62
+        self.max_output_tokens: int = limit if limit is not None else NO_LIMIT
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output, appended in place
         self.num_computed_tokens = 0
         self.max_computed_tokens = 0  # most ever computed: beyond a preemption, recomputation
@@ -78,7 +81,7 @@ class Request:
     @property
     def planned_decode_tokens(self) -> int:
         """Decode tokens this request and its unforked siblings will run, at most."""
-        return min(self.max_output_tokens, 1 << 20) * (1 + len(self.fork_siblings))
+        return self.max_output_tokens * (1 + len(self.fork_siblings))
 
     @property
     def is_finished(self) -> bool:
@@ -110,9 +113,6 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclass
 class RequestOutput:
@@ -122,4 +122,3 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)

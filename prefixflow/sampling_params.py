@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from prefixflow.errors import INVALID_VALUE, RequestError
+
 # Below this a temperature means greedy decoding, as in vLLM.
 _GREEDY_EPS = 1e-5
+# vLLM's default max_logprobs (and OpenAI's limit on top_logprobs).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -45,38 +49,61 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(
-                f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}."
-            )
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})."
-            )
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be an integer >= 0, got {self.logprobs!r}.")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63 - self.n
-        ):
-            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}.")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings.")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be a list of non-negative integers.")
+        def check(ok: bool, param: str, message: str) -> None:
+            if not ok:
+                raise RequestError(message, param, INVALID_VALUE)
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        check(is_int(self.n) and self.n >= 1, "n", f"n must be an integer >= 1, got {self.n!r}.")
+        check(
+            self.temperature >= 0,
+            "temperature",
+            f"temperature must be >= 0, got {self.temperature}.",
+        )
+        check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}.")
+        check(
+            is_int(self.top_k) and self.top_k >= 0,
+            "top_k",
+            f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}.",
+        )
+        check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}.")
+        check(
+            self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens",
+            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.",
+        )
+        check(
+            is_int(self.min_tokens) and self.min_tokens >= 0,
+            "min_tokens",
+            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.",
+        )
+        check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).",
+        )
+        check(
+            self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
+            f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}.",
+        )
+        check(
+            self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63 - self.n),
+            "seed",
+            f"seed must be a 64-bit signed integer, got {self.seed!r}.",
+        )
+        check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            "stop must be a non-empty string or a list of non-empty strings.",
+        )
+        check(
+            all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "stop_token_ids must be a list of non-negative integers.",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefixflow.attention.backend import AttentionBackend, register_backend
+from prefixflow.attention.backend import AttentionBackend
 from prefixflow.attention.metadata import AttentionMetadata
+from prefixflow.config import EngineConfig
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -28,7 +29,8 @@ class PageGather:
     made the copy several times slower than the memory allows; reusing buffers avoids that.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reuse: bool = True) -> None:
+        self.reuse = reuse
         self._bufs: list[torch.Tensor] = []
 
     def __call__(self, cache: torch.Tensor, page_table: torch.Tensor, slot: int) -> torch.Tensor:
@@ -38,7 +40,7 @@ class PageGather:
         while len(self._bufs) <= slot:
             self._bufs.append(torch.empty(0, dtype=cache.dtype))
         buf = self._bufs[slot]
-        if buf.dtype != cache.dtype or buf.numel() < n * page_shape.numel():
+        if not self.reuse or buf.dtype != cache.dtype or buf.numel() < n * page_shape.numel():
             buf = torch.empty(n * page_shape.numel(), dtype=cache.dtype)
             self._bufs[slot] = buf
         out = buf[: n * page_shape.numel()].view(n, *page_shape)
@@ -47,12 +49,15 @@ class PageGather:
         return x.flatten(-4, -3).transpose(-3, -2)  # (..., H_kv, L, D)
 
 
-@register_backend
 class PagedAttention(AttentionBackend):
     name = "paged"
 
-    def __init__(self) -> None:
-        self.gather = PageGather()
+    def __init__(self, reuse_gather_buffers: bool = True) -> None:
+        self.gather = PageGather(reuse_gather_buffers)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> PagedAttention:
+        return cls(config.reuse_gather_buffers)
 
     def forward(
         self,

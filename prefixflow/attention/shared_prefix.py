@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from prefixflow.attention.backend import AttentionBackend, register_backend
+from prefixflow.attention.backend import AttentionBackend
 from prefixflow.attention.merge import (
     additive_mask,
     attend_causal_with_lse,
@@ -25,25 +25,31 @@ from prefixflow.attention.merge import (
 from prefixflow.attention.metadata import AttentionMetadata
 from prefixflow.attention.paged import PagedAttention, PageGather, causal_mask, write_kv
 from prefixflow.attention.prefix_groups import PrefixLayout, plan_prefix_layout
-
-# A part must spare this many token reads ((members - 1) x tokens) and be this long to be
-# worth its own product and merge; a smaller run is read with what follows it. A part of
-# one 16-token page (a chat template's opening) measured slower than no part at all.
-MIN_SHARED_TOKENS = 256
-MIN_PART_TOKENS = 64
+from prefixflow.config import EngineConfig
 
 
-@register_backend
 class SharedPrefixAttention(AttentionBackend):
     name = "shared_prefix"
 
     def __init__(
-        self, min_shared_tokens: int = MIN_SHARED_TOKENS, min_part_tokens: int = MIN_PART_TOKENS
+        self, *, min_shared_tokens: int, min_part_tokens: int, reuse_gather_buffers: bool = True
     ) -> None:
+        # A part must spare min_shared_tokens token reads ((members - 1) x tokens) and be
+        # min_part_tokens long to be worth its own product and merge; a smaller run is read
+        # with what follows it. A part of one 16-token page (a chat template's opening)
+        # measured slower than no part at all.
         self.min_shared_tokens = min_shared_tokens
         self.min_part_tokens = min_part_tokens
-        self.gather = PageGather()
-        self.plain = PagedAttention()
+        self.gather = PageGather(reuse_gather_buffers)
+        self.plain = PagedAttention(reuse_gather_buffers)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> SharedPrefixAttention:
+        return cls(
+            min_shared_tokens=config.shared_prefix_min_tokens,
+            min_part_tokens=config.shared_prefix_min_part_tokens,
+            reuse_gather_buffers=config.reuse_gather_buffers,
+        )
 
     def forward(
         self,

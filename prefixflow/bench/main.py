@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefixflow.bench.run import run_peer, run_prefixflow, write_batch
 from prefixflow.bench.workloads import CORPUS_LICENCE, build_workloads
+from prefixflow.entrypoints.engine_args import add_engine_arguments, cli_flags, config_from_args
 
 ENGINES = ["prefixflow", "vllm", "llama.cpp", "transformers"]
 # Not run unless named: prefixflow with prefix sharing off, to show what sharing buys.
@@ -25,7 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated; also {UNSHARED} (prefixflow with prefix sharing off)",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply the request counts")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument(
         "--peer-python",
         default=".venv-peers/bin/python",
@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="folder for results.json and chart.png")
     p.add_argument("--timeout", type=float, default=900, help="seconds per engine and workload")
     p.add_argument("--no-limits", action="store_true", help="skip measuring the machine's limits")
+    # prefixflow runs with these; the peers get the same dtype.
+    add_engine_arguments(p)
 
 
 def _has_module(python: str, module: str) -> bool:
@@ -85,7 +87,13 @@ def run(args: argparse.Namespace) -> int:
     from prefixflow.bench.export import export_hf_folder
     from prefixflow.bench.report import table, write_chart, write_json
     from prefixflow.model.default import default_model_path
+    from prefixflow.utils.hardware import resolve_dtype
 
+    options = config_from_args(args).options()
+    # One concrete dtype for every engine, whatever "auto" means on this machine.
+    options["dtype"] = str(resolve_dtype(options["dtype"])).removeprefix("torch.")
+    args.dtype = options["dtype"]
+    flags = cli_flags(options)
     names = [n for n in args.workloads.split(",") if n]
     workloads = [w for w in build_workloads(args.scale) if w.name in names]
     engines = [e for e in args.engines.split(",") if e]
@@ -119,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
             for engine, python in runs:
                 print(f"bench: {w.name} on {engine} ...", file=sys.stderr, flush=True)
                 if engine == "prefixflow":
-                    r = run_prefixflow(w, work, args.dtype, [], args.timeout)
+                    r = run_prefixflow(w, work, flags, args.timeout)
                 elif engine == UNSHARED:
                     r = run_prefixflow(
-                        w, work, args.dtype, ["--no-prefix-sharing"], args.timeout, engine
+                        w, work, [*flags, "--no-prefix-sharing"], args.timeout, engine
                     )
                 else:
                     r = run_peer(engine, python, w, work, hf_dir, gguf, args.dtype, args.timeout)

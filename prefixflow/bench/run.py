@@ -80,8 +80,7 @@ def _run_measured(cmd: list[str], env: dict | None, timeout: float) -> tuple[int
 def run_prefixflow(
     w: Workload,
     workdir: Path,
-    dtype: str,
-    extra: list[str],
+    flags: list[str],
     timeout: float,
     name: str = "prefixflow",
 ) -> EngineResult:
@@ -101,9 +100,7 @@ def run_prefixflow(
         "--report",
         str(rep),
         "--no-progress",
-        "--dtype",
-        dtype,
-        *extra,
+        *flags,
     ]
     code, rss, err = _run_measured(cmd, None, timeout)
     if code != 0 or not rep.exists():

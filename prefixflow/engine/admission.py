@@ -21,8 +21,6 @@ from bisect import insort
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.request import Request
 
-_CAP = 1 << 20  # max_tokens without a bound, as far as memory planning goes
-
 
 class AdmissionPolicy(ABC):
     name: str
@@ -51,10 +49,6 @@ class Aggressive(AdmissionPolicy):
         return pages_now <= pool.num_free - self.reserve_pages
 
 
-def _max_out(req: Request) -> int:
-    return min(req.max_output_tokens, _CAP)
-
-
 class Conservative(AdmissionPolicy):
     """Reserve for every request the pages it needs to reach max_tokens."""
 
@@ -65,9 +59,9 @@ class Conservative(AdmissionPolicy):
 
     def _growth(self, req: Request, pool: PagePool) -> int:
         """Pages req (and its unforked samples) may still allocate."""
-        final = req.num_prompt_tokens + _max_out(req) - 1
+        final = req.num_prompt_tokens + req.max_output_tokens - 1
         own = pool.pages_for(final) - len(req.page_ids)
-        per_sample = pool.pages_for(_max_out(req)) + 1  # their own pages plus a copied one
+        per_sample = pool.pages_for(req.max_output_tokens) + 1  # their own pages plus a copied one
         return max(own, 0) + len(req.fork_siblings) * per_sample
 
     def admits(self, req: Request, pages_now: int, pool: PagePool) -> bool:
@@ -98,7 +92,7 @@ class PastFuture(AdmissionPolicy):
 
     def remaining(self, req: Request) -> int:
         """Predicted output tokens still to come (b in the paper)."""
-        cap = _max_out(req)
+        cap = req.max_output_tokens
         done = req.num_output_tokens
         if req.sampling_params.ignore_eos or self.mean_output is None:
             return cap - done

@@ -11,6 +11,7 @@ from prefixflow.config import EngineConfig
 from prefixflow.engine.outputs import SampledToken
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.engine.stop import find_stop_string
+from prefixflow.errors import RequestError
 from prefixflow.model.loader import (
     eos_token_ids,
     iter_weights,
@@ -32,12 +33,9 @@ from prefixflow.runner.runner import ModelRunner
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.tokenizer import TextCodec
 from prefixflow.utils.hardware import resolve_dtype
+from prefixflow.validation import check_request
 
 logger = logging.getLogger("prefixflow")
-
-
-class InvalidRequestError(ValueError):
-    """A request that cannot run as given; the message says what to change."""
 
 
 @dataclass
@@ -100,7 +98,7 @@ class Engine:
         self.kv_cache_bytes = num_pages * bytes_per_page(hf_config, bs, self.dtype)
         self.pool = PagePool(num_pages, bs)
         self.scheduler = Scheduler(config.scheduler, self.pool)
-        self.runner = ModelRunner(self.model, kv, config.attention_backend, config.seed)
+        self.runner = ModelRunner(self.model, kv, config)
         self.load_seconds = time.perf_counter() - t0
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
@@ -117,13 +115,6 @@ class Engine:
         )
 
     # ---- requests ----
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty; give at least one token of text")
-            return prompt, self.codec.encode(prompt)
-        return None, list(prompt)
-
     def add_request(
         self,
         request_id: str,
@@ -131,15 +122,17 @@ class Engine:
         params: SamplingParams,
         prompt_text: str | None = None,
     ) -> None:
-        """Queue a request. Raises InvalidRequestError (nothing queued) if it cannot run."""
+        """Queue a request: text, or token ids (with the text they came from, if any).
+
+        Raises RequestError (nothing queued) if it cannot run.
+        """
         if request_id in self._parents:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize(prompt)
-        text = prompt_text if prompt_text is not None else text
-        self._validate_prompt(ids)
-        vocab = self.hf_config.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, (self.codec.encode(prompt) if prompt else [])
+        else:
+            text, ids = prompt_text, list(prompt)
+        check_request(text, ids, params, self.max_model_len, self.hf_config.vocab_size)
         parent = _Parent(request_id, text, ids)
         children = []
         for i in range(params.n):
@@ -156,31 +149,16 @@ class Engine:
                 for req in children:
                     self.scheduler.add(req)
                     added.append(req)
-        except ValueError as e:
+        except RequestError:
             for req in added:
                 self.scheduler.abort(req.request_id)
-            raise InvalidRequestError(str(e)) from e
+            raise
         for req in children:
             s = _Sample(req, [] if params.logprobs is not None else None)
             parent.samples.append(s)
             self._sample_of[req.request_id] = (parent, s)
         self._parents[request_id] = parent
         self.stats.prompt_tokens += len(ids)
-
-    def _validate_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequestError("prompt is empty; give at least one token")
-        vocab = self.hf_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {vocab}); got {bad[:3]}"
-            )
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens but the model holds {self.max_model_len} "
-                "positions, leaving no room to generate; shorten the prompt"
-            )
 
     def abort(self, request_id: str) -> None:
         parent = self._parents.pop(request_id, None)

@@ -36,10 +36,11 @@ from prefixflow.engine.outputs import (
 )
 from prefixflow.engine.prefix_plan import plan_order
 from prefixflow.engine.stop import check_token_stop, masked_token_ids
+from prefixflow.errors import KV_CACHE_TOO_SMALL, RequestError
 from prefixflow.request import FinishReason, Request, RequestStatus
 
 
-class RequestTooLargeError(ValueError):
+class RequestTooLargeError(RequestError):
     """The request cannot fit in the KV cache even alone."""
 
 
@@ -71,7 +72,7 @@ class Scheduler:
         for r in [req, *siblings]:
             self._check_fits(r)
             if r.request_id in self.requests:
-                raise ValueError(f"request id {r.request_id!r} is already in use")
+                raise RequestError(f"request id {r.request_id!r} is already in use")
         req.fork_siblings = list(siblings)
         for sib in siblings:
             sib.fork_leader = req
@@ -82,12 +83,14 @@ class Scheduler:
 
     def _check_fits(self, req: Request) -> None:
         # The last sampled token is never run through the model, so it needs no KV slot.
-        peak_tokens = req.num_prompt_tokens + max(min(req.max_output_tokens, 1 << 40) - 1, 0)
+        peak_tokens = req.num_prompt_tokens + max(req.max_output_tokens - 1, 0)
         if self.pool.pages_for(peak_tokens) > self.pool.num_pages:
             raise RequestTooLargeError(
                 f"request {req.request_id!r} needs up to {peak_tokens} tokens of KV cache but the "
                 f"cache holds {self.pool.num_pages * self.pool.page_size}; lower max_tokens or "
-                "give the KV cache more memory"
+                "give the KV cache more memory",
+                "max_tokens",
+                KV_CACHE_TOO_SMALL,
             )
 
     def abort(self, request_id: str) -> None:

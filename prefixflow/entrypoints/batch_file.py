@@ -6,7 +6,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from prefixflow.entrypoints.openai.serving import RequestError
+from prefixflow.errors import DUPLICATE_CUSTOM_ID, INVALID_JSON, RequestError
 
 METHOD = "POST"
 # Requests run-batch reads ahead and keeps in flight: bounds memory, and is what the prefix
@@ -29,10 +29,10 @@ def parse_line(line_no: int, raw: str, seen_ids: set[str]) -> BatchLine:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
         raise RequestError(
-            f"{where}: invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json"
+            f"{where}: invalid JSON ({e.msg} at column {e.colno})", None, INVALID_JSON
         ) from e
     except RecursionError as e:
-        raise RequestError(f"{where}: JSON nested too deeply", None, "invalid_json") from e
+        raise RequestError(f"{where}: JSON nested too deeply", None, INVALID_JSON) from e
     if not isinstance(obj, dict):
         raise RequestError(f"{where}: expected a JSON object with custom_id, method, url and body")
     custom_id = obj.get("custom_id")
@@ -42,7 +42,7 @@ def parse_line(line_no: int, raw: str, seen_ids: set[str]) -> BatchLine:
         raise RequestError(
             f"{where}: custom_id {custom_id!r} was already used by an earlier line; make it unique",
             "custom_id",
-            "duplicate_custom_id",
+            DUPLICATE_CUSTOM_ID,
         )
     seen_ids.add(custom_id)
     extra = set(obj) - {"custom_id", "method", "url", "body"}

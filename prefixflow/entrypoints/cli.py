@@ -1,4 +1,4 @@
-"""The `prefixflow` command: run-batch (and, later, serve and bench)."""
+"""The `prefixflow` command: run-batch, serve and bench."""
 
 from __future__ import annotations
 
@@ -9,62 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from prefixflow.config import EngineConfig, SchedulerConfig
 from prefixflow.entrypoints.batch_file import DEFAULT_WINDOW
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument(
-        "--kv-cache-memory",
-        default="auto",
-        help="KV cache size, e.g. 2GiB, or a fraction of free memory",
-    )
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument(
-        "--attention-backend",
-        default="shared_prefix",
-        choices=["shared_prefix", "paged"],
-        help="shared_prefix reads each shared prefix once per step; paged is the plain path",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--admission",
-        default="past_future",
-        choices=["past_future", "conservative", "aggressive"],
-        help="who may start while others run: predicted peak KV (past_future), room for "
-        "max_tokens for all (conservative), or free pages now (aggressive)",
-    )
-    p.add_argument(
-        "--no-prefix-sharing",
-        action="store_true",
-        help="compute every prompt in full: no prefix cache, no shared prefill of n samples",
-    )
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    memory = args.kv_cache_memory
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        kv_cache_memory=memory,
-        max_model_len=args.max_model_len,
-        attention_backend=args.attention_backend,
-        seed=args.seed,
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            prefix_sharing=not args.no_prefix_sharing,
-            admission=args.admission,
-        ),
-    )
+from prefixflow.entrypoints.engine_args import add_engine_arguments, config_from_args
 
 
 def _fail(msg: str) -> int:
@@ -72,10 +18,23 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _load_engine(args: argparse.Namespace):
+    """The engine the flags ask for, or the exit status after printing what went wrong."""
+    from prefixflow.engine.engine import Engine
+
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        return Engine(config)
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load the model: {e}")
+
+
 def cmd_run_batch(args: argparse.Namespace) -> int:
     if args.window < 1:
         return _fail(f"--window must be at least 1, got {args.window}")
-    from prefixflow.engine.engine import Engine
     from prefixflow.entrypoints.run_batch import run_batch
 
     inp, out = Path(args.input), Path(args.output)
@@ -87,11 +46,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         return _fail(f"cannot read input file {str(inp)!r}: {e.strerror}")
     if not out.parent.exists():
         return _fail(f"output folder {str(out.parent)!r} does not exist")
-    try:
-        config = engine_config(args)
-        engine = Engine(config)
-    except (OSError, ValueError) as e:
-        return _fail(f"cannot load the model: {e}")
+    engine = _load_engine(args)
+    if isinstance(engine, int):
+        return engine
     print(
         f"prefixflow: {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}), "
         f"KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens "
@@ -116,13 +73,11 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from prefixflow.engine.engine import Engine
     from prefixflow.entrypoints.server.app import build_app
 
-    try:
-        engine = Engine(engine_config(args))
-    except (OSError, ValueError) as e:
-        return _fail(f"cannot load the model: {e}")
+    engine = _load_engine(args)
+    if isinstance(engine, int):
+        return engine
     print(
         f"prefixflow: serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
         f"(KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens)",
@@ -159,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start afresh; by default an existing output is resumed after its last whole line",
     )
-    _engine_args(rb)
+    add_engine_arguments(rb)
     rb.set_defaults(func=cmd_run_batch)
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine")
     sv.add_argument("--host", default="127.0.0.1")
@@ -171,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: $PREFIXFLOW_API_KEY, or none)",
     )
     sv.add_argument("--log-level", default="warning")
-    _engine_args(sv)
+    add_engine_arguments(sv)
     sv.set_defaults(func=cmd_serve)
     from prefixflow.bench.main import add_arguments
     from prefixflow.bench.main import run as cmd_bench

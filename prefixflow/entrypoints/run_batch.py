@@ -31,11 +31,11 @@ from prefixflow.entrypoints.batch_resume import DoneLines, read_done
 from prefixflow.entrypoints.openai.serving import (
     COMPLETIONS,
     PreparedRequest,
-    RequestError,
     chat_body,
     completion_body,
     prepare,
 )
+from prefixflow.errors import DUPLICATE_CUSTOM_ID, RequestError
 from prefixflow.request import RequestOutput
 
 
@@ -131,7 +131,7 @@ class BatchRunner:
             custom_id = item.custom_id
             if self._skip_done(line_no, custom_id):
                 return
-            prepared = prepare(item.url, item.body, self.engine.codec, self.engine.max_model_len)
+            prepared = prepare(item.url, item.body, self.engine.codec)
             index = self._take_index()
             pending = _Pending(custom_id, index, prepared, request_ids)
             for j, (text, ids) in enumerate(prepared.prompts):
@@ -148,7 +148,7 @@ class BatchRunner:
                 if self._skip_done(line_no, None):
                     return
                 # A duplicate's error line must not repeat the custom_id of the line it copies.
-                if err.code != "duplicate_custom_id":
+                if err.code != DUPLICATE_CUSTOM_ID:
                     custom_id = custom_id_of(raw)
             self._fail(custom_id, err, line_no, index)
             return

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from prefixflow.attention.backend import get_backend
+from prefixflow.attention.registry import build_backend
+from prefixflow.config import EngineConfig
 from prefixflow.engine.outputs import RunnerOutput, SchedulerOutput
 from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.runner.step_inputs import build_step
@@ -16,15 +17,17 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         kv_cache: torch.Tensor,  # (L, 2, num_pages, page_size, H_kv, D)
-        attention_backend: str = "shared_prefix",
-        seed: int = 0,
+        config: EngineConfig,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.page_size = kv_cache.shape[3]
-        self.backend = get_backend(attention_backend)
-        self.sampler = Sampler(seed)
+        self.backend = build_backend(config.attention_backend, config)
+        self.sampler = Sampler(config.seed, greedy_fast_path=config.greedy_fast_path)
         self._pages_zeroed = 0
+        if not config.lazy_kv_zeroing:
+            kv_cache.zero_()
+            self._pages_zeroed = kv_cache.shape[2]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

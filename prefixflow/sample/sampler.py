@@ -13,7 +13,8 @@ from prefixflow.engine.outputs import SampledToken, ScheduledSeq
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, greedy_fast_path: bool = True) -> None:
+        self.greedy_fast_path = greedy_fast_path
         self._shared = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -25,8 +26,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> list[SampledToken]:
         """logits: (S, V) in the model's dtype, one row per sequence in seqs (not modified)."""
         want_logprobs = [s.params.logprobs is not None for s in seqs]
-        plain_greedy = not any(want_logprobs) and all(
-            s.params.greedy and not s.masked_token_ids for s in seqs
+        plain_greedy = (
+            self.greedy_fast_path
+            and not any(want_logprobs)
+            and all(s.params.greedy and not s.masked_token_ids for s in seqs)
         )
         if plain_greedy:
             # argmax is exact in any dtype: skip a (S, V) float32 copy per step. max().indices

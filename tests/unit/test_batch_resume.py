@@ -6,7 +6,7 @@ import json
 
 from prefixflow.entrypoints.batch_file import error_line, result_line
 from prefixflow.entrypoints.batch_resume import read_done
-from prefixflow.entrypoints.openai.serving import RequestError
+from prefixflow.errors import RequestError
 
 
 def lines(*objs: dict) -> bytes:

@@ -53,9 +53,14 @@ def make_request(
     max_model_len: int | None = None,
     **params,
 ) -> Request:
-    # Prompt tokens are distinct from generated ones (see default_token) and from EOS.
-    prompt = [100 + (hash(rid) % 50) + i for i in range(prompt_len)]
+    # Prompt tokens are distinct from generated ones (see default_token) and from EOS, and
+    # each request id's first token is its own, so no two requests ever share a page.
+    first = 10_000 + _RID_INDEX.setdefault(rid, len(_RID_INDEX))
+    prompt = [first] + [100 + i for i in range(1, prompt_len)]
     return Request(rid, prompt, SamplingParams(**params), eos, max_model_len)
+
+
+_RID_INDEX: dict[str, int] = {}
 
 
 def default_token(seq: ScheduledSeq) -> int:

@@ -1,7 +1,8 @@
 """Pydantic models of the OpenAI request bodies prefixflow serves.
 
 Unknown fields are refused (a typo must not silently change a job). Known OpenAI fields
-that prefixflow does not implement are accepted only at their neutral value.
+that prefixflow does not implement are accepted only at their neutral value. Ranges of
+values are not checked here but by SamplingParams, which LLM() users meet too.
 vLLM's sampling extensions (top_k, min_p, min_tokens, ignore_eos, ...) are accepted too.
 """
 
@@ -11,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prefixflow.errors import RequestError
 from prefixflow.sampling_params import SamplingParams
 
 
@@ -20,9 +22,9 @@ class _Strict(BaseModel):
 
 class _SamplingFields(_Strict):
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=128)
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -73,7 +75,7 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -127,7 +129,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template: str | None = None
 
@@ -141,6 +143,6 @@ class ChatCompletionRequest(_SamplingFields):
     def num_logprobs(self) -> int | None:
         if not self.logprobs:
             if self.top_logprobs:
-                raise ValueError("top_logprobs needs logprobs: true")
+                raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
             return None
         return self.top_logprobs or 0

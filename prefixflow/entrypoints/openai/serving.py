@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from prefixflow import errors
 from prefixflow.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from prefixflow.errors import RequestError
 from prefixflow.request import CompletionOutput, RequestOutput
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.tokenizer import TextCodec
@@ -19,28 +21,6 @@ from prefixflow.tokenizer import TextCodec
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 SUPPORTED_URLS = (COMPLETIONS, CHAT_COMPLETIONS)
-
-
-class RequestError(ValueError):
-    """A request that cannot be served, with an OpenAI-style error code and parameter."""
-
-    def __init__(
-        self, message: str, param: str | None = None, code: str = "invalid_request"
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": "invalid_request_error",
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 @dataclass
@@ -52,41 +32,40 @@ class PreparedRequest:
     include_usage: bool = False  # stream_options.include_usage
 
 
-def describe_validation_error(e: ValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
+def describe_validation_error(e: ValidationError) -> RequestError:
+    parts, param, code = [], None, errors.INVALID_VALUE
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "body"
         param = param or loc
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field; remove it"
+            code = errors.UNKNOWN_FIELD
         parts.append(f"{loc}: {msg}")
-    return "; ".join(parts), param
+    return RequestError("; ".join(parts), param, code)
 
 
-def prepare(url: str, body: object, codec: TextCodec, max_model_len: int) -> PreparedRequest:
-    """Validate a body and tokenize its prompts. Raises RequestError saying what to fix."""
+def prepare(url: str, body: object, codec: TextCodec) -> PreparedRequest:
+    """Parse a body and tokenize its prompts. Raises RequestError saying what to fix.
+
+    What a request may ask for (prompt length, token ids, sampling values) is checked
+    where every entry point meets: SamplingParams and `Engine.add_request`.
+    """
     if url not in SUPPORTED_URLS:
         raise RequestError(
             f"url {url!r} is not supported; use {' or '.join(SUPPORTED_URLS)}",
             "url",
-            "unsupported_url",
+            errors.UNSUPPORTED_URL,
         )
     if not isinstance(body, dict):
         raise RequestError("body must be a JSON object", "body")
     try:
         if url == COMPLETIONS:
             req = CompletionRequest.model_validate(body)
-            prompts = []
-            for p in req.prompts():
-                if isinstance(p, str):
-                    if not p:
-                        raise RequestError(
-                            "prompt is empty; give at least one token of text", "prompt"
-                        )
-                    prompts.append((p, codec.encode(p)))
-                else:
-                    prompts.append((None, list(p)))
+            prompts = [
+                (p, codec.encode(p) if p else []) if isinstance(p, str) else (None, list(p))
+                for p in req.prompts()
+            ]
             params = req.sampling_params(req.max_tokens, req.logprobs)
         else:
             req = ChatCompletionRequest.model_validate(body)
@@ -99,29 +78,11 @@ def prepare(url: str, body: object, codec: TextCodec, max_model_len: int) -> Pre
             params = req.sampling_params(req.max_new_tokens(), req.num_logprobs())
             prompts = [(text, ids)]
     except ValidationError as e:
-        msg, param = describe_validation_error(e)
-        raise RequestError(msg, param) from e
+        raise describe_validation_error(e) from e
     except RequestError:
         raise
-    except ValueError as e:
-        raise RequestError(str(e)) from e
-    for _, ids in prompts:
-        if not ids:
-            raise RequestError("prompt is empty; give at least one token", "prompt")
-        if len(ids) >= max_model_len:
-            raise RequestError(
-                f"prompt has {len(ids)} tokens but the model holds {max_model_len} positions, "
-                "leaving no room to generate; shorten the prompt",
-                "prompt" if url == COMPLETIONS else "messages",
-                "context_length_exceeded",
-            )
-        if params.max_tokens is not None and len(ids) + params.max_tokens > max_model_len:
-            raise RequestError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"model's {max_model_len} positions; lower max_tokens or shorten the prompt",
-                "max_tokens",
-                "context_length_exceeded",
-            )
+    except ValueError as e:  # the chat template refused the messages
+        raise RequestError(str(e), "messages" if url == CHAT_COMPLETIONS else None) from e
     options = req.stream_options or {}
     return PreparedRequest(
         url, prompts, params, req.stream, bool(options.get("include_usage", False))

@@ -24,13 +24,13 @@ from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.openai.serving import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
-    RequestError,
     chat_body,
     completion_body,
     prepare,
 )
 from prefixflow.entrypoints.server.metrics import ServerCounters, metrics_registry, render
 from prefixflow.entrypoints.server.streaming import DONE, StreamState
+from prefixflow.errors import INVALID_JSON, RequestError
 from prefixflow.request import RequestOutput
 
 
@@ -103,9 +103,9 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             counters.requests_failed += 1
-            return error_response(400, "the body is not valid JSON", code="invalid_json")
+            return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
         try:
-            prepared = prepare(url, body, engine.codec, engine.max_model_len)
+            prepared = prepare(url, body, engine.codec)
         except RequestError as e:
             counters.requests_failed += 1
             return JSONResponse(e.body(), status_code=400)
@@ -120,7 +120,8 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         except ValueError as e:
             _cancel(rids)
             counters.requests_failed += 1
-            return error_response(400, str(e))
+            err = e if isinstance(e, RequestError) else RequestError(str(e))
+            return JSONResponse(err.body(), status_code=400)
         except BaseException:  # cancelled while queueing: leave nothing running
             _cancel(rids)
             raise
