@@ -24,7 +24,7 @@ def test_bench_smoke_counts(tmp_path):
             "--scale",
             "0.02",
             "--workloads",
-            "tree,samples",
+            "tree",
             "--engines",
             "prefixflow,transformers",
             "--peer-python",
@@ -38,7 +38,7 @@ def test_bench_smoke_counts(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((out / "results.json").read_text())
-    want = {w.name: w for w in build_workloads(0.02) if w.name in ("tree", "samples")}
+    want = {w.name: w for w in build_workloads(0.02) if w.name == "tree"}
     for name, w in want.items():
         assert data["workloads"][name]["requests"] == len(w.requests)
         runs = [r for r in data["results"] if r["workload"] == name]
@@ -47,16 +47,11 @@ def test_bench_smoke_counts(tmp_path):
             assert r["ok"], r
             assert r["output_tokens"] == w.output_tokens
         assert data["limits"][name]["min_seconds"] > 0
-    pf = next(
-        r for r in data["results"] if r["engine"] == "prefixflow" and r["workload"] == "samples"
-    )
+    by_engine = {r["engine"]: r for r in data["results"]}
+    # The documents' questions share each document's prefix: prefixflow computes it once.
     assert (
-        pf["prompt_tokens"]
-        < next(
-            r
-            for r in data["results"]
-            if r["engine"] == "transformers" and r["workload"] == "samples"
-        )["prompt_tokens_computed"]
+        by_engine["prefixflow"]["prompt_tokens_computed"]
+        < by_engine["transformers"]["prompt_tokens_computed"] / 3
     )
     assert (out / "chart.png").stat().st_size > 1000
     assert "prefixflow/x" in proc.stdout

@@ -60,17 +60,28 @@ def count_lines(path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_then_rerun_gives_one_line_per_request_and_same_results(tmp_path, seed):
-    inp = tmp_path / "in.jsonl"
-    ids, bad_lines = write_input(inp)
-    ref_out = tmp_path / "ref.jsonl"
-    args = ["--dtype", "float32", "--no-progress", "--window", "8"]
-    proc = run_cli(str(inp), "-o", str(ref_out), *args)
-    assert proc.returncode == 0, proc.stderr
-    ref, ref_errors = results(ref_out)
-    assert sorted(ref) == sorted(ids) and len(ref_errors) == 3
+ARGS = ["--dtype", "float32", "--no-progress", "--window", "8"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The input file, and the results of a run that was not interrupted."""
+    tmp = tmp_path_factory.mktemp("resume")
+    inp = tmp / "in.jsonl"
+    ids, bad_lines = write_input(inp)
+    proc = run_cli(str(inp), "-o", str(tmp / "ref.jsonl"), *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    ref, ref_errors = results(tmp / "ref.jsonl")
+    assert sorted(ref) == sorted(ids) and len(ref_errors) == 3
+    return inp, ref, bad_lines
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_then_rerun_gives_one_line_per_request_and_same_results(
+    tmp_path, uninterrupted, seed
+):
+    inp, ref, bad_lines = uninterrupted
+    args = ARGS
     out = tmp_path / "out.jsonl"
     kill_after = random.Random(seed).randint(4, 35)  # lines written before the kill
     job = subprocess.Popen(

@@ -122,11 +122,11 @@ def test_200_concurrent_streams_complete_and_memory_returns(server):
     async def once(prompt: str, stream: bool) -> str:
         if not stream:
             r = await client.completions.create(
-                model="m", prompt=prompt, max_tokens=12, temperature=0
+                model="m", prompt=prompt, max_tokens=6, temperature=0
             )
             return r.choices[0].text
         s = await client.completions.create(
-            model="m", prompt=prompt, max_tokens=12, temperature=0, stream=True
+            model="m", prompt=prompt, max_tokens=6, temperature=0, stream=True
         )
         return "".join([c.choices[0].text async for c in s if c.choices])
 

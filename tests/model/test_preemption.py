@@ -19,7 +19,7 @@ def test_tiny_kv_cache_preempts_and_outputs_are_unchanged(llm_f32, prompts):
     )
     assert small.engine.pool.num_pages * small.engine.pool.page_size < 1100  # ~2 long prompts
     batch = [{"prompt_token_ids": p["ids"]} for p in prompts] * 2
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = llm_f32.generate(batch, params, use_tqdm=False)
     got = small.generate(batch, params, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0
@@ -27,29 +27,33 @@ def test_tiny_kv_cache_preempts_and_outputs_are_unchanged(llm_f32, prompts):
     assert small.engine.pool.num_free == small.engine.pool.num_pages
 
 
-def mixed_batch(tokenizer) -> list[dict]:
-    """200 requests: short and long prompts, 4 to 24 output tokens, EOS allowed."""
+NUM_MIXED = 80
+
+
+@pytest.fixture(scope="module")
+def mixed(llm_f32, tokenizer):
+    """NUM_MIXED requests (short and long prompts, 4 to 24 output tokens, EOS allowed) and
+    their greedy outputs with ample memory."""
     from tests.prompts import PARAGRAPHS, PLAIN, QUESTIONS
 
     texts = PLAIN + QUESTIONS + [" ".join(PARAGRAPHS[: 1 + i % 3]) for i in range(4)]
-    batch = []
-    for i in range(200):
+    prompts, params = [], []
+    for i in range(NUM_MIXED):
         ids = tokenizer(f"{i}. {texts[i % len(texts)]}").input_ids
-        batch.append({"prompt_token_ids": ids, "max_tokens": 4 + (i * 7) % 21})
-    return batch
+        prompts.append({"prompt_token_ids": ids})
+        params.append(SamplingParams(temperature=0, max_tokens=4 + (i * 7) % 21))
+    want = llm_f32.generate(prompts, params, use_tqdm=False)
+    return prompts, params, [o.outputs[0].token_ids for o in want]
 
 
 @pytest.mark.parametrize("admission", ["past_future", "aggressive"])
-def test_200_mixed_requests_in_a_kv_budget_of_a_few_sequences(llm_f32, tokenizer, admission):
+def test_mixed_requests_in_a_kv_budget_of_a_few_sequences(mixed, admission):
     small = LLM(dtype="float32", kv_cache_memory="16MiB", admission=admission)
     pool = small.engine.pool
     assert pool.num_pages * pool.page_size < 400  # a few sequences of up to ~150 tokens
-    batch = mixed_batch(tokenizer)
-    prompts = [{"prompt_token_ids": b["prompt_token_ids"]} for b in batch]
-    params = [SamplingParams(temperature=0, max_tokens=b["max_tokens"]) for b in batch]
+    prompts, params, want = mixed
     got = small.generate(prompts, params, use_tqdm=False)
-    want = llm_f32.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert [o.outputs[0].token_ids for o in got] == want
     assert pool.num_free == pool.num_pages
     stats = small.engine.stats
     assert 0 < stats.mean_kv_utilisation <= 1
