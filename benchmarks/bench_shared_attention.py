@@ -56,7 +56,10 @@ def main() -> None:
     runner = llm.engine.runner
     bs = llm.engine.pool.page_size
     pages = list(range(llm.engine.pool.num_pages))
-    backends = {name: build_backend(name, llm.config) for name in ("paged", "shared_prefix")}
+    backends = {
+        name: build_backend(name, llm.config, runner.backend.shape)
+        for name in ("paged", "shared_prefix")
+    }
     times: dict[tuple[str, int], float] = {}
     for prefix in [int(p) for p in args.prefixes.split(",")]:
         sched = decode_step(args.seqs, prefix, args.own, bs, pages)

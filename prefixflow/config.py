@@ -165,6 +165,11 @@ class EngineConfig:
         "paged is the plain reference path",
         choices=_attention_backends,
     )
+    attention_kernels: bool = option(
+        True,
+        "attend with the C++ kernels that read KV pages in place, where they were built "
+        "(off: the PyTorch path, for comparison)",
+    )
     shared_prefix_min_tokens: int = option(
         256,
         "a shared prefix gets its own attention part only if it spares this many token "

@@ -1,35 +1,65 @@
-"""The attention backend interface and its registry.
+"""The attention backend interface: prepare once per step, forward once per layer.
 
-A backend writes a step's new keys and values into the paged cache and attends every
-query to its sequence's context. Backends are chosen by name (registry.py) so a switch
-can compare them.
+`prepare(step)` turns the runner's StepLayout into the backend's own typed metadata (page
+tables, masks, shared-prefix layout, kernel work lists), so no layer rebuilds them;
+`forward(layer, q, k, v, kv_cache, meta)` writes the layer's new keys and values into the
+paged cache and attends every query to its sequence's context. Backends are chosen by
+name (registry.py), so a switch can compare them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from prefixflow.attention.metadata import AttentionMetadata
+from prefixflow.attention.step_layout import StepLayout
 from prefixflow.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The model's attention heads (the same in every layer) and the KV cache's page size and dtype."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: torch.dtype
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+
+class AttentionLayer(Protocol):
+    """What a backend needs to know of the layer it serves."""
+
+    scale: float
 
 
 class AttentionBackend(ABC):
     name: str
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AttentionBackend:
-        return cls()
+    @abstractmethod
+    def from_config(cls, config: EngineConfig, shape: AttentionShape) -> AttentionBackend: ...
+
+    @abstractmethod
+    def prepare(self, step: StepLayout) -> Any:
+        """This backend's metadata for the step, built once and read by every layer."""
 
     @abstractmethod
     def forward(
         self,
+        layer: AttentionLayer,
         q: torch.Tensor,  # (T, H, D)
         k: torch.Tensor,  # (T, H_kv, D)
         v: torch.Tensor,  # (T, H_kv, D)
-        kv_cache: torch.Tensor,  # (2, num_pages, page_size, H_kv, D)
-        meta: AttentionMetadata,
-        scale: float,
+        kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D): kv_layout.py
+        meta: Any,  # what prepare() returned for this step
     ) -> torch.Tensor:  # (T, H, D)
         ...

@@ -16,9 +16,9 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def build_backend(name: str, config: Any) -> Any:
-    """The AttentionBackend `name`, set up from an EngineConfig."""
+def build_backend(name: str, config: Any, heads: Any) -> Any:
+    """The AttentionBackend `name`, set up from an EngineConfig for a model's HeadShape."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls).from_config(config)
+    return getattr(importlib.import_module(module), cls).from_config(config, heads)

@@ -2,182 +2,265 @@
 
 Hydragen / FlashInfer cascade attention on the CPU. For every shared part of the step
 (a run of pages several sequences hold, see prefix_groups.py), the queries of all its
-sequences are stacked into one matrix and attend to the single copy of its KV: one
-matrix-matrix product instead of one matrix-vector product per sequence. Each sequence
-also attends alone to its own pages after its shared parts (causally for a prompt chunk).
-The parts are merged exactly by their log-sum-exp in float32 (merge.py). A tree of
-prefixes (instruction, document, question) is just more parts.
+sequences are stacked and attend to the single copy of its KV together. Each sequence also
+attends alone to its own pages after its shared parts (causally for a prompt chunk). The
+parts are merged exactly by their log-sum-exp in float32 (merge.py). A tree of prefixes
+(instruction, document, question) is just more parts.
 
-Steps without a part worth sharing take the plain paged path unchanged.
+The work runs on the C++ paged-attention kernel (kernels.py), which reads pages in place,
+or, with `attention_kernels` off or the kernel missing, on PyTorch (gathered pages and
+the fused CPU flash kernel). A large shared part in bfloat16 runs as two bfloat16 GEMMs
+around a softmax either way, which measured faster than the kernel's dot products there.
+Everything the step needs (layout, work lists, page tables, masks) is built once, in
+`prepare`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from prefixflow.attention.backend import AttentionBackend
-from prefixflow.attention.merge import (
+from prefixflow.attention import kernels, kv_layout
+from prefixflow.attention.backend import AttentionBackend, AttentionLayer, AttentionShape
+from prefixflow.attention.common import (
+    PageGather,
     additive_mask,
-    attend_causal_with_lse,
-    attend_with_lse,
-    merge_into,
+    causal_mask,
+    fold_gqa,
+    unfold_gqa,
 )
-from prefixflow.attention.metadata import AttentionMetadata
-from prefixflow.attention.paged import PagedAttention, PageGather, causal_mask, write_kv
-from prefixflow.attention.prefix_groups import PrefixLayout, plan_prefix_layout
+from prefixflow.attention.lse_attention import attend_causal_with_lse, attend_with_lse
+from prefixflow.attention.merge import merge_into
+from prefixflow.attention.paged import PagedAttention, PagedMetadata
+from prefixflow.attention.prefix_groups import plan_prefix_layout
+from prefixflow.attention.step_layout import StepLayout
 from prefixflow.config import EngineConfig
+
+# A shared part with at least this many (query vector, key) pairs takes the GEMM path in
+# bfloat16: at 100 rows x 3 heads x 2,000 keys it ran 1.45x faster than the kernel; at
+# 64 x 3 x 400 the two were even.
+GEMM_MIN_PAIRS = 200_000
+
+
+@dataclass
+class OwnPrefill:
+    """A prompt chunk attending alone to its own pages (PyTorch path)."""
+
+    rows: slice
+    pages: torch.Tensor  # (n,) page ids from its first own page
+    keys: int  # tokens of context in those pages
+    mask: torch.Tensor | None  # (G*Q, L) additive; None: a prompt from its start (causal)
+
+
+@dataclass
+class OwnTorch:
+    """Every sequence's own pages, attended on the PyTorch path."""
+
+    decode_rows: torch.Tensor  # (B,)
+    decode_tables: torch.Tensor  # (B, W)
+    decode_mask: torch.Tensor  # (B, 1, 1, L) additive
+    prefills: list[OwnPrefill]
+
+
+@dataclass
+class Part:
+    rows: torch.Tensor  # (M,) the stacked query rows of its members
+    pages: torch.Tensor  # (n,) its page ids
+    work: kernels.KernelWork | None  # on the kernel; None: PyTorch
+
+
+@dataclass
+class SharedPrefixMetadata:
+    slot_mapping: torch.Tensor
+    plain: PagedMetadata | None  # nothing shared and no kernel: the plain paged path
+    own_work: kernels.KernelWork | None  # own pages on the kernel
+    own_torch: OwnTorch | None  # own pages on PyTorch
+    parts: list[Part]
 
 
 class SharedPrefixAttention(AttentionBackend):
     name = "shared_prefix"
 
     def __init__(
-        self, *, min_shared_tokens: int, min_part_tokens: int, reuse_gather_buffers: bool = True
+        self,
+        shape: AttentionShape,
+        *,
+        min_shared_tokens: int,
+        min_part_tokens: int,
+        use_kernels: bool = True,
+        reuse_gather_buffers: bool = True,
     ) -> None:
         # A part must spare min_shared_tokens token reads ((members - 1) x tokens) and be
         # min_part_tokens long to be worth its own product and merge; a smaller run is read
         # with what follows it. A part of one 16-token page (a chat template's opening)
         # measured slower than no part at all.
+        self.shape = shape
         self.min_shared_tokens = min_shared_tokens
         self.min_part_tokens = min_part_tokens
-        self.gather = PageGather(reuse_gather_buffers)
-        self.plain = PagedAttention(reuse_gather_buffers)
+        self.kernel = kernels.load() if use_kernels else None
+        self.gather = PageGather(shape.page_size, reuse_gather_buffers)
+        self.plain = PagedAttention(shape, reuse_gather_buffers)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> SharedPrefixAttention:
+    def from_config(cls, config: EngineConfig, shape: AttentionShape) -> SharedPrefixAttention:
         return cls(
+            shape,
             min_shared_tokens=config.shared_prefix_min_tokens,
             min_part_tokens=config.shared_prefix_min_part_tokens,
+            use_kernels=config.attention_kernels,
             reuse_gather_buffers=config.reuse_gather_buffers,
         )
 
+    # ---- once per step ----
+    def prepare(self, step: StepLayout) -> SharedPrefixMetadata:
+        bs = step.page_size
+        seqs = step.seqs
+        layout = plan_prefix_layout(
+            [s.pages for s in seqs],
+            [(s.ctx_len - s.q_len) // bs for s in seqs],
+            self.min_shared_tokens,
+            bs,
+            self.min_part_tokens,
+        )
+        if not layout.parts and self.kernel is None:
+            return SharedPrefixMetadata(step.slot_mapping, self.plain.prepare(step), None, None, [])
+        own = layout.own_from_page
+        own_work = own_torch = None
+        if self.kernel is not None:
+            own_work = kernels.kernel_work(
+                [
+                    (
+                        s.rows,
+                        s.pages[own[i] :],
+                        s.ctx_len - own[i] * bs,
+                        s.ctx_len - own[i] * bs - s.q_len,
+                    )
+                    for i, s in enumerate(seqs)
+                ]
+            )
+        else:
+            own_torch = self._own_torch(step, own)
+        parts = []
+        g = self.shape.group
+        for part in layout.parts:
+            rows = [r for i in part.members for r in seqs[i].rows]
+            keys = len(part.pages) * bs
+            gemm = len(rows) * g * keys >= GEMM_MIN_PAIRS
+            work = None
+            if self.kernel is not None and not (gemm and self.shape.dtype == torch.bfloat16):
+                work = kernels.kernel_work([(rows, part.pages, keys, kernels.SEES_ALL)])
+            parts.append(
+                Part(
+                    torch.tensor(rows, dtype=torch.long),
+                    torch.tensor(part.pages, dtype=torch.long),
+                    work,
+                )
+            )
+        return SharedPrefixMetadata(step.slot_mapping, None, own_work, own_torch, parts)
+
+    def _own_torch(self, step: StepLayout, own: list[int]) -> OwnTorch:
+        bs = step.page_size
+        g = self.shape.group
+        dec = [i for i, s in enumerate(step.seqs) if s.q_len == 1]
+        tables = [step.seqs[i].pages[own[i] :] for i in dec]
+        lens = [step.seqs[i].ctx_len - own[i] * bs for i in dec]
+        width = max((len(t) for t in tables), default=0)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        mask = torch.arange(width * bs) < torch.tensor(lens, dtype=torch.long)[:, None]  # (B, L)
+        prefills = []
+        for i, s in enumerate(step.seqs):
+            if s.q_len == 1:
+                continue
+            keys = s.ctx_len - own[i] * bs
+            m = None
+            if keys != s.q_len:
+                m = additive_mask(causal_mask(s.q_len, keys).repeat(g, 1), self.shape.dtype)
+            prefills.append(
+                OwnPrefill(
+                    slice(s.q_start, s.q_start + s.q_len),
+                    torch.tensor(s.pages[own[i] :], dtype=torch.long),
+                    keys,
+                    m,
+                )
+            )
+        return OwnTorch(
+            torch.tensor([step.seqs[i].q_start for i in dec], dtype=torch.long),
+            padded.view(len(dec), width),
+            additive_mask(mask[:, None, None, :], self.shape.dtype),
+            prefills,
+        )
+
+    # ---- once per layer ----
     def forward(
         self,
+        layer: AttentionLayer,
         q: torch.Tensor,  # (T, H, D)
         k: torch.Tensor,  # (T, H_kv, D)
         v: torch.Tensor,
-        kv_cache: torch.Tensor,  # (2, num_pages, page_size, H_kv, D)
-        meta: AttentionMetadata,
-        scale: float,
+        kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D): kv_layout.py
+        meta: SharedPrefixMetadata,
     ) -> torch.Tensor:
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        layout = self._layout(meta)
-        if not layout.parts:
-            return self.plain.attend(q, kv_cache, meta, scale)
+        bs = self.shape.page_size
+        kv_layout.write(kv_cache, k, v, meta.slot_mapping, bs)
+        scale = layer.scale
+        if meta.plain is not None:
+            return self.plain.attend(q, kv_cache, meta.plain, scale)
         T, H, D = q.shape
-        h_kv = k.shape[1]
-        g = H // h_kv
-        bs = meta.page_size
         out = torch.empty(T, H, D, dtype=torch.float32)
         lse = torch.empty(T, H, dtype=torch.float32)
-
-        # Each sequence alone over its own pages. Decodes as one padded batch.
-        own = layout.own_from_page
-        dec = [i for i, s in enumerate(meta.seqs) if s.q_len == 1]
-        if dec:
-            rows, tables, mask = self._decode_own(meta, own, dec, q.dtype)
-            B = len(dec)
-            kc = self.gather(kv_cache[0], tables, 0)  # (B, H_kv, L, D)
-            vc = self.gather(kv_cache[1], tables, 1)
-            o, s_lse = attend_with_lse(q[rows].view(B, h_kv, g, D), kc, vc, mask, scale)
-            out[rows] = o.reshape(B, H, D).float()
-            lse[rows] = s_lse.reshape(B, H)
-        for i, s in enumerate(meta.seqs):
-            if s.q_len == 1:
-                continue
-            first = own[i]
-            pages = self._pages(meta, ("own_pages", i), s.pages[first:])
-            L = s.ctx_len - first * bs
-            kc = self.gather(kv_cache[0], pages, 0)[:, :L]  # (H_kv, L, D)
-            vc = self.gather(kv_cache[1], pages, 1)[:, :L]
-            sl = slice(s.q_start, s.q_start + s.q_len)
-            if L == s.q_len:  # a prompt from its start: plain causal attention
-                qh = q[sl].transpose(0, 1)[None]  # (1, H, Q, D)
-                o, s_lse = attend_causal_with_lse(qh, kc[None], vc[None], scale)
-                out[sl] = o[0].transpose(0, 1).float()
-                lse[sl] = s_lse[0].transpose(0, 1)
-                continue
-            qs = _fold(q[sl], h_kv)  # (1, H_kv, G*Q, D)
-            mask = meta.memo.get(("own_mask", i))
-            if mask is None:
-                bool_mask = causal_mask(s.q_len, L).repeat(g, 1)  # (G*Q, L)
-                mask = meta.memo[("own_mask", i)] = additive_mask(bool_mask, q.dtype)
-            o, s_lse = attend_with_lse(qs, kc[None], vc[None], mask, scale)
-            out[sl], lse[sl] = _unfold(o, s_lse, s.q_len, h_kv)
-
-        # Every shared part once, for the stacked queries of all its sequences.
-        for j, part in enumerate(layout.parts):
-            rows = meta.memo.get(("part_rows", j))
-            if rows is None:
-                idx = [r for i in part.members for r in _rows(meta.seqs[i])]
-                rows = meta.memo[("part_rows", j)] = torch.tensor(idx, dtype=torch.long)
-            pages = self._pages(meta, ("part_pages", j), part.pages)
-            kc = self.gather(kv_cache[0], pages, 2)  # (H_kv, P, D)
-            vc = self.gather(kv_cache[1], pages, 3)
-            M = rows.numel()
-            o, s_lse = attend_with_lse(_fold(q[rows], h_kv), kc[None], vc[None], None, scale)
-            o_part, lse_part = _unfold(o, s_lse, M, h_kv)
+        if meta.own_work is not None:
+            kernels.attend(self.kernel, out, lse, q, kv_cache, bs, meta.own_work, scale)
+        else:
+            self._attend_own_torch(q, kv_cache, meta.own_torch, scale, out, lse)
+        if meta.parts:
+            part_out = torch.empty_like(out)
+            part_lse = torch.empty_like(lse)
+        for part in meta.parts:
+            rows = part.rows
+            if part.work is not None:
+                kernels.attend(self.kernel, part_out, part_lse, q, kv_cache, bs, part.work, scale)
+                o_part, lse_part = part_out[rows], part_lse[rows]
+            else:
+                h_kv = self.shape.num_kv_heads
+                kc, vc = self.gather(kv_cache, part.pages, 1)  # (H_kv, P, D)
+                o, s_lse = attend_with_lse(fold_gqa(q[rows], h_kv), kc[None], vc[None], None, scale)
+                o_part, lse_part = unfold_gqa(o, s_lse, rows.numel(), h_kv)
             acc_o, acc_lse = out[rows], lse[rows]
             merge_into(acc_o, acc_lse, o_part, lse_part)
             out[rows], lse[rows] = acc_o, acc_lse
         return out.to(q.dtype)
 
-    @staticmethod
-    def _pages(meta: AttentionMetadata, key: tuple, pages: list[int]) -> torch.Tensor:
-        """A page-id tensor built by the first layer of the step, reused by the others."""
-        t = meta.memo.get(key)
-        if t is None:
-            t = meta.memo[key] = torch.tensor(pages, dtype=torch.long)
-        return t
-
-    def _layout(self, meta: AttentionMetadata) -> PrefixLayout:
-        layout = meta.memo.get("prefix_layout")
-        if layout is None:
-            bs = meta.page_size
-            layout = plan_prefix_layout(
-                [s.pages for s in meta.seqs],
-                [(s.ctx_len - s.q_len) // bs for s in meta.seqs],
-                self.min_shared_tokens,
-                bs,
-                self.min_part_tokens,
-            )
-            meta.memo["prefix_layout"] = layout
-        return layout
-
-    def _decode_own(
-        self, meta: AttentionMetadata, own: list[int], dec: list[int], dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cached = meta.memo.get("decode_own")
-        if cached is None:
-            bs = meta.page_size
-            seqs = [meta.seqs[i] for i in dec]
-            tables = [s.pages[own[i] :] for i, s in zip(dec, seqs, strict=True)]
-            lens = [s.ctx_len - own[i] * bs for i, s in zip(dec, seqs, strict=True)]
-            width = max(len(t) for t in tables)
-            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-            mask = torch.arange(width * bs) < torch.tensor(lens)[:, None]  # (B, L)
-            mask = additive_mask(mask[:, None, None, :], dtype)  # (B, 1, 1, L)
-            rows = torch.tensor([s.q_start for s in seqs], dtype=torch.long)
-            cached = meta.memo["decode_own"] = (rows, padded, mask)
-        return cached
-
-
-def _rows(s) -> range:
-    return range(s.q_start, s.q_start + s.q_len)
-
-
-def _fold(q: torch.Tensor, h_kv: int) -> torch.Tensor:
-    """(M, H, D) queries -> (1, H_kv, G*M, D): the G query heads of a KV head share its keys."""
-    M, H, D = q.shape
-    return q.view(M, h_kv, H // h_kv, D).permute(1, 2, 0, 3).reshape(1, h_kv, -1, D)
-
-
-def _unfold(
-    o: torch.Tensor, lse: torch.Tensor, M: int, h_kv: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, H_kv, G*M, D) output and (1, H_kv, G*M) lse -> (M, H, D) float32 and (M, H)."""
-    D = o.shape[-1]
-    g = o.shape[2] // M
-    o = o.view(h_kv, g, M, D).permute(2, 0, 1, 3).reshape(M, h_kv * g, D).float()
-    lse = lse.view(h_kv, g, M).permute(2, 0, 1).reshape(M, h_kv * g)
-    return o, lse
+    def _attend_own_torch(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        own: OwnTorch,
+        scale: float,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> None:
+        """Each sequence alone over its own pages, on PyTorch; decodes as one padded batch."""
+        H, D = q.shape[1:]
+        h_kv = self.shape.num_kv_heads
+        g = H // h_kv
+        if own.decode_rows.numel():
+            B = own.decode_rows.numel()
+            kc, vc = self.gather(kv_cache, own.decode_tables, 0)  # (B, H_kv, L, D)
+            qd = q[own.decode_rows].view(B, h_kv, g, D)
+            o, s_lse = attend_with_lse(qd, kc, vc, own.decode_mask, scale)
+            out[own.decode_rows] = o.reshape(B, H, D).float()
+            lse[own.decode_rows] = s_lse.reshape(B, H)
+        for p in own.prefills:
+            kc, vc = self.gather(kv_cache, p.pages, 0)  # (H_kv, L, D)
+            kc, vc = kc[:, : p.keys], vc[:, : p.keys]
+            Q = p.rows.stop - p.rows.start
+            if p.mask is None:  # a prompt from its start: plain causal attention
+                qh = q[p.rows].transpose(0, 1)[None]  # (1, H, Q, D)
+                o, s_lse = attend_causal_with_lse(qh, kc[None], vc[None], scale)
+                out[p.rows] = o[0].transpose(0, 1).float()
+                lse[p.rows] = s_lse[0].transpose(0, 1)
+                continue
+            qs = fold_gqa(q[p.rows], h_kv)
+            o, s_lse = attend_with_lse(qs, kc[None], vc[None], p.mask, scale)
+            out[p.rows], lse[p.rows] = unfold_gqa(o, s_lse, Q, h_kv)

@@ -1,23 +1,14 @@
-"""AttentionMetadata: where each token of a step sits, and where its sequence's KV pages are.
+"""StepLayout: where each token of a step sits, and which KV pages its sequence reads.
 
-Built once per step by the runner and read by every layer's attention backend.
+The runner builds one per step, whatever the backend; each backend turns it into its own
+typed metadata once (`AttentionBackend.prepare`), which every layer then reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-
-
-@dataclass
-class PrefillSeq:
-    """A sequence computing several tokens this step (a prompt chunk): handled alone."""
-
-    q_start: int  # first of its tokens in the step's flat token axis
-    q_len: int
-    ctx_len: int  # tokens of KV it attends to, its new ones included
-    page_table: torch.Tensor  # (num_pages,) page ids covering ctx_len
 
 
 @dataclass
@@ -27,18 +18,17 @@ class SeqLayout:
     ctx_len: int  # tokens of KV it attends to, its new ones included
     pages: list[int]  # page ids covering ctx_len
 
+    @property
+    def rows(self) -> range:
+        return range(self.q_start, self.q_start + self.q_len)
+
 
 @dataclass
-class AttentionMetadata:
+class StepLayout:
     page_size: int
     slot_mapping: torch.Tensor  # (T,) cache slot (page * page_size + offset) of each new token
-    prefills: list[PrefillSeq]
-    # Sequences with a single new token (decodes), attended together as one padded batch.
-    decode_idx: torch.Tensor  # (B,) their token index in the step
-    decode_page_tables: torch.Tensor  # (B, max_pages) padded with page 0
-    decode_ctx_lens: torch.Tensor  # (B,)
-    # Every sequence of the step, in step order, for backends that look across sequences.
-    seqs: list[SeqLayout] = field(default_factory=list)
-    # Tensors a backend derives from this step's layout (masks), built by the first layer
-    # and reused by the others.
-    memo: dict = field(default_factory=dict)
+    seqs: list[SeqLayout]  # every sequence of the step, in step order
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.q_len for s in self.seqs)

@@ -1,20 +1,20 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one axis T; attention finds each
-token's sequence, position and KV pages in the AttentionMetadata, so the model itself has
-no notion of batch or padding.
+token's sequence, position and KV pages in the backend's metadata for the step, so the
+model itself has no notion of batch or padding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prefixflow.attention.backend import AttentionBackend
-from prefixflow.attention.metadata import AttentionMetadata
 from prefixflow.model.rope import RotaryEmbedding
 from prefixflow.model.shapes import head_dim_of
 
@@ -50,7 +50,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (T, hidden)
         rope: RotaryEmbedding,
         positions: torch.Tensor,  # (T,)
-        meta: AttentionMetadata,
+        meta: Any,  # the backend's metadata for this step
         kv_cache: torch.Tensor,  # (2, num_pages, page_size, H_kv, D)
         backend: AttentionBackend,
     ) -> torch.Tensor:
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, H_kv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        o = backend.forward(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
+        o = backend.forward(self, q, k, v, kv_cache, meta)  # (T, H, D)
         return self.o_proj(o.reshape(T, self.q_size))
 
 
@@ -111,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # (T,)
         positions: torch.Tensor,  # (T,)
-        meta: AttentionMetadata,
+        meta: Any,  # the backend's metadata for this step
         kv_caches: torch.Tensor,  # (L, 2, num_pages, page_size, H_kv, D)
         backend: AttentionBackend,
     ) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from prefixflow.attention.kv_layout import cache_shape
 from prefixflow.config import available_memory_bytes, parse_memory
 from prefixflow.model.shapes import head_dim_of
 
@@ -11,14 +12,14 @@ _AUTO_CAP = 4 << 30  # "auto": up to 4 GiB, and at most 30% of what is free
 
 
 def kv_shape(hf_config, num_pages: int, page_size: int) -> tuple[int, ...]:
-    head_dim = head_dim_of(hf_config)
-    return (
+    """(layers, 2, num_pages, H_kv, page_size * head_dim); attention/kv_layout.py says how a
+    page's keys and values sit in it."""
+    return cache_shape(
         hf_config.num_hidden_layers,
-        2,
         num_pages,
-        page_size,
         hf_config.num_key_value_heads,
-        head_dim,
+        page_size,
+        head_dim_of(hf_config),
     )
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from prefixflow.attention.backend import AttentionShape
+from prefixflow.attention.kv_layout import check_page_size
 from prefixflow.attention.registry import build_backend
 from prefixflow.config import EngineConfig
 from prefixflow.engine.outputs import RunnerOutput, SchedulerOutput
 from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sample.sampler import Sampler
 
@@ -16,13 +19,22 @@ class ModelRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
-        kv_cache: torch.Tensor,  # (L, 2, num_pages, page_size, H_kv, D)
+        kv_cache: torch.Tensor,  # (L, 2, num_pages, H_kv, page_size * D): attention/kv_layout.py
         config: EngineConfig,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.page_size = kv_cache.shape[3]
-        self.backend = build_backend(config.attention_backend, config)
+        self.page_size = config.page_size
+        cfg = model.config
+        check_page_size(config.page_size, kv_cache.dtype)
+        shape = AttentionShape(
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            head_dim_of(cfg),
+            config.page_size,
+            kv_cache.dtype,
+        )
+        self.backend = build_backend(config.attention_backend, config, shape)
         self.sampler = Sampler(config.seed, greedy_fast_path=config.greedy_fast_path)
         self._pages_zeroed = 0
         if not config.lazy_kv_zeroing:
@@ -41,7 +53,8 @@ class ModelRunner:
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
         if sched.is_empty:
             return RunnerOutput()
-        input_ids, positions, meta, last_idx = build_step(sched.seqs, self.page_size)
+        input_ids, positions, layout, last_idx = build_step(sched.seqs, self.page_size)
+        meta = self.backend.prepare(layout)  # once per step, read by every layer
         hidden = self.model(input_ids, positions, meta, self.kv_cache, self.backend)  # (T, hidden)
         to_sample = [s for s in sched.seqs if s.sample]
         if not to_sample:

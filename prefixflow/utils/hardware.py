@@ -10,17 +10,21 @@ _FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has bfloat16 matrix instructions (several times the float32 rate)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return any(flag in flags for flag in _FAST_BF16_FLAGS)
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has bfloat16 matrix instructions (several times the float32 rate)."""
+    return any(flag in cpu_flags() for flag in _FAST_BF16_FLAGS)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prefixflow import LLM, SamplingParams
-from prefixflow.attention.metadata import AttentionMetadata, PrefillSeq
+from prefixflow.attention.step_layout import SeqLayout, StepLayout
 from prefixflow.engine.engine import Engine
 from prefixflow.model.registry import UnsupportedArchitectureError
 
@@ -43,15 +43,13 @@ def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     bs = engine.pool.page_size
     pages = engine.pool.allocate(-(-len(ids) // bs))
     try:
-        meta = AttentionMetadata(
+        layout = StepLayout(
             page_size=bs,
             slot_mapping=torch.tensor([pages[p // bs] * bs + p % bs for p in range(len(ids))]),
-            prefills=[PrefillSeq(0, len(ids), len(ids), torch.tensor(pages))],
-            decode_idx=torch.zeros(0, dtype=torch.long),
-            decode_page_tables=torch.zeros(0, 0, dtype=torch.long),
-            decode_ctx_lens=torch.zeros(0, dtype=torch.long),
+            seqs=[SeqLayout(0, len(ids), len(ids), pages)],
         )
         runner = engine.runner
+        meta = runner.backend.prepare(layout)
         hidden = engine.model(
             torch.tensor(ids), torch.arange(len(ids)), meta, runner.kv_cache, runner.backend
         )

@@ -1,14 +1,18 @@
-"""Shared-prefix attention (parts merged by log-sum-exp) against plain paged attention."""
+"""Shared-prefix attention (parts merged by log-sum-exp, on the C++ kernel or on PyTorch)
+against plain paged attention, the reference."""
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from prefixflow.attention import merge
-from prefixflow.attention.merge import attend_causal_with_lse, attend_with_lse, merge_into
+from prefixflow.attention import kernels, lse_attention
+from prefixflow.attention.backend import AttentionShape
+from prefixflow.attention.lse_attention import attend_causal_with_lse, attend_with_lse
+from prefixflow.attention.merge import merge_into
 from prefixflow.attention.paged import PagedAttention
 from prefixflow.attention.prefix_groups import plan_prefix_layout
 from prefixflow.attention.shared_prefix import SharedPrefixAttention
@@ -29,8 +33,9 @@ def make_step(rng: random.Random, bs: int, num_pages: int = 160) -> list[Schedul
     root = take(rng.randint(1, 4))
     docs = [take(rng.randint(0, 3)) for _ in range(rng.randint(1, 3))]
     seqs = []
-    for i in range(rng.randint(0, 2)):  # prompts from their first token: nothing shared
-        q_len = rng.randint(2, 4 * bs)
+    for i in range(rng.randint(0, 3)):  # prompts from their first token: nothing shared
+        # one token alone, a page exactly, or any length
+        q_len = rng.choice([1, bs, rng.randint(2, 4 * bs)])
         seqs.append(
             ScheduledSeq(
                 request_id=f"fresh{i}",
@@ -44,7 +49,8 @@ def make_step(rng: random.Random, bs: int, num_pages: int = 160) -> list[Schedul
     for i in range(rng.randint(2, 9)):
         shared = root + rng.choice(docs)
         q_len = 1 if rng.random() < 0.6 else rng.randint(2, 3 * bs)
-        ctx = len(shared) * bs + rng.randint(0, 2 * bs) + q_len
+        own = rng.choice([0, bs - q_len % bs, rng.randint(0, 2 * bs)])  # ends on a page edge?
+        ctx = len(shared) * bs + own + q_len
         pages = shared + take(-(-ctx // bs) - len(shared))
         seqs.append(
             ScheduledSeq(
@@ -59,36 +65,59 @@ def make_step(rng: random.Random, bs: int, num_pages: int = 160) -> list[Schedul
     return seqs
 
 
-@pytest.mark.parametrize("seed", range(24))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
-def test_shared_prefix_attention_equals_paged_attention(seed, dtype, fused, monkeypatch):
-    if not fused:  # the portable path, as on a machine without PyTorch's fused CPU kernel
-        monkeypatch.setattr(merge, "_CPU_FLASH", None)
+KERNEL = kernels.load()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")
+
+
+def run_backends(seed: int, dtype: torch.dtype, use_kernels: bool, g_choices=(1, 3, 8)):
+    """One random step through the paged reference and the shared-prefix backend."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     bs = rng.choice([2, 4, 16])
     min_part = rng.choice([0, 0, 2 * bs])  # sometimes small runs are carried into deeper parts
     h_kv = rng.choice([1, 3])
-    g = rng.choice([1, 3])
+    g = rng.choice(g_choices)
     D = rng.choice([16, 64])
     seqs = make_step(rng, bs)
-    cache = torch.randn(2, 160, bs, h_kv, D).to(dtype)
+    cache = torch.randn(2, 160, h_kv, bs * D).to(dtype)
     T = sum(len(s.token_ids) for s in seqs)
     q = torch.randn(T, h_kv * g, D).to(dtype)
     k = torch.randn(T, h_kv, D).to(dtype)
     v = torch.randn(T, h_kv, D).to(dtype)
-    scale = D**-0.5
+    layer = SimpleNamespace(scale=D**-0.5)
+    shape = AttentionShape(h_kv * g, h_kv, D, bs, dtype)
 
-    _, _, meta_ref, _ = build_step(seqs, bs)
-    ref = PagedAttention().forward(q, k, v, cache.clone(), meta_ref, scale)
-    _, _, meta, _ = build_step(seqs, bs)
-    backend = SharedPrefixAttention(min_shared_tokens=0, min_part_tokens=min_part)
-    got = backend.forward(q, k, v, cache.clone(), meta, scale)
+    _, _, layout, _ = build_step(seqs, bs)
+    ref_backend = PagedAttention(shape)
+    ref = ref_backend.forward(layer, q, k, v, cache.clone(), ref_backend.prepare(layout))
+    backend = SharedPrefixAttention(
+        shape, min_shared_tokens=0, min_part_tokens=min_part, use_kernels=use_kernels
+    )
+    meta = backend.prepare(layout)
     if not min_part:
-        assert meta.memo["prefix_layout"].parts  # the shared path really ran
+        assert meta.parts  # the shared path really ran
+    got = backend.forward(layer, q, k, v, cache.clone(), meta)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    return meta
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(32))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_on_the_kernel_equals_paged_attention(seed, dtype):
+    meta = run_backends(seed, dtype, use_kernels=True)
+    assert meta.own_work is not None  # the kernel really ran
+
+
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_shared_prefix_on_pytorch_equals_paged_attention(seed, dtype, fused, monkeypatch):
+    if not fused:  # the portable path, as on a machine without PyTorch's fused CPU kernel
+        monkeypatch.setattr(lse_attention, "_CPU_FLASH", None)
+    meta = run_backends(seed, dtype, use_kernels=False, g_choices=(1, 3))
+    assert meta.own_work is None
 
 
 def test_merge_of_two_halves_equals_attention_over_all_keys():
@@ -156,7 +185,7 @@ def test_layout_leaves_small_parts_to_their_members():
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
 def test_causal_attention_with_lse_matches_sdpa(fused, monkeypatch):
     if not fused:
-        monkeypatch.setattr(merge, "_CPU_FLASH", None)
+        monkeypatch.setattr(lse_attention, "_CPU_FLASH", None)
     torch.manual_seed(1)
     q = torch.randn(1, 6, 11, 8)
     k = torch.randn(1, 2, 11, 8)
@@ -177,7 +206,7 @@ def test_bf16_parts_in_several_passes_equal_one_pass(monkeypatch):
     k = torch.randn(1, 3, 70, 16).bfloat16()
     v = torch.randn(1, 3, 70, 16).bfloat16()
     whole = attend_with_lse(q, k, v, None, 0.25)
-    monkeypatch.setattr(merge, "_SCORES_PER_PASS", 3 * 70 * 7)  # 7 query rows per pass
+    monkeypatch.setattr(lse_attention, "_SCORES_PER_PASS", 3 * 70 * 7)  # 7 query rows per pass
     parts = attend_with_lse(q, k, v, None, 0.25)
     torch.testing.assert_close(parts[0], whole[0], atol=0, rtol=0)
     torch.testing.assert_close(parts[1], whole[1], atol=0, rtol=0)

@@ -1,0 +1,622 @@
+// Paged attention on the CPU that reads KV pages in place (no gather copy).
+//
+// One call attends a list of items. An item is a set of query rows (token indices into q)
+// and a run of KV pages; row i of an item may see keys [0, min(n_keys, causal_base + i + 1)).
+// That one shape covers a decode (one row, every key), a prompt chunk (causal over its cached
+// context) and a shared-prefix part (the stacked rows of many sequences, every key). Each
+// row gets its attention output (float32) and log-sum-exp, ready for the exact merge of
+// shared-prefix attention.
+//
+// Layout (prefixflow/attention/kv_layout.py): a layer's cache is (2, pages, H_kv,
+// page_size * D). With w = 4 / element size (2 for bfloat16, 1 for float32), a page's keys
+// for one head are (D / w, page_size, w) and its values (page_size / w, D, w). So the 16
+// keys of one page-aligned group, for w dimensions, are one vector; and w keys' values of 16
+// dimensions are one vector. Scores of 16 keys come out as one vector without any
+// horizontal sum, and values need no transposing: in bfloat16 both are exactly the operands
+// of the CPU's bfloat16 dot product (avx512_bf16), which takes pairs and sums in float32.
+//
+// Work is split into units of (item, KV heads, block of query vectors, run of keys), where a
+// query vector is one (row, query head) pair. The G query heads of a KV head share its keys,
+// so a unit loads each key once for up to 6 query vectors. A unit with few rows (a decode)
+// takes every KV head, so it reads each page once, whole. When there are too few units to
+// keep every thread busy (one long context), the keys are split into runs whose partial
+// results are merged by log-sum-exp. Softmax and accumulation are float32.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PF_AVX512 1
+#else
+#define PF_AVX512 0
+#endif
+
+namespace {
+
+constexpr int kMaxQV = 8;     // query vectors per KV head in one unit, at most
+constexpr int kMaxHeads = 8;  // KV heads one unit takes together, at most
+constexpr int kMaxD = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t x = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+template <typename T>
+inline float to_float(T x);
+template <>
+inline float to_float<float>(float x) { return x; }
+template <>
+inline float to_float<uint16_t>(uint16_t x) { return bf16_to_float(x); }
+
+struct Item {
+  int32_t row_off, n_rows, page_off, n_keys, causal_base;
+};
+
+// A unit: for KV heads [h0, h0 + nh), query vectors [qv0, qv0 + nqv) (numbered row * G + g)
+// of `item`, against keys [k0, k1). Its results are numbered hi * nqv + j.
+struct Unit {
+  int item, h0, nh, qv0, nqv, k0, k1;
+  int64_t part;  // where its partial results go (D + 2 floats a vector), or -1: final
+};
+
+// A unit's results per query vector: unnormalised output, running max, running sum.
+struct Result {
+  explicit Result(int D)
+      : D(D), o(static_cast<size_t>(kMaxHeads) * kMaxQV * D), m(kMaxHeads * kMaxQV), l(kMaxHeads * kMaxQV) {}
+  int D;
+  std::vector<float> o, m, l;
+  float* out(int v) { return o.data() + static_cast<int64_t>(v) * D; }
+};
+
+struct Ctx {
+  const void* q;
+  const void* k;  // kv[0]
+  const void* v;  // kv[1]
+  const int32_t* rows;
+  const int32_t* pages;
+  int H, H_kv, G, D, bs, w;
+  int64_t page_stride, head_stride;  // in elements
+  float scale;
+  // Element offsets of key / value (token t of a page, dimension d) within a head's block.
+  int64_t k_at(int t, int d) const { return (static_cast<int64_t>(d / w) * bs + t) * w + d % w; }
+  int64_t v_at(int t, int d) const { return (static_cast<int64_t>(t / w) * D + d) * w + t % w; }
+  int64_t block(int page, int head) const { return page * page_stride + head * head_stride; }
+};
+
+inline int row_limit(const Item& it, int row) { return std::min(it.n_keys, it.causal_base + row + 1); }
+
+template <typename T>
+inline const T* q_row(const Ctx& c, const Item& it, int head, int qv) {
+  const int r = qv / c.G, g = qv % c.G;
+  const int tok = c.rows[it.row_off + r];
+  return static_cast<const T*>(c.q) + (static_cast<int64_t>(tok) * c.H + head * c.G + g) * c.D;
+}
+
+// ---------------------------------------------------------------- generic path
+template <typename T>
+void unit_generic(const Ctx& c, const Item& it, const Unit& u, Result& res) {
+  const T* kc = static_cast<const T*>(c.k);
+  const T* vc = static_cast<const T*>(c.v);
+  const int D = c.D;
+  std::vector<float> qf(D);
+  for (int hi = 0; hi < u.nh; ++hi) {
+    const int h = u.h0 + hi;
+    for (int j = 0; j < u.nqv; ++j) {
+      const int v = hi * u.nqv + j;
+      const T* src = q_row<T>(c, it, h, u.qv0 + j);
+      for (int d = 0; d < D; ++d) qf[d] = to_float<T>(src[d]) * c.scale;
+      const int limit = row_limit(it, (u.qv0 + j) / c.G);
+      float* o = res.out(v);
+      float m = kNegInf, l = 0.f;
+      for (int d = 0; d < D; ++d) o[d] = 0.f;
+      for (int key = u.k0; key < std::min(u.k1, limit); ++key) {
+        const int64_t blk = c.block(c.pages[it.page_off + key / c.bs], h);
+        const int t = key % c.bs;
+        float s = 0.f;
+        for (int d = 0; d < D; ++d) s += qf[d] * to_float<T>(kc[blk + c.k_at(t, d)]);
+        const float mx = std::max(m, s);
+        const float alpha = m == kNegInf ? 0.f : std::exp(m - mx);
+        const float p = std::exp(s - mx);
+        for (int d = 0; d < D; ++d) o[d] = o[d] * alpha + p * to_float<T>(vc[blk + c.v_at(t, d)]);
+        l = l * alpha + p;
+        m = mx;
+      }
+      res.m[v] = m;
+      res.l[v] = l;
+    }
+  }
+}
+
+#if PF_AVX512
+// ---------------------------------------------------------------- AVX-512 path
+
+// exp on 16 floats: x = n ln2 + r with a two-part ln2 (so r is exact), exp(r) by a
+// degree-7 Taylor polynomial on |r| <= ln2 / 2 (relative error about 1e-7), then 2^n.
+inline __m512 exp16(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
+  const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));  // exp underflows to 0 below this anyway
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// acc += (pair a0, a1 in every lane) . (lanes of b as bfloat16 pairs), in float32.
+inline __m512 dot2(__m512 acc, uint32_t a, __m512i b) {
+#if defined(__AVX512BF16__)
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a)), (__m512bh)b);
+#else
+  // Without bfloat16 dot products: widen each half of the pair (a bfloat16 is the top
+  // half of a float32).
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(-65536)));
+  uint32_t a_lo = a << 16, a_hi = a & 0xFFFF0000u;
+  float f_lo, f_hi;
+  std::memcpy(&f_lo, &a_lo, 4);
+  std::memcpy(&f_hi, &a_hi, 4);
+  acc = _mm512_fmadd_ps(_mm512_set1_ps(f_lo), lo, acc);
+  return _mm512_fmadd_ps(_mm512_set1_ps(f_hi), hi, acc);
+#endif
+}
+
+// Per (head, vector) state of a unit, kept in memory between the heads of a block.
+template <int DV>
+struct State {
+  __m512 acc[kMaxHeads][kMaxQV][DV];
+  float m[kMaxHeads][kMaxQV];
+  __m512 l[kMaxHeads][kMaxQV];  // running sums, lane-wise
+};
+
+// Keys are taken in blocks of up to 64 (groups of 16 within pages), so the horizontal max
+// and the rescaling of the outputs happen once per block.
+constexpr int kBlock = 64;
+
+// The online-softmax step of one query vector over a block: scores s[0..3] (scaled), of
+// which the first `vis` count. Leaves the block's probabilities in p (0 where not visible),
+// rescaling acc and the running sum when the max moves.
+template <int DV>
+inline void softmax_block(__m512* s, int vis, __m512* p, __m512* acc, float& m, __m512& l) {
+  __m512 mv = _mm512_set1_ps(kNegInf);
+  for (int b = 0; b < kBlock / 16; ++b) {
+    const int vb = std::max(0, std::min(16, vis - 16 * b));
+    mv = _mm512_mask_max_ps(mv, static_cast<__mmask16>((1u << vb) - 1), mv, s[b]);
+  }
+  if (vis > 0) {
+    const float mx = std::max(m, _mm512_reduce_max_ps(mv));
+    if (mx != m) {
+      const __m512 av = _mm512_set1_ps(m == kNegInf ? 0.f : std::exp(m - mx));
+      for (int d = 0; d < DV; ++d) acc[d] = _mm512_mul_ps(acc[d], av);
+      l = _mm512_mul_ps(l, av);
+      m = mx;
+    }
+  }
+  const __m512 mxv = _mm512_set1_ps(m);
+  for (int b = 0; b < kBlock / 16; ++b) {
+    const int vb = std::max(0, std::min(16, vis - 16 * b));
+    p[b] = vb ? _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << vb) - 1), exp16(_mm512_sub_ps(s[b], mxv)))
+              : _mm512_setzero_ps();
+  }
+}
+
+// One unit, T = float (w = 1) or bfloat16 (w = 2), D = 16 * DV, page_size a multiple of 16.
+template <typename T, int DV, int NQV>
+void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
+  constexpr int D = 16 * DV;
+  constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
+  constexpr int W = kBf16 ? 2 : 1;
+  constexpr int NG = kBlock / 16;
+  const T* kc = static_cast<const T*>(c.k);
+  const T* vc = static_cast<const T*>(c.v);
+  // q: float32, scaled (w = 1); or the raw bfloat16 pairs as 32-bit words (w = 2).
+  alignas(64) float qf[kMaxHeads][NQV][D];
+  alignas(64) uint32_t qp[kMaxHeads][NQV][D / 2];
+  int limit[NQV];
+  State<DV> st;
+  for (int hi = 0; hi < u.nh; ++hi) {
+    for (int j = 0; j < NQV; ++j) {
+      const T* src = q_row<T>(c, it, u.h0 + hi, u.qv0 + j);
+      if constexpr (kBf16) {
+        std::memcpy(qp[hi][j], src, sizeof(uint16_t) * D);
+      } else {
+        for (int d = 0; d < D; ++d) qf[hi][j][d] = src[d] * c.scale;
+      }
+      for (int d = 0; d < DV; ++d) st.acc[hi][j][d] = _mm512_setzero_ps();
+      st.m[hi][j] = kNegInf;
+      st.l[hi][j] = _mm512_setzero_ps();
+    }
+  }
+  for (int j = 0; j < NQV; ++j) limit[j] = row_limit(it, (u.qv0 + j) / c.G);
+  const __m512 scale = _mm512_set1_ps(c.scale);
+  __m512 s[kMaxHeads][NQV][NG];                   // a block's scores
+  alignas(64) float pf[kMaxHeads][NQV][kBlock];   // its probabilities (w = 1)
+  alignas(64) uint32_t pb[kMaxHeads][NQV][kBlock / 2];  // ... as bfloat16 pairs (w = 2)
+  int64_t gblk[NG];  // each group of 16 keys: its page's first element, ...
+  int gt0[NG];       // ... and its first key's offset in the page
+  for (int kb = u.k0; kb < u.k1; kb += kBlock) {
+    const int cnt = std::min(kBlock, u.k1 - kb);
+    const int ngrp = (cnt + 15) / 16;
+    for (int g = 0; g < ngrp; ++g) {
+      const int key = kb + 16 * g;
+      gblk[g] = static_cast<int64_t>(c.pages[it.page_off + key / c.bs]) * c.page_stride +
+                static_cast<int64_t>(u.h0) * c.head_stride;
+      gt0[g] = key % c.bs;
+    }
+    // Scores, reading each page's keys for the unit's heads in memory order (the hardware
+    // prefetcher then streams them; prefetching by hand measured slower).
+    for (int g = 0; g < NG; ++g) {
+      for (int hi = 0; hi < u.nh; ++hi) {
+        __m512 sg[NQV];
+        for (int j = 0; j < NQV; ++j) sg[j] = _mm512_setzero_ps();
+        if (g < ngrp) {
+          const T* kblk = kc + gblk[g] + static_cast<int64_t>(hi) * c.head_stride;
+          const int t0 = gt0[g];
+          if constexpr (kBf16) {
+            for (int i = 0; i < D / 2; ++i) {
+              const __m512i kv = _mm512_loadu_si512(kblk + (static_cast<int64_t>(i) * c.bs + t0) * 2);
+              for (int j = 0; j < NQV; ++j) sg[j] = dot2(sg[j], qp[hi][j][i], kv);
+            }
+            for (int j = 0; j < NQV; ++j) sg[j] = _mm512_mul_ps(sg[j], scale);
+          } else {
+            for (int d = 0; d < D; ++d) {
+              const __m512 kv = _mm512_loadu_ps(kblk + static_cast<int64_t>(d) * c.bs + t0);
+              for (int j = 0; j < NQV; ++j) sg[j] = _mm512_fmadd_ps(_mm512_set1_ps(qf[hi][j][d]), kv, sg[j]);
+            }
+          }
+        }
+        for (int j = 0; j < NQV; ++j) s[hi][j][g] = sg[j];
+      }
+    }
+    // Softmax over the block, per query vector.
+    for (int hi = 0; hi < u.nh; ++hi) {
+      for (int j = 0; j < NQV; ++j) {
+        const int vis = std::max(0, std::min(cnt, limit[j] - kb));
+        __m512 p[NG];
+        softmax_block<DV>(s[hi][j], vis, p, st.acc[hi][j], st.m[hi][j], st.l[hi][j]);
+        if constexpr (kBf16) {
+          for (int b = 0; b < NG; b += 2) {
+            // 32 probabilities as bfloat16 pairs, in key order; the rounded values are the
+            // ones multiplied in, so they are the ones summed.
+            const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(p[b + 1], p[b]);
+            _mm512_store_si512(reinterpret_cast<__m512i*>(pb[hi][j] + 8 * b), w);
+            st.l[hi][j] = _mm512_add_ps(st.l[hi][j], _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+            st.l[hi][j] = _mm512_add_ps(st.l[hi][j], _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(-65536))));
+          }
+        } else {
+          for (int b = 0; b < NG; ++b) {
+            _mm512_store_ps(pf[hi][j] + 16 * b, p[b]);
+            st.l[hi][j] = _mm512_add_ps(st.l[hi][j], p[b]);
+          }
+        }
+      }
+    }
+    // Values, again in memory order.
+    for (int g = 0; g < ngrp; ++g) {
+      const int t0 = gt0[g];
+      const int n = std::min(16, cnt - 16 * g);
+      for (int hi = 0; hi < u.nh; ++hi) {
+        const T* vblk = vc + gblk[g] + static_cast<int64_t>(hi) * c.head_stride;
+        __m512 acc[NQV][DV];
+        for (int j = 0; j < NQV; ++j)
+          for (int d = 0; d < DV; ++d) acc[j][d] = st.acc[hi][j][d];
+        for (int t = 0; t < n; t += W) {
+          // keys t0 + t (and t0 + t + 1): one vector per 16 dimensions
+          const T* row = vblk + static_cast<int64_t>((t0 + t) / W) * D * W;
+          __m512i vv[DV];
+          for (int d = 0; d < DV; ++d) vv[d] = _mm512_loadu_si512(row + 16 * d * W);
+          for (int j = 0; j < NQV; ++j) {
+            if constexpr (kBf16) {
+              const uint32_t pp = pb[hi][j][(16 * g + t) / 2];
+              for (int d = 0; d < DV; ++d) acc[j][d] = dot2(acc[j][d], pp, vv[d]);
+            } else {
+              const __m512 pp = _mm512_set1_ps(pf[hi][j][16 * g + t]);
+              for (int d = 0; d < DV; ++d) acc[j][d] = _mm512_fmadd_ps(pp, _mm512_castsi512_ps(vv[d]), acc[j][d]);
+            }
+          }
+        }
+        for (int j = 0; j < NQV; ++j)
+          for (int d = 0; d < DV; ++d) st.acc[hi][j][d] = acc[j][d];
+      }
+    }
+  }
+  for (int hi = 0; hi < u.nh; ++hi) {
+    for (int j = 0; j < NQV; ++j) {
+      const int v = hi * NQV + j;
+      for (int d = 0; d < DV; ++d) _mm512_storeu_ps(res.out(v) + 16 * d, st.acc[hi][j][d]);
+      res.m[v] = st.m[hi][j];
+      res.l[v] = _mm512_reduce_add_ps(st.l[hi][j]);
+    }
+  }
+}
+
+template <typename T, int DV, int N>
+inline void dispatch_nqv(const Ctx& c, const Item& it, const Unit& u, Result& res) {
+  if constexpr (N == 0) {
+    unit_generic<T>(c, it, u, res);
+  } else {
+    if (u.nqv == N) return unit_avx512<T, DV, N>(c, it, u, res);
+    dispatch_nqv<T, DV, N - 1>(c, it, u, res);
+  }
+}
+#endif
+
+// Whether the vector path applies: head sizes of 64 or 128, pages of whole groups of 16.
+inline bool vector_path(const Ctx& c) {
+#if PF_AVX512
+  return (c.D == 64 || c.D == 128) && c.bs % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// Query vectors per KV head in a unit: as many as keep the outputs in registers.
+inline int max_qv(const Ctx& c) {
+  if (!vector_path(c)) return kMaxQV;
+  return c.D == 64 ? 6 : 3;
+}
+
+template <typename T>
+void attend(const Ctx& c, const Item& it, const Unit& u, Result& res) {
+#if PF_AVX512
+  if (vector_path(c)) {
+    if (c.D == 64) return dispatch_nqv<T, 4, 6>(c, it, u, res);
+    return dispatch_nqv<T, 8, 3>(c, it, u, res);
+  }
+#endif
+  unit_generic<T>(c, it, u, res);
+}
+
+template <typename T>
+void run(torch::Tensor& out, torch::Tensor& lse, const torch::Tensor& q, const torch::Tensor& kv,
+         int64_t page_size, const std::vector<Item>& items, const int32_t* rows, const int32_t* pages,
+         double scale, int64_t key_split) {
+  Ctx c;
+  c.q = q.data_ptr();
+  c.k = kv.data_ptr();
+  c.v = static_cast<const T*>(kv.data_ptr()) + kv.stride(0);
+  c.rows = rows;
+  c.pages = pages;
+  c.H = q.size(1);
+  c.D = q.size(2);
+  c.bs = static_cast<int>(page_size);
+  c.H_kv = kv.size(2);
+  c.G = c.H / c.H_kv;
+  c.w = std::is_same_v<T, uint16_t> ? 2 : 1;
+  c.page_stride = kv.stride(1);
+  c.head_stride = kv.stride(2);
+  c.scale = static_cast<float>(scale);
+  const int D = c.D, G = c.G;
+  const int per_unit = max_qv(c);
+  const int threads = at::get_num_threads();
+
+  // An item whose query vectors fit one unit per head takes all heads at once (up to 8).
+  auto heads_per_unit = [&](const Item& it) {
+    return it.n_rows * G <= per_unit ? std::min(c.H_kv, kMaxHeads) : 1;
+  };
+  // Units without key splits first, to see whether the threads have enough work.
+  int64_t base_units = 0;
+  int max_keys = 0;
+  for (const Item& it : items) {
+    const int nh = heads_per_unit(it);
+    base_units += static_cast<int64_t>((c.H_kv + nh - 1) / nh) * ((it.n_rows * G + per_unit - 1) / per_unit);
+    max_keys = std::max(max_keys, it.n_keys);
+  }
+  int chunk = max_keys;
+  if (key_split > 0) {
+    chunk = static_cast<int>(key_split);
+  } else if (base_units > 0 && base_units < 4 * threads && max_keys > 512) {
+    const int64_t want = (4 * threads + base_units - 1) / base_units;
+    chunk = std::max<int>(256, static_cast<int>((max_keys + want - 1) / want));
+  }
+  // Runs start on page edges, so the vector path's groups of 16 keys stay within pages.
+  chunk = std::max(c.bs, (chunk + c.bs - 1) / c.bs * c.bs);
+
+  struct Group {
+    int item, h0, nh, qv0, nqv, n_chunks;
+    int64_t first_part, part_stride;
+  };
+  std::vector<Unit> units;
+  std::vector<Group> groups;
+  int64_t part_floats = 0;
+  for (int i = 0; i < static_cast<int>(items.size()); ++i) {
+    const Item& it = items[i];
+    const int total = it.n_rows * G;
+    const int nh_unit = heads_per_unit(it);
+    for (int h0 = 0; h0 < c.H_kv; h0 += nh_unit) {
+      const int nh = std::min(nh_unit, c.H_kv - h0);
+      for (int qv0 = 0; qv0 < total; qv0 += per_unit) {
+        const int nqv = std::min(per_unit, total - qv0);
+        const int reach = std::max(0, row_limit(it, (qv0 + nqv - 1) / G));
+        const int n_chunks = std::max(1, (reach + chunk - 1) / chunk);
+        if (n_chunks == 1) {
+          units.push_back({i, h0, nh, qv0, nqv, 0, reach, -1});
+        } else {
+          const int64_t stride = static_cast<int64_t>(nh) * nqv * (D + 2);
+          groups.push_back({i, h0, nh, qv0, nqv, n_chunks, part_floats, stride});
+          for (int k = 0; k < n_chunks; ++k) {
+            units.push_back({i, h0, nh, qv0, nqv, k * chunk, std::min(reach, (k + 1) * chunk), part_floats});
+            part_floats += stride;
+          }
+        }
+      }
+    }
+  }
+
+  float* outp = out.data_ptr<float>();
+  float* lsep = lse.data_ptr<float>();
+  std::vector<float> partials(static_cast<size_t>(part_floats));
+
+  auto write_final = [&](const Item& it, int head, int qv, const float* o, float m, float l) {
+    const int r = qv / G, g = qv % G;
+    const int tok = rows[it.row_off + r];
+    const int64_t hq = static_cast<int64_t>(tok) * c.H + head * G + g;
+    float* dst = outp + hq * D;
+    if (l > 0.f) {
+      const float inv = 1.f / l;
+      for (int d = 0; d < D; ++d) dst[d] = o[d] * inv;
+      lsep[hq] = m + std::log(l);
+    } else {  // no key to attend to: weighs nothing in a merge
+      for (int d = 0; d < D; ++d) dst[d] = 0.f;
+      lsep[hq] = kNegInf;
+    }
+  };
+
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    Result res(D);
+    for (int64_t ui = begin; ui < end; ++ui) {
+      const Unit& u = units[ui];
+      const Item& it = items[u.item];
+      attend<T>(c, it, u, res);
+      for (int hi = 0; hi < u.nh; ++hi) {
+        for (int j = 0; j < u.nqv; ++j) {
+          const int v = hi * u.nqv + j;
+          if (u.part < 0) {
+            write_final(it, u.h0 + hi, u.qv0 + j, res.out(v), res.m[v], res.l[v]);
+          } else {
+            float* dst = partials.data() + u.part + v * (D + 2);
+            std::memcpy(dst, res.out(v), sizeof(float) * D);
+            dst[D] = res.m[v];
+            dst[D + 1] = res.l[v];
+          }
+        }
+      }
+    }
+  });
+
+  // Merge each split unit's runs of keys by their log-sum-exp.
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const Group& gr = groups[gi];
+      const Item& it = items[gr.item];
+      for (int v = 0; v < gr.nh * gr.nqv; ++v) {
+        auto part = [&](int k) { return partials.data() + gr.first_part + k * gr.part_stride + v * (D + 2); };
+        float m = kNegInf;
+        for (int k = 0; k < gr.n_chunks; ++k) m = std::max(m, part(k)[D]);
+        std::fill(o.begin(), o.end(), 0.f);
+        float l = 0.f;
+        if (m != kNegInf) {
+          for (int k = 0; k < gr.n_chunks; ++k) {
+            const float* pp = part(k);
+            if (pp[D] == kNegInf) continue;
+            const float w = std::exp(pp[D] - m);
+            for (int d = 0; d < D; ++d) o[d] += w * pp[d];
+            l += w * pp[D + 1];
+          }
+        }
+        write_final(it, gr.h0 + v / gr.nqv, gr.qv0 + v % gr.nqv, o.data(), m, l);
+      }
+    }
+  });
+}
+
+void paged_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor kv, int64_t page_size,
+                     torch::Tensor items, torch::Tensor rows, torch::Tensor pages, double scale, int64_t key_split) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (T, H, D) tensor");
+  TORCH_CHECK(kv.scalar_type() == q.scalar_type(), "q and kv must have the same dtype");
+  const int64_t D = q.size(2);
+  const int64_t w = q.scalar_type() == torch::kBFloat16 ? 2 : 1;
+  TORCH_CHECK(page_size >= 1 && page_size % w == 0 && page_size <= 1024, "page_size must be a multiple of ", w,
+              " up to 1024");
+  TORCH_CHECK(kv.dim() == 4 && kv.size(0) == 2 && kv.size(3) == page_size * D && kv.stride(3) == 1 &&
+                  kv.stride(2) == page_size * D && kv.stride(1) == kv.size(2) * kv.stride(2),
+              "kv must be a (2, pages, H_kv, page_size * D) tensor with contiguous pages");
+  TORCH_CHECK(D <= kMaxD && D % w == 0, "head size above 256 or odd in bfloat16");
+  TORCH_CHECK(q.size(1) % kv.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(1) / kv.size(2) <= kMaxQV, "more than 8 query heads per KV head");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.sizes() == q.sizes(),
+              "out must be a contiguous float32 tensor shaped like q");
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.is_contiguous() && lse.dim() == 2 &&
+                  lse.size(0) == q.size(0) && lse.size(1) == q.size(1),
+              "lse must be a contiguous float32 (T, H) tensor");
+  TORCH_CHECK(items.scalar_type() == torch::kInt32 && items.is_contiguous() && items.dim() == 2 && items.size(1) == 5,
+              "items must be a contiguous int32 (N, 5) tensor");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt32 && rows.is_contiguous(), "rows must be int32");
+  TORCH_CHECK(pages.scalar_type() == torch::kInt32 && pages.is_contiguous(), "pages must be int32");
+  const int64_t n = items.size(0);
+  std::vector<Item> its(n);
+  std::memcpy(its.data(), items.data_ptr<int32_t>(), sizeof(Item) * n);
+  const int64_t T = q.size(0), P = kv.size(1);
+  const int32_t* rp = rows.data_ptr<int32_t>();
+  const int32_t* pp = pages.data_ptr<int32_t>();
+  for (const Item& it : its) {
+    TORCH_CHECK(it.row_off >= 0 && it.n_rows >= 0 && it.row_off + it.n_rows <= rows.numel(), "item rows out of range");
+    TORCH_CHECK(it.n_keys >= 0 && it.page_off >= 0 && it.page_off + (it.n_keys + page_size - 1) / page_size <= pages.numel(),
+                "item pages out of range");
+    for (int r = 0; r < it.n_rows; ++r) TORCH_CHECK(rp[it.row_off + r] >= 0 && rp[it.row_off + r] < T, "row out of range");
+    for (int64_t k = 0; k < (it.n_keys + page_size - 1) / page_size; ++k) {
+      TORCH_CHECK(pp[it.page_off + k] >= 0 && pp[it.page_off + k] < P, "page id out of range");
+    }
+  }
+  if (q.scalar_type() == torch::kBFloat16) {
+    run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split);
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat32, "q must be bfloat16 or float32");
+    run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split);
+  }
+}
+
+// The vector instructions this build uses, named as /proc/cpuinfo names them, so the loader
+// can check that the running CPU has each of them.
+std::string compiled_isa() {
+  std::string isa;
+#if defined(__AVX2__)
+  isa += " avx2";
+#endif
+#if defined(__FMA__)
+  isa += " fma";
+#endif
+#if defined(__AVX512F__)
+  isa += " avx512f";
+#endif
+#if defined(__AVX512BW__)
+  isa += " avx512bw";
+#endif
+#if defined(__AVX512VL__)
+  isa += " avx512vl";
+#endif
+#if defined(__AVX512DQ__)
+  isa += " avx512dq";
+#endif
+#if defined(__AVX512BF16__)
+  isa += " avx512_bf16";
+#endif
+  return isa.empty() ? isa : isa.substr(1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(prefixflow, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor kv, int page_size, Tensor items, "
+      "Tensor rows, Tensor pages, float scale, int key_split) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(prefixflow, CPU, m) { m.impl("paged_attention", &paged_attention); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_isa", &compiled_isa, "the instruction set the kernels were compiled for");
+}

@@ -1,0 +1,85 @@
+"""The C++ paged-attention kernel (csrc/paged_attention.cpp): can it run here, and its call.
+
+`pip install` builds it (setup.py) for the vector instructions of the machine that builds
+it. Where it was not built (no compiler, PREFIXFLOW_NO_EXTENSION=1) or this CPU lacks an
+instruction it was built for, `load()` returns None and says so in one line; the backends
+then take their PyTorch path, which gives the same results.
+
+The kernel attends a list of items. An item is some query rows (token indices of the
+step) and a run of KV pages; row i of an item sees keys [0, min(n_keys, causal_base + i + 1)).
+It writes each row's output (float32) and log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prefixflow.utils.hardware import cpu_flags
+
+logger = logging.getLogger("prefixflow")
+
+# causal_base for rows that see every key of their item.
+SEES_ALL = 1 << 30
+
+
+@functools.cache
+def load() -> Callable | None:
+    """torch.ops.prefixflow.paged_attention, or None (after one line saying why)."""
+    try:
+        ext = importlib.import_module("prefixflow._C")
+    except ImportError as e:
+        logger.warning(
+            "prefixflow: C++ attention kernels not built (%s); using PyTorch attention", e
+        )
+        return None
+    missing = [f for f in ext.compiled_isa().split() if f not in cpu_flags()]
+    if missing:
+        logger.warning(
+            "prefixflow: C++ attention kernels were built for a CPU with %s, which this one "
+            "lacks; using PyTorch attention (reinstall to rebuild them here)",
+            ", ".join(missing),
+        )
+        return None
+    return torch.ops.prefixflow.paged_attention
+
+
+@dataclass
+class KernelWork:
+    """One kernel call's work list, as int32 tensors."""
+
+    items: torch.Tensor  # (N, 5): row offset, rows, page offset, keys, causal base
+    rows: torch.Tensor  # (R,) token indices
+    pages: torch.Tensor  # (P,) page ids
+
+
+def kernel_work(entries: Sequence[tuple[Sequence[int], Sequence[int], int, int]]) -> KernelWork:
+    """Work from (rows, pages, n_keys, causal_base) entries."""
+    items, rows, pages = [], [], []
+    for r, p, n_keys, causal_base in entries:
+        items.append((len(rows), len(r), len(pages), n_keys, causal_base))
+        rows.extend(r)
+        pages.extend(p)
+    return KernelWork(
+        torch.tensor(items, dtype=torch.int32).view(len(items), 5),
+        torch.tensor(rows, dtype=torch.int32),
+        torch.tensor(pages, dtype=torch.int32),
+    )
+
+
+def attend(
+    kernel: Callable,
+    out: torch.Tensor,  # (T, H, D) float32, written at the work's rows
+    lse: torch.Tensor,  # (T, H) float32
+    q: torch.Tensor,  # (T, H, D)
+    kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D): kv_layout.py
+    page_size: int,
+    work: KernelWork,
+    scale: float,
+) -> None:
+    kernel(out, lse, q, kv_cache, page_size, work.items, work.rows, work.pages, scale, 0)
