@@ -8,11 +8,11 @@ parts are merged exactly by their log-sum-exp in float32 (merge.py). A tree of p
 (instruction, document, question) is just more parts.
 
 The work runs on the C++ paged-attention kernel (kernels.py), which reads pages in place,
-or, with `attention_kernels` off or the kernel missing, on PyTorch (gathered pages and
-the fused CPU flash kernel). A large shared part in bfloat16 runs as two bfloat16 GEMMs
-around a softmax either way, which measured faster than the kernel's dot products there.
-Everything the step needs (layout, work lists, page tables, masks) is built once, in
-`prepare`.
+or, with `attention_kernels` off or the kernel missing, on PyTorch: gathered pages, the
+fused CPU flash kernel, and two bfloat16 GEMMs around a softmax for shared parts in
+bfloat16 (lse_attention.py). On the kernel a shared part ran 2-3x faster than those GEMMs
+and a causal prompt 2x faster than the flash kernel. Everything the step needs (layout,
+work lists, page tables, masks) is built once, in `prepare`.
 """
 
 from __future__ import annotations
@@ -36,12 +36,6 @@ from prefixflow.attention.paged import PagedAttention, PagedMetadata
 from prefixflow.attention.prefix_groups import plan_prefix_layout
 from prefixflow.attention.step_layout import StepLayout
 from prefixflow.config import EngineConfig
-
-# A shared part with at least this many (query vector, key) pairs takes the GEMM path in
-# bfloat16: at 100 rows x 3 heads x 2,000 keys it ran 1.45x faster than the kernel; at
-# 64 x 3 x 400 the two were even.
-GEMM_MIN_PAIRS = 200_000
-
 
 @dataclass
 class OwnPrefill:
@@ -142,13 +136,11 @@ class SharedPrefixAttention(AttentionBackend):
         else:
             own_torch = self._own_torch(step, own)
         parts = []
-        g = self.shape.group
         for part in layout.parts:
             rows = [r for i in part.members for r in seqs[i].rows]
             keys = len(part.pages) * bs
-            gemm = len(rows) * g * keys >= GEMM_MIN_PAIRS
             work = None
-            if self.kernel is not None and not (gemm and self.shape.dtype == torch.bfloat16):
+            if self.kernel is not None:
                 work = kernels.kernel_work([(rows, part.pages, keys, kernels.SEES_ALL)])
             parts.append(
                 Part(
