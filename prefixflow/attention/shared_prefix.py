@@ -37,6 +37,7 @@ from prefixflow.attention.prefix_groups import plan_prefix_layout
 from prefixflow.attention.step_layout import StepLayout
 from prefixflow.config import EngineConfig
 
+
 @dataclass
 class OwnPrefill:
     """A prompt chunk attending alone to its own pages (PyTorch path)."""

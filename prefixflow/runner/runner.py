@@ -43,7 +43,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        self.sampler.forget(sched.finished_request_ids)
         if sched.num_pages_touched > self._pages_zeroed:
             # Masked-out slots are multiplied by zero weights: they must hold finite values.
             self.kv_cache[:, :, self._pages_zeroed : sched.num_pages_touched].zero_()

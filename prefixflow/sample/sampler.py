@@ -1,26 +1,47 @@
-"""Next-token choice for a step's sequences: greedy, temperature, top-k, top-p, min-p.
+"""Next-token choice for a whole step in one vectorised pass: greedy, temperature, top-k,
+top-p, min-p, seeded or not, with logprobs.
 
-Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws exactly
-from p. A seeded request takes its noise from its own generator, one draw of the vocabulary
-per token, so its tokens do not depend on what else is in the batch.
+Every sampled row draws by inverse CDF from one uniform number u: the chosen token is the
+first whose cumulative weight exceeds u times the row's total. A seeded request takes u
+from a counter-based hash of (seed, output position) (noise.py), so its tokens depend on
+nothing else in the batch and need no per-request state; unseeded rows take u from one
+generator seeded once per engine. The CDF is taken in two levels (sums of blocks of the
+vocabulary, then the chosen block), which keeps the cost at about one pass of exp and one
+of sums over the logits. Greedy rows cost an argmax.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from prefixflow.engine.outputs import SampledToken, ScheduledSeq
+from prefixflow.sample.noise import seeded_uniform
+
+# Vocabulary entries per block of the two-level CDF, at most (about the square root of a
+# vocabulary of 50,000, so both levels stay short).
+_BLOCK = 256
+# top-p looks for its nucleus among this many best tokens first; a row whose nucleus is
+# larger sorts its whole vocabulary.
+_TOP_P_CANDIDATES = 1024
+
+
+@dataclass
+class _Rows:
+    """The rows of one kind, as indices into the step's rows."""
+
+    index: list[int]
+
+    def tensor(self) -> torch.Tensor:
+        return torch.tensor(self.index, dtype=torch.long)
 
 
 class Sampler:
     def __init__(self, seed: int = 0, greedy_fast_path: bool = True) -> None:
         self.greedy_fast_path = greedy_fast_path
         self._shared = torch.Generator().manual_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_ids: list[str]) -> None:
-        for rid in request_ids:
-            self._generators.pop(rid, None)
+        self._buf = torch.empty(0, dtype=torch.float32)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> list[SampledToken]:
@@ -32,82 +53,165 @@ class Sampler:
             and all(s.params.greedy and not s.masked_token_ids for s in seqs)
         )
         if plain_greedy:
-            # argmax is exact in any dtype: skip a (S, V) float32 copy per step. max().indices
-            # (first maximum, like argmax) is several times faster than argmax on bfloat16.
+            # argmax is exact in any dtype: no float32 copy. max().indices (first maximum,
+            # like argmax) is several times faster than argmax on bfloat16.
             return [SampledToken(t) for t in logits.max(dim=-1).indices.tolist()]
-        masking = any(s.masked_token_ids for s in seqs)
-        logits = logits.to(torch.float32, copy=masking)  # masks below write in place
-        # Raw model log-probabilities, before any masking or temperature (vLLM's default).
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        for i, s in enumerate(seqs):
-            if s.masked_token_ids:
-                logits[i, list(s.masked_token_ids)] = float("-inf")
+        tokens = torch.empty(len(seqs), dtype=torch.long)
+        raw_logprobs: dict[int, torch.Tensor] = {}
+        lp_rows = [i for i, w in enumerate(want_logprobs) if w]
+        if lp_rows:
+            # Raw model log-probabilities, before any masking or temperature (vLLM's default).
+            lp = torch.log_softmax(logits[torch.tensor(lp_rows)].float(), dim=-1)
+            raw_logprobs = {i: lp[j] for j, i in enumerate(lp_rows)}
 
-        tokens = logits.argmax(dim=-1)  # greedy for all; sampled rows overwrite below
-        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if sampled_rows:
-            rows = torch.tensor(sampled_rows)
-            probs = self._probs(logits[rows], [seqs[i] for i in sampled_rows])
-            noise = torch.empty_like(probs)
-            for j, i in enumerate(sampled_rows):
-                gen = self._generator(seqs[i])
-                noise[j].exponential_(generator=gen)
-            tokens[rows] = (probs / noise).argmax(dim=-1)
+        greedy = _Rows([i for i, s in enumerate(seqs) if s.params.greedy])
+        sampled = _Rows([i for i, s in enumerate(seqs) if not s.params.greedy])
+        if greedy.index:
+            tokens[greedy.tensor()] = self._greedy(logits, [seqs[i] for i in greedy.index], greedy)
+        if sampled.index:
+            tokens[sampled.tensor()] = self._sample(
+                logits, [seqs[i] for i in sampled.index], sampled
+            )
 
         out: list[SampledToken] = []
-        token_list = tokens.tolist()
-        for i, s in enumerate(seqs):
-            tok = SampledToken(token_list[i])
+        for i, (s, tok) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            st = SampledToken(tok)
             if want_logprobs[i]:
                 row = raw_logprobs[i]
-                lp = row[tok.token_id]
-                tok.logprob = float(lp)
-                tok.rank = int((row > lp).sum()) + 1
+                lp_tok = row[tok]
+                st.logprob = float(lp_tok)
+                st.rank = int((row > lp_tok).sum()) + 1
                 k = s.params.logprobs
                 if k:
                     vals, ids = row.topk(k)
-                    tok.top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+                    st.top = list(zip(ids.tolist(), vals.tolist(), strict=True))
                 else:
-                    tok.top = []
-            out.append(tok)
+                    st.top = []
+            out.append(st)
         return out
 
-    def _generator(self, seq: ScheduledSeq) -> torch.Generator:
-        if seq.params.seed is None:
-            return self._shared
-        gen = self._generators.get(seq.request_id)
-        if gen is None:
-            gen = torch.Generator().manual_seed(seq.params.seed)
-            self._generators[seq.request_id] = gen
-        return gen
-
+    # ---- greedy rows: an argmax, after the banned tokens of min_tokens ----
     @staticmethod
-    def _probs(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        """(R, V) logits of sampled rows -> filtered, renormalised probabilities."""
-        temp = torch.tensor([s.params.temperature for s in seqs]).unsqueeze(1)
-        logits = logits / temp
-        top_k = [s.params.top_k for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = _top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        min_p = torch.tensor([s.params.min_p for s in seqs]).unsqueeze(1)
-        if (min_p > 0).any():
-            keep = probs >= min_p * probs.max(dim=-1, keepdim=True).values
-            probs = probs * keep
-        return probs
+    def _greedy(logits: torch.Tensor, seqs: list[ScheduledSeq], rows: _Rows) -> torch.Tensor:
+        x = logits[rows.tensor()]
+        if any(s.masked_token_ids for s in seqs):
+            x = x.float()
+            _mask(x, seqs)
+        return x.max(dim=-1).indices
+
+    # ---- sampled rows: one uniform each, inverse CDF over the filtered distribution ----
+    def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq], rows: _Rows) -> torch.Tensor:
+        R, V = len(seqs), logits.shape[1]
+        B = min(_BLOCK, V)
+        nb = -(-V // B)
+        # (R, nb * B) float32 scores, then weights; the tail beyond V weighs 0. The buffer
+        # is kept: a fresh one of tens of megabytes page-faults on every touch.
+        if self._buf.numel() < R * nb * B:
+            self._buf = torch.empty(R * nb * B, dtype=torch.float32)
+        x = self._buf[: R * nb * B].view(R, nb * B)
+        x[:, V:] = float("-inf")
+        xv = x[:, :V]
+        xv.copy_(logits if R == logits.shape[0] else logits[rows.tensor()])
+        _mask(xv, seqs)
+        temp = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        xv.mul_((1.0 / temp).unsqueeze(1))
+        xv.sub_(xv.amax(dim=-1, keepdim=True))
+        w = x.exp_()  # weights relative to the best token's (1); masked tokens 0
+        _filter(w[:, :V], seqs)  # vLLM's order: min-p, top-k, top-p
+        u = self._uniforms(seqs)
+        blocks = w.view(R, nb, B)
+        sums = blocks.sum(dim=-1).double()  # (R, nb)
+        cdf = sums.cumsum(dim=-1)
+        target = u * cdf[:, -1]
+        blk = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
+        blk = torch.minimum(blk, _last_nonzero(sums))  # u * total rounding to the total
+        prev = cdf.gather(1, (blk - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        before = torch.where(blk > 0, prev, torch.zeros_like(prev))
+        inner = blocks[torch.arange(R), blk].double()  # (R, B)
+        icdf = inner.cumsum(dim=-1)
+        idx = torch.searchsorted(icdf, (target - before).unsqueeze(1), right=True).squeeze(1)
+        idx = torch.minimum(idx, _last_nonzero(inner))
+        return blk * B + idx
+
+    def _uniforms(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """u in (0, 1) per row, float64: counter-based for seeded rows, else the shared stream."""
+        unseeded = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        u = torch.empty(len(seqs), dtype=torch.float64)
+        if unseeded:
+            u[torch.tensor(unseeded)] = torch.rand(
+                len(unseeded), generator=self._shared, dtype=torch.float64
+            )
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None:
+                u[i] = seeded_uniform(s.params.seed, s.num_output_tokens)
+        return u
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    V = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([min(t, V) if t > 0 else V for t in top_k])
-    ranks = torch.arange(V).unsqueeze(0)
-    drop = ranks >= k.unsqueeze(1)  # beyond top-k
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # Drop tokens once the mass before them already reaches top_p; the top token always stays.
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= torch.tensor(top_p).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+def _mask(x: torch.Tensor, seqs: list[ScheduledSeq]) -> None:
+    """Ban each row's masked tokens (EOS and stop tokens until min_tokens), in place."""
+    rows, cols = [], []
+    for i, s in enumerate(seqs):
+        for t in s.masked_token_ids:
+            rows.append(i)
+            cols.append(t)
+    if rows:
+        x[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+
+
+def _last_nonzero(w: torch.Tensor) -> torch.Tensor:
+    """(R,) index of each row's last entry above 0."""
+    n = w.shape[-1]
+    pos = torch.arange(n, dtype=torch.long).expand_as(w)
+    return torch.where(w > 0, pos, torch.zeros_like(pos)).max(dim=-1).values
+
+
+def _filter(w: torch.Tensor, seqs: list[ScheduledSeq]) -> None:
+    """Zero, in place, the weights min-p, then top-k, then top-p drop (vLLM's order).
+
+    w: (R, V) weights relative to each row's best token (1). Like vLLM, a token tied with
+    the last one kept is kept too.
+    """
+    V = w.shape[-1]
+    min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32)
+    if bool((min_p > 0).any()):
+        w.masked_fill_(w < min_p.unsqueeze(1), 0.0)  # p >= min_p * p_max
+    top_k = [min(s.params.top_k, V) if s.params.top_k > 0 else V for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    rows = [i for i in range(len(seqs)) if top_k[i] < V or top_p[i] < 1.0]
+    if not rows:
+        return
+    idx = torch.tensor(rows)
+    sub = w[idx]  # (r, V)
+    ks = torch.tensor([top_k[i] for i in rows])
+    ps = torch.tensor([top_p[i] for i in rows], dtype=torch.float64)
+    with_p = ps < 1.0
+    # Candidates enough for every row's top-k, and for most nuclei.
+    K = min(
+        V,
+        max(
+            int(ks.max()) if bool((ks < V).any()) else 0,
+            _TOP_P_CANDIDATES if bool(with_p.any()) else 0,
+        ),
+    )
+    ks = ks.clamp(max=K)
+    vals = sub.topk(K, dim=-1).values.double()  # (r, K), best first
+    ranks = torch.arange(K).unsqueeze(0)
+    vals = vals * (ranks < ks.unsqueeze(1))  # top-k
+    thresh = vals.gather(1, (ks - 1).unsqueeze(1))
+    if bool(with_p.any()):
+        # mass of what top-k kept: all of it is among the candidates when top-k is set
+        total = torch.where(ks < V, vals.sum(-1), sub.double().sum(-1))
+        before = vals.cumsum(-1) - vals  # mass of the better candidates
+        inside = (before < (ps * total).unsqueeze(1)) & (vals > 0)
+        last = torch.where(inside, ranks, torch.zeros_like(ranks)).max(-1).values
+        thresh = torch.where(with_p.unsqueeze(1), vals.gather(1, last.unsqueeze(1)), thresh)
+        # A nucleus wider than the candidates: those rows sort their whole vocabulary.
+        wide = with_p & (vals.sum(-1) < ps * total)
+        if bool(wide.any()):
+            full = sub[wide].double().sort(dim=-1, descending=True).values
+            before = full.cumsum(-1) - full
+            n_in = (before < (ps[wide] * total[wide]).unsqueeze(1)).sum(-1)
+            thresh[wide] = full.gather(1, (n_in - 1).unsqueeze(1))
+    sub.masked_fill_(sub < thresh.float(), 0.0)
+    w[idx] = sub

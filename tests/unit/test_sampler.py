@@ -218,6 +218,55 @@ def test_sampling_frequencies_after_top_k_are_renormalised():
     _assert_matches(toks, torch.softmax(filtered, dim=-1))
 
 
+def test_sampling_frequencies_after_top_p_are_renormalised():
+    row = logits_for(16, scale=1.2)[0]
+    probs = torch.softmax(row, dim=-1)
+    nucleus = sorted(_top_p_set(probs, 0.6))
+    filtered = torch.full_like(row, float("-inf"))
+    filtered[nucleus] = row[nucleus]
+    toks = draw_many(row, SamplingParams(top_p=0.6), 20000, seed=12)
+    _assert_matches(toks, torch.softmax(filtered, dim=-1))
+
+
+def test_sampling_frequencies_after_min_p_are_renormalised():
+    row = logits_for(17, scale=1.2)[0]
+    probs = torch.softmax(row / 0.8, dim=-1)
+    keep = probs >= 0.1 * probs.max()
+    filtered = torch.where(keep, row / 0.8, torch.full_like(row, float("-inf")))
+    toks = draw_many(row, SamplingParams(min_p=0.1, temperature=0.8), 20000, seed=13)
+    _assert_matches(toks, torch.softmax(filtered, dim=-1))
+
+
+def test_sampling_frequencies_over_a_real_sized_vocabulary():
+    """Both levels of the CDF (blocks, then within a block) at the default model's size."""
+    g = torch.Generator().manual_seed(18)
+    row = torch.randn(49152, generator=g) * 3.0
+    probs = torch.softmax(row / 0.7, dim=-1)
+    best = probs.topk(20).indices
+    n = 1500
+    sampler = Sampler(seed=4)
+    logits = row.unsqueeze(0).expand(n, -1).contiguous()
+    toks = torch.tensor(
+        [
+            t.token_id
+            for t in sampler(
+                logits, [seq(f"r{i}", SamplingParams(temperature=0.7)) for i in range(n)]
+            )
+        ]
+    )
+    freq = torch.bincount(toks, minlength=49152).double() / n
+    p = probs.double()
+    sigma = torch.sqrt(p * (1 - p) / n)
+    assert torch.all((freq[best] - p[best]).abs() <= 5 * sigma[best] + 1e-4)
+    # the tail, summed by block of the CDF, is drawn as often as it weighs
+    tail = torch.ones(49152, dtype=torch.bool)
+    tail[best] = False
+    assert (
+        abs(float(freq[tail].sum() - p[tail].sum()))
+        <= 5 * float(p[tail].sum() * (1 - p[tail].sum()) / n) ** 0.5 + 1e-3
+    )
+
+
 def test_sampling_frequencies_with_mask_are_renormalised():
     row = logits_for(15, scale=0.7)[0]
     masked = frozenset(row.topk(2).indices.tolist())
@@ -267,6 +316,36 @@ def test_seeded_request_is_independent_of_batch_composition():
         assert _seeded_run(position, 8, sampler_seed) == alone, position
 
 
+def test_seeded_request_alone_equals_inside_a_batch_of_256():
+    alone = _seeded_run(position=0, batch=1, sampler_seed=0, steps=6)
+    assert _seeded_run(position=200, batch=256, sampler_seed=5, steps=6) == alone
+
+
+_ACROSS_RUNS = """
+import torch
+from prefixflow.sample.sampler import Sampler
+from tests.unit.test_sampler import logits_for, seq
+from prefixflow.sampling_params import SamplingParams
+p = SamplingParams(temperature=0.9, top_p=0.9, seed=77)
+print([Sampler(seed=int(torch.randint(0, 1000, (1,))))(logits_for(5), [seq("a", p, k)])[0].token_id
+       for k in range(12)])
+"""
+
+
+def test_seeded_draws_repeat_across_processes():
+    import ast
+    import subprocess
+    import sys
+
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _ACROSS_RUNS], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and len(set(ast.literal_eval(runs[0]))) > 3
+
+
 def test_different_seeds_draw_different_tokens():
     logits = logits_for(101, scale=0.3)
     runs = []
@@ -290,14 +369,13 @@ def test_same_seed_in_two_requests_of_one_batch_draw_the_same():
     assert len(set(a)) > 3
 
 
-def test_forget_restarts_a_seeded_stream():
+def test_a_seeded_draw_depends_only_on_seed_position_and_logits():
     logits = logits_for(103, scale=0.3)
-    sampler = Sampler()
     p = SamplingParams(seed=5)
-    first = [sampler(logits, [seq("a", p, k)])[0].token_id for k in range(10)]
-    sampler.forget(["a", "unknown"])
-    again = [sampler(logits, [seq("a", p, k)])[0].token_id for k in range(10)]
-    assert first == again
+    first = [Sampler()(logits, [seq("a", p, k)])[0].token_id for k in range(10)]
+    again = [Sampler(seed=9)(logits, [seq("b", p, k)])[0].token_id for k in reversed(range(10))]
+    assert first == again[::-1]  # another sampler, another request id, another order
+    assert len(set(first)) > 3
 
 
 def test_unseeded_draws_follow_the_sampler_seed():
