@@ -25,7 +25,7 @@ import torch
 from prefixflow.attention.backend import AttentionShape
 from prefixflow.attention.registry import build_backend
 from prefixflow.bench.limits import measure_bandwidth
-from prefixflow.engine.outputs import ScheduledSeq, SchedulerOutput
+from prefixflow.step import ScheduledSeq, SchedulerOutput
 from prefixflow.llm import LLM
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.sampling_params import SamplingParams

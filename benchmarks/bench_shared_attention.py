@@ -15,7 +15,7 @@ import time
 import torch
 
 from prefixflow.attention.registry import build_backend
-from prefixflow.engine.outputs import ScheduledSeq, SchedulerOutput
+from prefixflow.step import ScheduledSeq, SchedulerOutput
 from prefixflow.llm import LLM
 from prefixflow.sampling_params import SamplingParams
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 
 from prefixflow.cache.page_pool import PagePool
-from prefixflow.engine.outputs import RunnerOutput, SampledToken, SchedulerOutput
+from prefixflow.step import RunnerOutput, SampledToken, SchedulerOutput
 from prefixflow.request import Request
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import EngineConfig
-from prefixflow.engine.outputs import SampledToken
+from prefixflow.step import SampledToken
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.engine.stop import find_stop_string
 from prefixflow.errors import RequestError

@@ -28,7 +28,7 @@ from prefixflow.cache.page_pool import PagePool
 from prefixflow.cache.radix_cache import RadixCache
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.admission import make_policy
-from prefixflow.engine.outputs import (
+from prefixflow.step import (
     RunnerOutput,
     SampledToken,
     ScheduledSeq,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prefixflow.attention.step_layout import SeqLayout, StepLayout
-from prefixflow.engine.outputs import ScheduledSeq
+from prefixflow.step import ScheduledSeq
 
 
 def build_step(

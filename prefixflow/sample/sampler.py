@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixflow.engine.outputs import SampledToken, ScheduledSeq
+from prefixflow.step import SampledToken, ScheduledSeq
 from prefixflow.sample.noise import seeded_uniform
 
 # Vocabulary entries per block of the two-level CDF, at most (about the square root of a

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from prefixflow.engine.outputs import ScheduledSeq
+from prefixflow.step import ScheduledSeq
 from prefixflow.sample.sampler import Sampler
 from prefixflow.sampling_params import SamplingParams
 

@@ -12,7 +12,7 @@ import pytest
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
-from prefixflow.engine.outputs import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
+from prefixflow.step import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 from prefixflow.engine.scheduler import RequestTooLargeError, Scheduler
 from prefixflow.request import FinishReason, Request, RequestStatus
 from prefixflow.sampling_params import SamplingParams
@@ -142,12 +142,42 @@ def run_to_completion(
 PURE_MODULES = (
     "prefixflow.engine.scheduler",
     "prefixflow.engine.stop",
-    "prefixflow.engine.outputs",
+    "prefixflow.engine.admission",
+    "prefixflow.engine.prefix_plan",
+    "prefixflow.step",
     "prefixflow.request",
     "prefixflow.cache.page_pool",
+    "prefixflow.cache.radix_cache",
     "prefixflow.config",
     "prefixflow.sampling_params",
+    "prefixflow.validation",
+    "prefixflow.errors",
 )
+
+
+def test_runner_and_sampler_meet_the_scheduler_only_in_the_step_contract():
+    """runner/ and sample/ import neither engine/ nor each other's side; step.py imports
+    neither side."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "prefixflow"
+
+    def imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                out.add(node.module)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        return out
+
+    for folder in ("runner", "sample"):
+        for path in (root / folder).glob("*.py"):
+            assert not any(m.startswith("prefixflow.engine") for m in imports(path)), path
+    step = imports(root / "step.py")
+    assert not any(m.startswith(("prefixflow.engine", "prefixflow.runner")) for m in step)
 
 
 def _torch_imported(code: str) -> bool:
