@@ -25,10 +25,10 @@ import torch
 from prefixflow.attention.backend import AttentionShape
 from prefixflow.attention.registry import build_backend
 from prefixflow.bench.limits import measure_bandwidth
-from prefixflow.step import ScheduledSeq, SchedulerOutput
 from prefixflow.llm import LLM
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import ScheduledSeq, SchedulerOutput
 
 
 def decode_step(num_seqs: int, ctx: int, bs: int, num_pages: int) -> SchedulerOutput:

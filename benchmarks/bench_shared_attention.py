@@ -15,9 +15,9 @@ import time
 import torch
 
 from prefixflow.attention.registry import build_backend
-from prefixflow.step import ScheduledSeq, SchedulerOutput
 from prefixflow.llm import LLM
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import ScheduledSeq, SchedulerOutput
 
 
 def decode_step(num_seqs: int, prefix: int, own: int, bs: int, pages: list[int]):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import zlib
 
 from prefixflow.cache.page_pool import PagePool
-from prefixflow.step import RunnerOutput, SampledToken, SchedulerOutput
 from prefixflow.request import Request
+from prefixflow.step import RunnerOutput, SampledToken, SchedulerOutput
 
 
 class PageTableRunner:

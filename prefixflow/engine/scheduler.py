@@ -28,16 +28,16 @@ from prefixflow.cache.page_pool import PagePool
 from prefixflow.cache.radix_cache import RadixCache
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.admission import make_policy
+from prefixflow.engine.prefix_plan import plan_order
+from prefixflow.engine.stop import check_token_stop, masked_token_ids
+from prefixflow.errors import KV_CACHE_TOO_SMALL, RequestError
+from prefixflow.request import FinishReason, Request, RequestStatus
 from prefixflow.step import (
     RunnerOutput,
     SampledToken,
     ScheduledSeq,
     SchedulerOutput,
 )
-from prefixflow.engine.prefix_plan import plan_order
-from prefixflow.engine.stop import check_token_stop, masked_token_ids
-from prefixflow.errors import KV_CACHE_TOO_SMALL, RequestError
-from prefixflow.request import FinishReason, Request, RequestStatus
 
 
 class RequestTooLargeError(RequestError):
@@ -58,6 +58,8 @@ class Scheduler:
         self._copies: list[tuple[int, int]] = []
         self.policy = make_policy(config.admission, int(config.watermark * pool.num_pages))
         self.num_preemptions = 0
+        self.num_prompt_computed_tokens = 0  # prompt tokens run through the model
+        self.num_recomputed_tokens = 0  # computed again after a preemption
 
     # ---- queue ----
     def add(self, req: Request, siblings: list[Request] | None = None) -> None:
@@ -260,6 +262,10 @@ class Scheduler:
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
+        end = start + n
+        self.num_prompt_computed_tokens += max(0, min(end, req.num_prompt_tokens) - start)
+        self.num_recomputed_tokens += max(0, min(end, req.max_computed_tokens) - start)
+        req.max_computed_tokens = max(req.max_computed_tokens, end)
         if self.cache is not None:
             # Cache the full pages this step completes (see the module docstring).
             end_page = (start + n) // self.pool.page_size

@@ -8,11 +8,11 @@ from prefixflow.attention.backend import AttentionShape
 from prefixflow.attention.kv_layout import check_page_size
 from prefixflow.attention.registry import build_backend
 from prefixflow.config import EngineConfig
-from prefixflow.step import RunnerOutput, SchedulerOutput
 from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sample.sampler import Sampler
+from prefixflow.step import RunnerOutput, SchedulerOutput
 
 
 class ModelRunner:

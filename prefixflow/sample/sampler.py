@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixflow.step import SampledToken, ScheduledSeq
 from prefixflow.sample.noise import seeded_uniform
+from prefixflow.step import SampledToken, ScheduledSeq
 
 # Vocabulary entries per block of the two-level CDF, at most (about the square root of a
 # vocabulary of 50,000, so both levels stay short).

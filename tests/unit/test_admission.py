@@ -11,10 +11,10 @@ import pytest
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.admission import PastFuture, make_policy
-from prefixflow.step import RunnerOutput, SampledToken
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.request import Request
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import RunnerOutput, SampledToken
 
 EOS = 2
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from prefixflow.step import ScheduledSeq
 from prefixflow.sample.sampler import Sampler
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import ScheduledSeq
 
 V = 50
 

@@ -12,10 +12,10 @@ import pytest
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
-from prefixflow.step import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 from prefixflow.engine.scheduler import RequestTooLargeError, Scheduler
 from prefixflow.request import FinishReason, Request, RequestStatus
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 
 EOS = 2
 EOS_IDS = frozenset({EOS})

@@ -16,9 +16,9 @@ from prefixflow.attention.merge import merge_into
 from prefixflow.attention.paged import PagedAttention
 from prefixflow.attention.prefix_groups import plan_prefix_layout
 from prefixflow.attention.shared_prefix import SharedPrefixAttention
-from prefixflow.step import ScheduledSeq
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import ScheduledSeq
 
 
 def make_step(rng: random.Random, bs: int, num_pages: int = 160) -> list[ScheduledSeq]:

@@ -130,7 +130,7 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 url,
                 engine.model_name,
                 prepared.params.n,
-                _holdback(prepared.params.stop, prepared.params.min_tokens),
+                _holdback(prepared.params.stop),
                 prepared.include_usage,
             )
             # The background task runs however the response ends, even when the client
@@ -207,17 +207,13 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def _holdback(stops: list[str], min_tokens: int) -> int:
+def _holdback(stops: list[str]) -> int:
     """Characters of streamed text to hold back while a stop string could still cut it.
 
-    Stop strings are checked at every step, so a new hit starts at most len(stop) - 1
-    characters before the newest token. The first check after min_tokens looks further
-    back, over the text of the last len(stop) + 4 tokens: hold back about that much.
+    Stop strings are searched in each step's new text and the longest - 1 characters before
+    it (engine/output_processor.py), so older text is final.
     """
-    if not stops:
-        return 0
-    longest = max(len(s) for s in stops)
-    return longest - 1 + (4 * (longest + 4) if min_tokens else 0)
+    return max((len(s) for s in stops), default=1) - 1
 
 
 async def _wait_disconnect(request: Request) -> None:
