@@ -88,7 +88,8 @@ struct Ctx {
   const int32_t* rows;
   const int32_t* pages;
   int H, H_kv, G, D, bs, w;
-  int64_t page_stride, head_stride;  // in elements
+  int64_t q_tok_stride, q_head_stride;  // in elements
+  int64_t page_stride, head_stride;
   float scale;
   // Element offsets of key / value (token t of a page, dimension d) within a head's block.
   int64_t k_at(int t, int d) const { return (static_cast<int64_t>(d / w) * bs + t) * w + d % w; }
@@ -102,7 +103,7 @@ template <typename T>
 inline const T* q_row(const Ctx& c, const Item& it, int head, int qv) {
   const int r = qv / c.G, g = qv % c.G;
   const int tok = c.rows[it.row_off + r];
-  return static_cast<const T*>(c.q) + (static_cast<int64_t>(tok) * c.H + head * c.G + g) * c.D;
+  return static_cast<const T*>(c.q) + tok * c.q_tok_stride + (head * c.G + g) * c.q_head_stride;
 }
 
 // ---------------------------------------------------------------- generic path
@@ -401,6 +402,8 @@ void run(torch::Tensor& out, torch::Tensor& lse, const torch::Tensor& q, const t
   c.pages = pages;
   c.H = q.size(1);
   c.D = q.size(2);
+  c.q_tok_stride = q.stride(0);
+  c.q_head_stride = q.stride(1);
   c.bs = static_cast<int>(page_size);
   c.H_kv = kv.size(2);
   c.G = c.H / c.H_kv;
@@ -535,7 +538,8 @@ void run(torch::Tensor& out, torch::Tensor& lse, const torch::Tensor& q, const t
 
 void paged_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor kv, int64_t page_size,
                      torch::Tensor items, torch::Tensor rows, torch::Tensor pages, double scale, int64_t key_split) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (T, H, D) tensor");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) >= q.size(2) && q.stride(0) >= q.size(1) * q.stride(1),
+              "q must be a (T, H, D) tensor with contiguous heads");
   TORCH_CHECK(kv.scalar_type() == q.scalar_type(), "q and kv must have the same dtype");
   const int64_t D = q.size(2);
   const int64_t w = q.scalar_type() == torch::kBFloat16 ? 2 : 1;

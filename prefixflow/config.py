@@ -179,6 +179,17 @@ class EngineConfig:
         64, "a shared prefix shorter than this is read with what follows it"
     )
     seed: int = option(0, "seeds the shared generator of unseeded sampled requests")
+    fused_ops: bool = option(
+        True,
+        "RMSNorm with the residual add, SiLU x up and rotary embedding as single C++ "
+        "passes, where the kernels were built (off: PyTorch operations)",
+    )
+    prepack_weights: bool = option(
+        True, "dense layers read weights prepacked once for oneDNN (off: plain F.linear)"
+    )
+    sampling_kernel: bool = option(
+        True, "sampling weights and their block sums in one C++ pass (off: PyTorch)"
+    )
     greedy_fast_path: bool = option(
         True, "a step of plain greedy requests takes the argmax of the logits and nothing more"
     )

@@ -1,52 +1,27 @@
-"""The C++ paged-attention kernel (csrc/paged_attention.cpp): can it run here, and its call.
-
-`pip install` builds it (setup.py) for the vector instructions of the machine that builds
-it. Where it was not built (no compiler, PREFIXFLOW_NO_EXTENSION=1) or this CPU lacks an
-instruction it was built for, `load()` returns None and says so in one line; the backends
-then take their PyTorch path, which gives the same results.
+"""The C++ paged-attention kernel (csrc/paged_attention.cpp) and its work lists.
 
 The kernel attends a list of items. An item is some query rows (token indices of the
 step) and a run of KV pages; row i of an item sees keys [0, min(n_keys, causal_base + i + 1)).
-It writes each row's output (float32) and log-sum-exp.
+It writes each row's output (float32) and log-sum-exp. Where the C++ kernels cannot run
+(prefixflow/native.py), `load()` is None and the backends take their PyTorch path.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from prefixflow.utils.hardware import cpu_flags
-
-logger = logging.getLogger("prefixflow")
+from prefixflow import native
 
 # causal_base for rows that see every key of their item.
 SEES_ALL = 1 << 30
 
 
-@functools.cache
 def load() -> Callable | None:
-    """torch.ops.prefixflow.paged_attention, or None (after one line saying why)."""
-    try:
-        ext = importlib.import_module("prefixflow._C")
-    except ImportError as e:
-        logger.warning(
-            "prefixflow: C++ attention kernels not built (%s); using PyTorch attention", e
-        )
-        return None
-    missing = [f for f in ext.compiled_isa().split() if f not in cpu_flags()]
-    if missing:
-        logger.warning(
-            "prefixflow: C++ attention kernels were built for a CPU with %s, which this one "
-            "lacks; using PyTorch attention (reinstall to rebuild them here)",
-            ", ".join(missing),
-        )
-        return None
-    return torch.ops.prefixflow.paged_attention
+    """torch.ops.prefixflow.paged_attention, or None."""
+    return torch.ops.prefixflow.paged_attention if native.available() else None
 
 
 @dataclass

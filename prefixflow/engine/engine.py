@@ -11,6 +11,7 @@ from prefixflow.config import EngineConfig
 from prefixflow.engine.output_processor import OutputProcessor
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.errors import RequestError
+from prefixflow.model import prepack
 from prefixflow.model.loader import (
     eos_token_ids,
     iter_weights,
@@ -61,6 +62,9 @@ class Engine:
         model = build_model(hf_config)
         model.load_weights(iter_weights(src, hf_config))
         self.model = model.to(self.dtype).eval()
+        model.use_fused_ops(config.fused_ops)
+        if config.prepack_weights and prepack.available():
+            prepack.prepack_linears(model)
         self.hf_config = hf_config
         self.eos_token_ids = eos_token_ids(src, hf_config, self.codec.tokenizer)
         self.max_model_len = max_model_len(hf_config)

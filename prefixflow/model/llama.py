@@ -11,30 +11,30 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prefixflow.attention.backend import AttentionBackend
+from prefixflow.model.ops import LayerOps
 from prefixflow.model.rope import RotaryEmbedding
 from prefixflow.model.shapes import head_dim_of
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, ops: LayerOps) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics whatever the dtype, as the reference implementation does
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of x, or of x + residual (residual is then updated to that sum)."""
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool) -> None:
+    def __init__(self, cfg, qkv_bias: bool, ops: LayerOps) -> None:
         super().__init__()
+        self.ops = ops
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = head_dim_of(cfg)
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         rope: RotaryEmbedding,
         positions: torch.Tensor,  # (T,)
         meta: Any,  # the backend's metadata for this step
-        kv_cache: torch.Tensor,  # (2, num_pages, page_size, H_kv, D)
+        kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D)
         backend: AttentionBackend,
     ) -> torch.Tensor:
         T = x.shape[0]
@@ -59,34 +59,43 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, H_kv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        self.ops.rotary(q, k, positions, rope.cos, rope.sin)  # in place
         o = backend.forward(self, q, k, v, kv_cache, meta)  # (T, H, D)
         return self.o_proj(o.reshape(T, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, ops: LayerOps) -> None:
         super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
+        self.ops = ops
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool) -> None:
+    def __init__(self, cfg, qkv_bias: bool, ops: LayerOps) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, qkv_bias)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, qkv_bias, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
 
-    def forward(self, x, rope, positions, meta, kv_cache, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, meta, kv_cache, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x, residual, rope, positions, meta, kv_cache, backend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous block's output; residual: the stream it adds to (None at the
+        first layer, where x is the stream). Returns this layer's MLP output and the stream."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)  # residual += x, then the norm
+        h = self.self_attn(h, rope, positions, meta, kv_cache, backend)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -95,11 +104,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg, qkv_bias: bool = False) -> None:
         super().__init__()
         self.config = cfg
+        # One set of elementwise operations for every layer: PyTorch until use_fused_ops.
+        self.ops = LayerOps(fused=False)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, qkv_bias) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, qkv_bias, self.ops) for _ in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tie_word_embeddings:
@@ -116,9 +127,14 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, positions, meta, kv_caches[i], backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, self.rope, positions, meta, kv_caches[i], backend)
+        return self.norm(x, residual)
+
+    def use_fused_ops(self, fused: bool) -> None:
+        """RMSNorm, residual adds, SiLU x up and rotary embedding: fused C++ or PyTorch."""
+        self.ops.fused = LayerOps(fused).fused
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prefixflow.model.shapes import head_dim_of
 
@@ -34,26 +33,14 @@ def inverse_frequencies(cfg) -> tuple[torch.Tensor, float]:
     return ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (the Hugging Face layout) from a cos/sin table over all positions."""
+class RotaryEmbedding:
+    """cos/sin tables of rotate-half RoPE (the Hugging Face layout) over all positions, in
+    float32 whatever the model's dtype (model/ops.py applies them)."""
 
     def __init__(self, cfg) -> None:
-        super().__init__()
         inv_freq, scaling = inverse_frequencies(cfg)
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float)
         freqs = positions[:, None] * inv_freq[None, :]  # (P, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (T, 1, D)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        self.cos = (emb.cos() * scaling).contiguous()
+        self.sin = (emb.sin() * scaling).contiguous()

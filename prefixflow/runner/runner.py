@@ -35,7 +35,11 @@ class ModelRunner:
             kv_cache.dtype,
         )
         self.backend = build_backend(config.attention_backend, config, shape)
-        self.sampler = Sampler(config.seed, greedy_fast_path=config.greedy_fast_path)
+        self.sampler = Sampler(
+            config.seed,
+            greedy_fast_path=config.greedy_fast_path,
+            use_kernel=config.sampling_kernel,
+        )
         self._pages_zeroed = 0
         if not config.lazy_kv_zeroing:
             kv_cache.zero_()

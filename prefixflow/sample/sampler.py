@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixflow import native
 from prefixflow.sample.noise import seeded_uniform
 from prefixflow.step import SampledToken, ScheduledSeq
 
@@ -38,8 +39,14 @@ class _Rows:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0, greedy_fast_path: bool = True) -> None:
+    def __init__(
+        self, seed: int = 0, greedy_fast_path: bool = True, use_kernel: bool = True
+    ) -> None:
         self.greedy_fast_path = greedy_fast_path
+        # The weights and block sums in one C++ pass (csrc/sampling.cpp), where built.
+        self.kernel = (
+            torch.ops.prefixflow.sampling_weights if use_kernel and native.available() else None
+        )
         self._shared = torch.Generator().manual_seed(seed)
         self._buf = torch.empty(0, dtype=torch.float32)
 
@@ -109,19 +116,29 @@ class Sampler:
         # is kept: a fresh one of tens of megabytes page-faults on every touch.
         if self._buf.numel() < R * nb * B:
             self._buf = torch.empty(R * nb * B, dtype=torch.float32)
-        x = self._buf[: R * nb * B].view(R, nb * B)
-        x[:, V:] = float("-inf")
-        xv = x[:, :V]
-        xv.copy_(logits if R == logits.shape[0] else logits[rows.tensor()])
-        _mask(xv, seqs)
-        temp = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
-        xv.mul_((1.0 / temp).unsqueeze(1))
-        xv.sub_(xv.amax(dim=-1, keepdim=True))
-        w = x.exp_()  # weights relative to the best token's (1); masked tokens 0
-        _filter(w[:, :V], seqs)  # vLLM's order: min-p, top-k, top-p
+        w = self._buf[: R * nb * B].view(R, nb * B)
+        inv_temp = 1.0 / torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        masked = any(s.masked_token_ids for s in seqs)
+        if self.kernel is not None:
+            src, index = logits, rows.tensor()
+            if masked:  # rare (min_tokens): a masked float32 copy of these rows
+                src, index = logits[index].float(), torch.arange(R)
+                _mask(src, seqs)
+            sums = torch.empty(R, nb, dtype=torch.float64)
+            self.kernel(src, index, inv_temp, w, sums)
+        else:
+            w[:, V:] = float("-inf")
+            xv = w[:, :V]
+            xv.copy_(logits if R == logits.shape[0] else logits[rows.tensor()])
+            _mask(xv, seqs)
+            xv.mul_(inv_temp.unsqueeze(1))
+            xv.sub_(xv.amax(dim=-1, keepdim=True))
+            w.exp_()  # weights relative to the best token's (1); masked tokens 0
+            sums = None
+        if _filter(w[:, :V], seqs) or sums is None:  # vLLM's order: min-p, top-k, top-p
+            sums = w.view(R, nb, B).sum(dim=-1).double()  # (R, nb)
         u = self._uniforms(seqs)
         blocks = w.view(R, nb, B)
-        sums = blocks.sum(dim=-1).double()  # (R, nb)
         cdf = sums.cumsum(dim=-1)
         target = u * cdf[:, -1]
         blk = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
@@ -166,21 +183,23 @@ def _last_nonzero(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w > 0, pos, torch.zeros_like(pos)).max(dim=-1).values
 
 
-def _filter(w: torch.Tensor, seqs: list[ScheduledSeq]) -> None:
-    """Zero, in place, the weights min-p, then top-k, then top-p drop (vLLM's order).
+def _filter(w: torch.Tensor, seqs: list[ScheduledSeq]) -> bool:
+    """Zero, in place, the weights min-p, then top-k, then top-p drop (vLLM's order);
+    False when no row filters anything.
 
     w: (R, V) weights relative to each row's best token (1). Like vLLM, a token tied with
     the last one kept is kept too.
     """
     V = w.shape[-1]
     min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32)
-    if bool((min_p > 0).any()):
+    filtered = bool((min_p > 0).any())
+    if filtered:
         w.masked_fill_(w < min_p.unsqueeze(1), 0.0)  # p >= min_p * p_max
     top_k = [min(s.params.top_k, V) if s.params.top_k > 0 else V for s in seqs]
     top_p = [s.params.top_p for s in seqs]
     rows = [i for i in range(len(seqs)) if top_k[i] < V or top_p[i] < 1.0]
     if not rows:
-        return
+        return filtered
     idx = torch.tensor(rows)
     sub = w[idx]  # (r, V)
     ks = torch.tensor([top_k[i] for i in rows])
@@ -215,3 +234,4 @@ def _filter(w: torch.Tensor, seqs: list[ScheduledSeq]) -> None:
             thresh[wide] = full.gather(1, (n_in - 1).unsqueeze(1))
     sub.masked_fill_(sub < thresh.float(), 0.0)
     w[idx] = sub
+    return True

@@ -1,5 +1,7 @@
-"""Every exact speed-up of the foundation can be switched off, and outputs are identical
-either way: the reused gather buffers, the greedy-only sampling path, lazy KV zeroing."""
+"""Every exact speed-up can be switched off, and greedy and seeded float32 outputs are
+identical either way: the reused gather buffers, the greedy-only sampling path, lazy KV
+zeroing, the fused layer operations, prepacked dense weights and the C++ sampling pass.
+(The attention kernels and backends: test_shared_prefix_backend.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +9,14 @@ import pytest
 
 from prefixflow import LLM, SamplingParams
 
-SWITCHES = ["reuse_gather_buffers", "greedy_fast_path", "lazy_kv_zeroing"]
+SWITCHES = [
+    "reuse_gather_buffers",
+    "greedy_fast_path",
+    "lazy_kv_zeroing",
+    "fused_ops",
+    "prepack_weights",
+    "sampling_kernel",
+]
 
 
 def _run(llm, prompts):

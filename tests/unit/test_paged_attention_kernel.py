@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from prefixflow import native
 from prefixflow.attention import kernels, kv_layout
 
 KERNEL = kernels.load()
@@ -107,16 +108,21 @@ def test_bad_work_is_refused_not_read():
 
 def test_without_the_extension_the_backend_falls_back_with_one_line(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "prefixflow._C", None)  # import fails, as when not built
-    kernels.load.cache_clear()
+    native.available.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="prefixflow"):
             assert kernels.load() is None
-        assert len(caplog.records) == 1 and "using PyTorch attention" in caplog.text
+            assert kernels.load() is None
+        assert len(caplog.records) == 1 and "using PyTorch instead" in caplog.text
         from prefixflow.attention.backend import AttentionShape
         from prefixflow.attention.shared_prefix import SharedPrefixAttention
 
         shape = AttentionShape(3, 1, 64, 16, torch.float32)
         backend = SharedPrefixAttention(shape, min_shared_tokens=0, min_part_tokens=0)
         assert backend.kernel is None
+        from prefixflow.model.ops import LayerOps
+        from prefixflow.sample.sampler import Sampler
+
+        assert not LayerOps(fused=True).fused and Sampler().kernel is None
     finally:
-        kernels.load.cache_clear()
+        native.available.cache_clear()

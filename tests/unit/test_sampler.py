@@ -7,11 +7,27 @@ import math
 import pytest
 import torch
 
+from prefixflow import native
 from prefixflow.sample.sampler import Sampler
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import ScheduledSeq
 
 V = 50
+
+_USE_KERNEL = [True]
+
+
+@pytest.fixture(autouse=True, params=["kernel", "pytorch"])
+def sampler_path(request):
+    """Every test runs on the C++ sampling pass and on the PyTorch one."""
+    if request.param == "kernel" and not native.available():
+        pytest.skip("C++ kernels not built")
+    _USE_KERNEL[0] = request.param == "kernel"
+    yield request.param
+
+
+def make_sampler(seed: int = 0, **kwargs) -> Sampler:
+    return Sampler(seed, use_kernel=_USE_KERNEL[0], **kwargs)
 
 
 def seq(
@@ -41,7 +57,7 @@ def draw_many(
     logits_row: torch.Tensor, params: SamplingParams, n: int, masked=frozenset(), seed: int = 0
 ) -> torch.Tensor:
     """n independent draws from one distribution: n unseeded rows in one batch."""
-    sampler = Sampler(seed=seed)
+    sampler = make_sampler(seed=seed)
     logits = logits_row.unsqueeze(0).expand(n, V).contiguous()
     seqs = [seq(f"r{i}", params, masked=masked) for i in range(n)]
     return torch.tensor([t.token_id for t in sampler(logits, seqs)])
@@ -53,7 +69,7 @@ def draw_many(
 def test_greedy_is_argmax():
     logits = logits_for(0, rows=8)
     seqs = [seq(f"r{i}", SamplingParams(temperature=0.0)) for i in range(8)]
-    out = Sampler()(logits, seqs)
+    out = make_sampler()(logits, seqs)
     assert [t.token_id for t in out] == logits.argmax(dim=-1).tolist()
     assert all(t.logprob is None and t.rank is None and t.top is None for t in out)
 
@@ -62,14 +78,14 @@ def test_greedy_ignores_filters_and_seed_and_is_repeatable():
     logits = logits_for(1, rows=4)
     p = SamplingParams(temperature=0.0, top_k=3, top_p=0.2, min_p=0.5, seed=9)
     for _ in range(3):
-        out = Sampler(seed=5)(logits, [seq(f"r{i}", p) for i in range(4)])
+        out = make_sampler(seed=5)(logits, [seq(f"r{i}", p) for i in range(4)])
         assert [t.token_id for t in out] == logits.argmax(dim=-1).tolist()
 
 
 def test_greedy_rows_mixed_with_sampled_rows():
     logits = logits_for(2, rows=6)
     params = [SamplingParams(temperature=0.0 if i % 2 else 1.0) for i in range(6)]
-    out = Sampler()(logits, [seq(f"r{i}", p) for i, p in enumerate(params)])
+    out = make_sampler()(logits, [seq(f"r{i}", p) for i, p in enumerate(params)])
     for i in (1, 3, 5):
         assert out[i].token_id == int(logits[i].argmax())
 
@@ -82,7 +98,7 @@ def test_sampler_does_not_modify_logits():
         seq("b", SamplingParams(temperature=0.5, top_k=3)),
         seq("c", SamplingParams(top_p=0.5, logprobs=3)),
     ]
-    Sampler()(logits, seqs)
+    make_sampler()(logits, seqs)
     assert torch.equal(logits, before)
 
 
@@ -92,7 +108,9 @@ def test_sampler_does_not_modify_logits():
 def test_masked_tokens_never_drawn_greedy():
     logits = logits_for(4)
     top3 = logits[0].topk(3).indices.tolist()
-    out = Sampler()(logits, [seq("a", SamplingParams(temperature=0.0), masked=frozenset(top3))])
+    out = make_sampler()(
+        logits, [seq("a", SamplingParams(temperature=0.0), masked=frozenset(top3))]
+    )
     assert out[0].token_id == logits[0].topk(4).indices[3].item()
 
 
@@ -166,7 +184,7 @@ def test_combined_filters_in_one_batch_each_row_its_own():
     ]
     logits = row.unsqueeze(0).expand(n * len(params), V).contiguous()
     seqs = [seq(f"r{i}", params[i % len(params)]) for i in range(n * len(params))]
-    toks = torch.tensor([t.token_id for t in Sampler()(logits, seqs)]).view(n, len(params))
+    toks = torch.tensor([t.token_id for t in make_sampler()(logits, seqs)]).view(n, len(params))
     probs = torch.softmax(row, dim=-1)
     assert set(toks[:, 0].tolist()) <= set(row.topk(3).indices.tolist())
     assert set(toks[:, 1].tolist()) <= _top_p_set(probs, 0.5)
@@ -244,7 +262,7 @@ def test_sampling_frequencies_over_a_real_sized_vocabulary():
     probs = torch.softmax(row / 0.7, dim=-1)
     best = probs.topk(20).indices
     n = 1500
-    sampler = Sampler(seed=4)
+    sampler = make_sampler(seed=4)
     logits = row.unsqueeze(0).expand(n, -1).contiguous()
     toks = torch.tensor(
         [
@@ -281,7 +299,7 @@ def test_sampling_frequencies_with_mask_are_renormalised():
 
 def _seeded_run(position: int, batch: int, sampler_seed: int, steps: int = 12) -> list[int]:
     """Tokens drawn for request "seeded" when it sits at `position` in a batch of `batch`."""
-    sampler = Sampler(seed=sampler_seed)
+    sampler = make_sampler(seed=sampler_seed)
     seeded = SamplingParams(temperature=0.9, top_k=30, seed=1234)
     base = logits_for(100, scale=0.5)[0]
     others = [
@@ -327,8 +345,8 @@ from prefixflow.sample.sampler import Sampler
 from tests.unit.test_sampler import logits_for, seq
 from prefixflow.sampling_params import SamplingParams
 p = SamplingParams(temperature=0.9, top_p=0.9, seed=77)
-print([Sampler(seed=int(torch.randint(0, 1000, (1,))))(logits_for(5), [seq("a", p, k)])[0].token_id
-       for k in range(12)])
+sampler = Sampler(seed=int(torch.randint(0, 1000, (1,))), use_kernel={use_kernel})
+print([sampler(logits_for(5), [seq("a", p, k)])[0].token_id for k in range(12)])
 """
 
 
@@ -339,7 +357,10 @@ def test_seeded_draws_repeat_across_processes():
 
     runs = [
         subprocess.run(
-            [sys.executable, "-c", _ACROSS_RUNS], capture_output=True, text=True, check=True
+            [sys.executable, "-c", _ACROSS_RUNS.format(use_kernel=_USE_KERNEL[0])],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         for _ in range(2)
     ]
@@ -350,7 +371,7 @@ def test_different_seeds_draw_different_tokens():
     logits = logits_for(101, scale=0.3)
     runs = []
     for s in (1, 2):
-        sampler = Sampler()
+        sampler = make_sampler()
         p = SamplingParams(seed=s)
         runs.append([sampler(logits, [seq("a", p, n_out=k)])[0].token_id for k in range(20)])
     assert runs[0] != runs[1]
@@ -358,7 +379,7 @@ def test_different_seeds_draw_different_tokens():
 
 def test_same_seed_in_two_requests_of_one_batch_draw_the_same():
     logits = logits_for(102, scale=0.3).expand(3, V).contiguous()
-    sampler = Sampler()
+    sampler = make_sampler()
     p = SamplingParams(seed=42)
     a, b = [], []
     for k in range(15):
@@ -372,8 +393,10 @@ def test_same_seed_in_two_requests_of_one_batch_draw_the_same():
 def test_a_seeded_draw_depends_only_on_seed_position_and_logits():
     logits = logits_for(103, scale=0.3)
     p = SamplingParams(seed=5)
-    first = [Sampler()(logits, [seq("a", p, k)])[0].token_id for k in range(10)]
-    again = [Sampler(seed=9)(logits, [seq("b", p, k)])[0].token_id for k in reversed(range(10))]
+    first = [make_sampler()(logits, [seq("a", p, k)])[0].token_id for k in range(10)]
+    again = [
+        make_sampler(seed=9)(logits, [seq("b", p, k)])[0].token_id for k in reversed(range(10))
+    ]
     assert first == again[::-1]  # another sampler, another request id, another order
     assert len(set(first)) > 3
 
@@ -394,7 +417,7 @@ def test_logprobs_top_k_match_log_softmax():
     logits = logits_for(20, rows=4)
     ks = [5, 1, 0, None]
     seqs = [seq(f"r{i}", SamplingParams(logprobs=k)) for i, k in enumerate(ks)]
-    out = Sampler()(logits, seqs)
+    out = make_sampler()(logits, seqs)
     ref = torch.log_softmax(logits, dim=-1)
     for i, k in enumerate(ks):
         tok = out[i]
@@ -414,7 +437,7 @@ def test_logprobs_are_raw_model_logprobs_not_after_temperature_or_mask():
     logits = logits_for(21)
     masked = frozenset(logits[0].topk(2).indices.tolist())
     p = SamplingParams(temperature=0.3, top_k=5, logprobs=3)
-    tok = Sampler()(logits, [seq("a", p, masked=masked)])[0]
+    tok = make_sampler()(logits, [seq("a", p, masked=masked)])[0]
     ref = torch.log_softmax(logits[0], dim=-1)
     vals, ids = ref.topk(3)
     assert [t for t, _ in tok.top] == ids.tolist()  # includes the masked tokens
@@ -429,7 +452,7 @@ def test_sampled_token_rank(num_masked):
     order = logits[0].argsort(descending=True).tolist()
     masked = frozenset(order[:num_masked])
     p = SamplingParams(temperature=0.0, logprobs=2)
-    tok = Sampler()(logits, [seq("a", p, masked=masked)])[0]
+    tok = make_sampler()(logits, [seq("a", p, masked=masked)])[0]
     assert tok.token_id == order[num_masked]
     assert tok.rank == num_masked + 1
 
@@ -437,7 +460,7 @@ def test_sampled_token_rank(num_masked):
 def test_sampled_token_rank_for_random_draws():
     logits = logits_for(23, rows=64, scale=0.5)
     seqs = [seq(f"r{i}", SamplingParams(logprobs=1)) for i in range(64)]
-    out = Sampler(seed=4)(logits, seqs)
+    out = make_sampler(seed=4)(logits, seqs)
     ranks = []
     for i, tok in enumerate(out):
         row = torch.log_softmax(logits[i], dim=-1)

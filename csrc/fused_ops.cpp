@@ -1,0 +1,278 @@
+// Fused elementwise operations of a Llama layer, each one pass over its rows instead of the
+// several PyTorch operations (and dispatches) it replaces:
+//
+//   add_rms_norm   residual += x (when given), then RMSNorm of the sum
+//   silu_and_mul   SiLU(gate) * up, from the fused gate_up projection
+//   rotary         rotate-half RoPE of q and k in place, from cos/sin tables
+//
+// Each rounds where PyTorch's own sequence of operations rounds (to bfloat16 after every
+// step, when the tensors are bfloat16), so results match the PyTorch path up to the order
+// of a sum (RMSNorm's mean of squares) and the exp inside SiLU.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+inline float bf2f(uint16_t b) {
+  uint32_t x = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+// Round to nearest even, as PyTorch converts float32 to bfloat16 (NaN stays NaN).
+inline uint16_t f2bf(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+template <typename T>
+inline float load(const T* p, int64_t i);
+template <>
+inline float load<float>(const float* p, int64_t i) { return p[i]; }
+template <>
+inline float load<uint16_t>(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
+
+template <typename T>
+inline T store(float f);
+template <>
+inline float store<float>(float f) { return f; }
+template <>
+inline uint16_t store<uint16_t>(float f) { return f2bf(f); }
+
+// The value a tensor of type T holds for f: f itself in float32, f rounded in bfloat16.
+template <typename T>
+inline float round_to(float f) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f;
+  } else {
+    return bf2f(f2bf(f));
+  }
+}
+
+template <typename T>
+void add_rms_norm_impl(torch::Tensor& out, const torch::Tensor& x, c10::optional<torch::Tensor>& residual,
+                       const torch::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  T* rp = residual ? reinterpret_cast<T*>(residual->data_ptr()) : nullptr;
+  const T* wp = reinterpret_cast<const T*>(weight.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * n;
+      float ss = 0.f;
+      if (rp) {
+        T* rr = rp + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          const T s = store<T>(load<T>(xr, i) + load<T>(rr, i));  // the residual stream
+          rr[i] = s;
+          h[i] = load<T>(&s, 0);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) h[i] = load<T>(xr, i);
+      }
+      for (int64_t i = 0; i < n; ++i) ss += h[i] * h[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + feps);
+      T* orow = op + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const T normed = store<T>(h[i] * inv);  // cast to the input dtype, then the weight
+        orow[i] = store<T>(load<T>(wp, i) * load<T>(&normed, 0));
+      }
+    }
+  });
+}
+
+// out = rms_norm(x + residual) * weight, with residual updated to x + residual when given.
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (T, hidden) tensor");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous (hidden,) tensor of x's dtype");
+  if (residual) {
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "residual must be contiguous and shaped like x");
+  }
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16) {
+    add_rms_norm_impl<uint16_t>(out, x, residual, weight, eps);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be bfloat16 or float32");
+    add_rms_norm_impl<float>(out, x, residual, weight, eps);
+  }
+  return out;
+}
+
+#if defined(__AVX512F__)
+// exp on 16 floats (as in paged_attention.cpp): two-part ln2, degree-7 polynomial, 2^n.
+inline __m512 exp16(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
+  const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<uint16_t>(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Round 16 floats as a tensor of type T holds them (bfloat16: to nearest even; no NaNs
+// arise here).
+template <typename T>
+inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    __m512i x = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    x = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536)));
+  }
+}
+
+template <typename T>
+inline void store16(T* p, __m512 v);
+template <>
+inline void store16<float>(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <>
+inline void store16<uint16_t>(uint16_t* p, __m512 v) {
+  // v is already rounded: its top halves are the bfloat16 values.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#endif
+
+template <typename T>
+void silu_and_mul_impl(torch::Tensor& out, const torch::Tensor& gate_up) {
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  const T* gp = reinterpret_cast<const T*>(gate_up.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gp + r * 2 * n;
+      const T* u = g + n;
+      T* o = op + r * n;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= n; i += 16) {
+        const __m512 gv = load16<T>(g + i);
+        const __m512 s = round16<T>(_mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+        store16<T>(o + i, round16<T>(_mm512_mul_ps(s, load16<T>(u + i))));
+      }
+#endif
+      for (; i < n; ++i) {
+        const float gv = load<T>(g, i);
+        const T s = store<T>(gv / (1.f + std::exp(-gv)));  // F.silu, in the tensor's dtype
+        o[i] = store<T>(load<T>(&s, 0) * load<T>(u, i));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be a contiguous (T, 2 * intermediate) tensor");
+  auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  if (gate_up.scalar_type() == torch::kBFloat16) {
+    silu_and_mul_impl<uint16_t>(out, gate_up);
+  } else {
+    TORCH_CHECK(gate_up.scalar_type() == torch::kFloat32, "gate_up must be bfloat16 or float32");
+    silu_and_mul_impl<float>(out, gate_up);
+  }
+  return out;
+}
+
+template <typename T>
+void rotary_impl(torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t T_ = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  const int64_t row_stride = x.stride(0), head_stride = x.stride(1);
+  T* xp = reinterpret_cast<T*>(x.data_ptr());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cp + pos[t] * D;
+      const float* s = sp + pos[t] * D;
+      for (int64_t h = 0; h < H; ++h) {
+        T* v = xp + t * row_stride + h * head_stride;
+        for (int64_t i = 0; i < D; ++i) tmp[i] = load<T>(v, i);
+        for (int64_t i = 0; i < D; ++i) {
+          // q * cos + rotate_half(q) * sin, each product and the sum in the tensor's dtype,
+          // with cos and sin first cast to it.
+          const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+          const T a = store<T>(tmp[i] * round_to<T>(c[i]));
+          const T b = store<T>(rot * round_to<T>(s[i]));
+          v[i] = store<T>(load<T>(&a, 0) + load<T>(&b, 0));
+        }
+      }
+    }
+  });
+}
+
+// Rotate q (T, H, D) and k (T, H_kv, D) in place by their positions (cos, sin: float32 tables).
+void rotary(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous(), "positions must be int64");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.size(1) == q.size(2),
+              "cos and sin must be contiguous float32 (positions, D) tables");
+  for (auto* x : {&q, &k}) {
+    TORCH_CHECK(x->dim() == 3 && x->stride(2) == 1 && x->size(0) == positions.numel(), "q and k must be (T, H, D)");
+    TORCH_CHECK(x->size(2) % 2 == 0, "head size must be even");
+    if (x->scalar_type() == torch::kBFloat16) {
+      rotary_impl<uint16_t>(*x, positions, cos, sin);
+    } else {
+      TORCH_CHECK(x->scalar_type() == torch::kFloat32, "q and k must be bfloat16 or float32");
+      rotary_impl<float>(*x, positions, cos, sin);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefixflow, m) {
+  m.def("add_rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(prefixflow, CPU, m) {
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary", &rotary);
+}
