@@ -1,7 +1,11 @@
 """The only contract between the scheduler (who runs) and the runner (how it runs).
 
 Plain dataclasses of Python values: the scheduler never touches tensors, the runner never
-decides who runs.
+decides who runs. A step sends what changed since the last one: a sequence's whole page
+table once, when the runner first sees it (or sees it again after a preemption), and after
+that only the pages appended or replaced; sequences that ended or were preempted are named
+so the runner forgets them. `PageTables` keeps the runner's copy of every table from
+those changes.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ class ScheduledSeq:
     request_id: str
     token_ids: list[int]  # the new tokens to run through the model this step
     start_pos: int  # tokens of this sequence already in the KV cache
-    page_ids: list[int]  # page table covering start_pos + len(token_ids) tokens
+    # The whole page table (covering start_pos + len(token_ids) tokens) when the runner has
+    # not seen this sequence; None when it has, and only these changes come:
+    page_ids: list[int] | None
     sample: bool  # True when this chunk ends the known tokens, so a next token is drawn
     params: SamplingParams
+    new_page_ids: list[int] = field(default_factory=list)  # appended since the last step
+    replaced_pages: list[tuple[int, int]] = field(default_factory=list)  # (index, new page)
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
     masked_token_ids: frozenset[int] = frozenset()  # EOS/stop ids banned until min_tokens
     # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
@@ -31,8 +39,8 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     seqs: list[ScheduledSeq]
-    # Requests that ended since the last step: the runner drops their per-request state.
-    finished_request_ids: list[str] = field(default_factory=list)
+    # Sequences that ended or were preempted since the last step: the runner forgets them.
+    forget_request_ids: list[str] = field(default_factory=list)
     # Pages with ids below this have been handed out; the runner zeroes new ones before use.
     num_pages_touched: int = 0
     # (source, destination) pages to copy before the step: a private copy of a partly
@@ -61,3 +69,28 @@ class SampledToken:
 @dataclass
 class RunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
+
+
+class PageTables:
+    """The runner's copy of each running sequence's page table, from the steps' changes."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, list[int]] = {}
+
+    def apply(self, out: SchedulerOutput) -> None:
+        for rid in out.forget_request_ids:
+            self._tables.pop(rid, None)
+        for s in out.seqs:
+            if s.page_ids is not None:
+                self._tables[s.request_id] = list(s.page_ids)
+                continue
+            table = self._tables[s.request_id]
+            for index, page in s.replaced_pages:
+                table[index] = page
+            table.extend(s.new_page_ids)
+
+    def __getitem__(self, request_id: str) -> list[int]:
+        return self._tables[request_id]
+
+    def __len__(self) -> int:
+        return len(self._tables)

@@ -12,7 +12,7 @@ import zlib
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.request import Request
-from prefixflow.step import RunnerOutput, SampledToken, SchedulerOutput
+from prefixflow.step import PageTables, RunnerOutput, SampledToken, SchedulerOutput
 
 
 class PageTableRunner:
@@ -22,6 +22,7 @@ class PageTableRunner:
         self.tokens: dict[str, list[int]] = {}  # what each sequence really holds
         self.prompt_tokens_computed = 0
         self.prompt_len: dict[str, int] = {}
+        self.tables = PageTables()  # from each step's changes, as the real runner keeps them
 
     def track(self, req: Request) -> None:
         self.tokens[req.request_id] = list(req.prompt_token_ids)
@@ -30,10 +31,12 @@ class PageTableRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         for src, dst in out.page_copies:
             self.slots[dst] = list(self.slots[src])
+        self.tables.apply(out)
         for s in out.seqs:
+            pages = self.tables[s.request_id]
             for k, tok in enumerate(s.token_ids):
                 pos = s.start_pos + k
-                page = self.slots.setdefault(s.page_ids[pos // self.bs], [None] * self.bs)
+                page = self.slots.setdefault(pages[pos // self.bs], [None] * self.bs)
                 page[pos % self.bs] = tok
             end = s.start_pos + len(s.token_ids)
             self.prompt_tokens_computed += max(
@@ -44,7 +47,8 @@ class PageTableRunner:
             if not s.sample:
                 continue
             end = s.start_pos + len(s.token_ids)
-            context = [self.slots[s.page_ids[p // self.bs]][p % self.bs] for p in range(end)]
+            pages = self.tables[s.request_id]
+            context = [self.slots[pages[p // self.bs]][p % self.bs] for p in range(end)]
             assert context == self.tokens[s.request_id][:end], s.request_id
             for seq in [s, *s.forks]:
                 key = f"{seq.request_id}:{context}".encode()

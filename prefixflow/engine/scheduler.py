@@ -54,7 +54,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._num_unplanned = 0  # arrivals at the end of `waiting` since the last plan
-        self._finished_ids: list[str] = []
+        self._forget_ids: list[str] = []  # ended or preempted since the last step
+        # Sequences whose page tables the runner has, with how many pages it was sent and
+        # the pages replaced since (copy-on-write of a shared partial page).
+        self._sent: dict[str, int] = {}
+        self._replaced: dict[str, list[tuple[int, int]]] = {}
         self._copies: list[tuple[int, int]] = []
         self.policy = make_policy(config.admission, int(config.watermark * pool.num_pages))
         self.num_preemptions = 0
@@ -160,11 +164,11 @@ class Scheduler:
             seqs.append(self._seq(req, n))
             budget -= n
 
-        finished, self._finished_ids = self._finished_ids, []
+        forget, self._forget_ids = self._forget_ids, []
         copies, self._copies = self._copies, []
         return SchedulerOutput(
             seqs=seqs,
-            finished_request_ids=finished,
+            forget_request_ids=forget,
             num_pages_touched=self.pool.high_water,
             page_copies=copies,
         )
@@ -254,6 +258,8 @@ class Scheduler:
             (dst,) = self.pool.allocate(1)
             self._copies.append((src, dst))
             req.page_ids[start // bs] = dst
+            if start // bs < self._sent.get(req.request_id, 0):  # the runner holds src there
+                self._replaced.setdefault(req.request_id, []).append((start // bs, dst))
             self.pool.release([src])
             need -= 1
         if need > 0:
@@ -280,20 +286,25 @@ class Scheduler:
                     request_id=s.request_id,
                     token_ids=[],
                     start_pos=start,
-                    page_ids=[],
+                    page_ids=None,
                     sample=True,
                     params=s.sampling_params,
                     masked_token_ids=masked_token_ids(s),
                 )
                 for s in req.fork_siblings
             ]
+        rid = req.request_id
+        sent = self._sent.get(rid)
+        self._sent[rid] = len(req.page_ids)
         return ScheduledSeq(
-            request_id=req.request_id,
+            request_id=rid,
             token_ids=req.token_ids[start : start + n],
             start_pos=start,
-            page_ids=list(req.page_ids),
+            page_ids=list(req.page_ids) if sent is None else None,
             sample=sample,
             params=req.sampling_params,
+            new_page_ids=[] if sent is None else req.page_ids[sent:],
+            replaced_pages=self._replaced.pop(rid, []),
             num_output_tokens=req.num_output_tokens,
             masked_token_ids=masked_token_ids(req),
             forks=forks,
@@ -325,6 +336,7 @@ class Scheduler:
         self.running.remove(req)
         self.pool.release(req.page_ids[::-1])
         req.page_ids = []
+        self._forget(req.request_id)
         req.num_computed_tokens = 0
         req.num_pages_cached = 0
         req.status = RequestStatus.WAITING
@@ -345,4 +357,10 @@ class Scheduler:
         if reason != FinishReason.ABORT:
             self.policy.finished(req)
         del self.requests[req.request_id]
-        self._finished_ids.append(req.request_id)
+        self._forget(req.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """The runner drops this sequence's page table (it ended, or was preempted)."""
+        self._forget_ids.append(request_id)
+        self._sent.pop(request_id, None)
+        self._replaced.pop(request_id, None)

@@ -12,7 +12,7 @@ from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sample.sampler import Sampler
-from prefixflow.step import RunnerOutput, SchedulerOutput
+from prefixflow.step import PageTables, RunnerOutput, SchedulerOutput
 
 
 class ModelRunner:
@@ -41,6 +41,7 @@ class ModelRunner:
             use_kernel=config.sampling_kernel,
         )
         self._pages_zeroed = 0
+        self.tables = PageTables()  # every running sequence's page table, from the changes
         if not config.lazy_kv_zeroing:
             kv_cache.zero_()
             self._pages_zeroed = kv_cache.shape[2]
@@ -54,9 +55,10 @@ class ModelRunner:
         if sched.page_copies:
             src, dst = zip(*sched.page_copies, strict=True)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+        self.tables.apply(sched)
         if sched.is_empty:
             return RunnerOutput()
-        input_ids, positions, layout, last_idx = build_step(sched.seqs, self.page_size)
+        input_ids, positions, layout, last_idx = build_step(sched.seqs, self.page_size, self.tables)
         meta = self.backend.prepare(layout)  # once per step, read by every layer
         hidden = self.model(input_ids, positions, meta, self.kv_cache, self.backend)  # (T, hidden)
         to_sample = [s for s in sched.seqs if s.sample]

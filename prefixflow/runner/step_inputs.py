@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 
 from prefixflow.attention.step_layout import SeqLayout, StepLayout
-from prefixflow.step import ScheduledSeq
+from prefixflow.step import PageTables, ScheduledSeq
 
 
 def build_step(
-    seqs: list[ScheduledSeq], page_size: int
+    seqs: list[ScheduledSeq], page_size: int, tables: PageTables | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[int]]:
-    """(input ids (T,), positions (T,), the step's layout, index of each sequence's last token)."""
+    """(input ids (T,), positions (T,), the step's layout, index of each sequence's last token).
+
+    `tables`: the runner's page tables, already updated for this step; without them each
+    sequence must carry its whole table.
+    """
     bs = page_size
     ids: list[int] = []
     pos: list[int] = []
@@ -19,14 +23,15 @@ def build_step(
     last_idx: list[int] = []
     layouts: list[SeqLayout] = []
     for s in seqs:
+        pages = s.page_ids if tables is None else tables[s.request_id]
         start, n = s.start_pos, len(s.token_ids)
         q_start = len(ids)
         ids.extend(s.token_ids)
         pos.extend(range(start, start + n))
-        slots.extend(s.page_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+        slots.extend(pages[p // bs] * bs + p % bs for p in range(start, start + n))
         last_idx.append(q_start + n - 1)
         ctx = start + n
-        layouts.append(SeqLayout(q_start, n, ctx, s.page_ids[: -(-ctx // bs)]))
+        layouts.append(SeqLayout(q_start, n, ctx, pages[: -(-ctx // bs)]))
     layout = StepLayout(bs, torch.tensor(slots, dtype=torch.long), layouts)
     return (
         torch.tensor(ids, dtype=torch.long),

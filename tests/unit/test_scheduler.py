@@ -15,7 +15,7 @@ from prefixflow.config import SchedulerConfig
 from prefixflow.engine.scheduler import RequestTooLargeError, Scheduler
 from prefixflow.request import FinishReason, Request, RequestStatus
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.step import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
+from prefixflow.step import PageTables, RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 
 EOS = 2
 EOS_IDS = frozenset({EOS})
@@ -43,7 +43,22 @@ def make_scheduler(
         plan_prefixes=plan_prefixes,
         admission=admission,
     )
-    return Scheduler(config, pool), pool
+    return track_tables(Scheduler(config, pool)), pool
+
+
+def track_tables(sched: Scheduler) -> Scheduler:
+    """Keep the runner's view of the page tables from every step's changes, as the runner does."""
+    tables = PageTables()
+    schedule = sched.schedule
+
+    def tracked() -> SchedulerOutput:
+        out = schedule()
+        tables.apply(out)
+        return out
+
+    sched.schedule = tracked  # type: ignore[method-assign]
+    sched.runner_tables = tables  # type: ignore[attr-defined]
+    return sched
 
 
 def make_request(
@@ -78,6 +93,7 @@ def fake_run(out: SchedulerOutput, token_fn: TokenFn = default_token) -> RunnerO
 
 
 def check_step_invariants(sched: Scheduler, pool: PagePool, out: SchedulerOutput) -> None:
+    tables: PageTables = sched.runner_tables  # type: ignore[attr-defined]
     cfg = sched.config
     assert out.num_tokens <= cfg.max_num_batched_tokens
     assert len(out.seqs) <= cfg.max_num_seqs
@@ -91,14 +107,17 @@ def check_step_invariants(sched: Scheduler, pool: PagePool, out: SchedulerOutput
         # The chunk is exactly the request's tokens at those positions.
         assert s.token_ids == req.token_ids[s.start_pos : s.start_pos + len(s.token_ids)]
         assert s.start_pos == req.num_computed_tokens
-        # The page table covers every token in the KV cache after this step.
-        assert len(s.page_ids) >= pool.pages_for(s.start_pos + len(s.token_ids))
-        assert all(0 <= b < out.num_pages_touched for b in s.page_ids)
-        assert all(pool.ref_count(b) >= 1 for b in s.page_ids)
+        # The runner's page table, from the changes, is the scheduler's own, and covers
+        # every token in the KV cache after this step.
+        table = tables[s.request_id]
+        assert table == req.page_ids
+        assert len(table) >= pool.pages_for(s.start_pos + len(s.token_ids))
+        assert all(0 <= b < out.num_pages_touched for b in table)
+        assert all(pool.ref_count(b) >= 1 for b in table)
         assert s.sample == (s.start_pos + len(s.token_ids) == req.num_tokens)
         assert s.num_output_tokens == req.num_output_tokens
         assert s.params is req.sampling_params
-        pages_in_step.extend(s.page_ids)
+        pages_in_step.extend(table)
     # Every page in use is held by running requests, and its count is exactly its holders.
     holders = Counter(p for r in sched.running for p in r.page_ids)
     assert len(holders) == pool.num_used
@@ -242,8 +261,28 @@ def test_single_request_prefill_then_decode():
     assert pool.num_free == pool.num_pages
     # The finished id is reported once, on the next step.
     nxt = sched.schedule()
-    assert nxt.is_empty and nxt.finished_request_ids == ["a"]
-    assert sched.schedule().finished_request_ids == []
+    assert nxt.is_empty and nxt.forget_request_ids == ["a"]
+    assert sched.schedule().forget_request_ids == []
+
+
+def test_page_table_sent_once_then_only_changes():
+    sched, pool = make_scheduler(page_size=4)
+    req = make_request("a", prompt_len=6, max_tokens=8)
+    sched.add(req)
+    out = sched.schedule()
+    (seq,) = out.seqs
+    assert seq.page_ids == req.page_ids and len(seq.page_ids) == 2  # the whole table, once
+    sched.update(out, fake_run(out))
+    sent = []
+    while not req.is_finished:
+        out = sched.schedule()
+        check_step_invariants(sched, pool, out)
+        (seq,) = out.seqs
+        assert seq.page_ids is None and seq.replaced_pages == []
+        sent += seq.new_page_ids
+        sched.update(out, fake_run(out))
+    # 6 + 7 tokens in the cache by the last step: one new page at position 8, one at 12.
+    assert len(sent) == 2
 
 
 def test_duplicate_request_id_rejected():
@@ -474,7 +513,7 @@ def test_external_finish_sets_stop_reason_and_frees_pages():
     assert req.is_finished and req.finish_reason == FinishReason.STOP
     assert req.stop_reason == "###"
     assert pool.num_free == pool.num_pages
-    assert sched.schedule().finished_request_ids == ["a"]
+    assert sched.schedule().forget_request_ids == ["a"]
 
 
 def test_finished_ids_reported_for_every_finished_request():
@@ -484,9 +523,9 @@ def test_finished_ids_reported_for_every_finished_request():
     reported: list[str] = []
     while sched.has_unfinished():
         out = sched.schedule()
-        reported += out.finished_request_ids
+        reported += out.forget_request_ids
         sched.update(out, fake_run(out))
-    reported += sched.schedule().finished_request_ids
+    reported += sched.schedule().forget_request_ids
     assert reported == ["r0", "r1", "r2", "r3"]
 
 
@@ -569,7 +608,7 @@ def test_abort_running_request_frees_pages_and_is_reported():
     assert pool.num_free == pool.num_pages - used_by_b > free_before
     assert a not in sched.running
     out = sched.schedule()
-    assert out.finished_request_ids == ["a"]
+    assert out.forget_request_ids == ["a"]
     assert [s.request_id for s in out.seqs] == ["b"]
 
 
@@ -585,7 +624,7 @@ def test_abort_waiting_request():
     assert b not in sched.waiting
     assert b.finish_reason == FinishReason.ABORT
     out = sched.schedule()
-    assert out.finished_request_ids == ["b"]
+    assert out.forget_request_ids == ["b"]
     assert [s.request_id for s in out.seqs] == ["a"]
     sched.update(out, fake_run(out))
     run_to_completion(sched, pool)
@@ -602,7 +641,7 @@ def test_abort_during_step_is_ignored_by_update():
     assert events == []
     assert a.num_output_tokens == 0
     assert pool.num_free == pool.num_pages
-    assert sched.schedule().finished_request_ids == ["a"]
+    assert sched.schedule().forget_request_ids == ["a"]
 
 
 def test_abort_unknown_or_finished_request_is_a_noop():
@@ -613,7 +652,7 @@ def test_abort_unknown_or_finished_request_is_a_noop():
     sched.abort("a")
     sched.abort("nope")
     assert req.finish_reason == FinishReason.LENGTH
-    assert sched.schedule().finished_request_ids == ["a"]
+    assert sched.schedule().forget_request_ids == ["a"]
 
 
 # ---------------------------------------------------------------- watermark
