@@ -583,6 +583,57 @@ void paged_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torc
   }
 }
 
+// Store a step's new keys and values in their cache slots (kv_layout.py's `write`): one
+// pass over the tokens, instead of two scatters with index arithmetic per layer.
+template <typename T>
+void kv_write_impl(torch::Tensor& kv, const torch::Tensor& k, const torch::Tensor& v, const int64_t* slots,
+                   int64_t bs) {
+  const int64_t n_tok = k.size(0), H = k.size(1), D = k.size(2);
+  const int64_t w = std::is_same_v<T, uint16_t> ? 2 : 1;
+  T* kc = static_cast<T*>(kv.data_ptr());
+  T* vc = kc + kv.stride(0);
+  const T* kp = static_cast<const T*>(k.data_ptr());
+  const T* vp = static_cast<const T*>(v.data_ptr());
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const int64_t page = slots[t] / bs, off = slots[t] % bs;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t base = page * kv.stride(1) + h * kv.stride(2);
+      const T* ks = kp + t * k.stride(0) + h * k.stride(1);
+      const T* vs = vp + t * v.stride(0) + h * v.stride(1);
+      T* kd = kc + base + off * w;  // keys: (D / w, bs, w)
+      for (int64_t j = 0; j < D / w; ++j) {
+        for (int64_t e = 0; e < w; ++e) kd[j * bs * w + e] = ks[j * w + e];
+      }
+      T* vd = vc + base + (off / w) * D * w + off % w;  // values: (bs / w, D, w)
+      for (int64_t d = 0; d < D; ++d) vd[d * w] = vs[d];
+    }
+  }
+}
+
+void kv_write(torch::Tensor kv, torch::Tensor k, torch::Tensor v, torch::Tensor slots, int64_t page_size) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
+              "k and v must be (T, H_kv, D) tensors with contiguous heads");
+  TORCH_CHECK(kv.scalar_type() == k.scalar_type() && v.scalar_type() == k.scalar_type(),
+              "kv, k and v must have the same dtype");
+  const int64_t D = k.size(2);
+  const int64_t w = k.scalar_type() == torch::kBFloat16 ? 2 : 1;
+  TORCH_CHECK(page_size >= 1 && page_size % w == 0 && D % w == 0, "page_size and D must be multiples of ", w);
+  TORCH_CHECK(kv.dim() == 4 && kv.size(0) == 2 && kv.size(2) == k.size(1) && kv.size(3) == page_size * D &&
+                  kv.stride(3) == 1 && kv.stride(2) == page_size * D,
+              "kv must be a (2, pages, H_kv, page_size * D) tensor with contiguous pages");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == k.size(0),
+              "slots must be a contiguous int64 tensor, one per token");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t limit = kv.size(1) * page_size;
+  for (int64_t t = 0; t < slots.numel(); ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < limit, "slot out of range");
+  if (k.scalar_type() == torch::kBFloat16) {
+    kv_write_impl<uint16_t>(kv, k, v, sp, page_size);
+  } else {
+    TORCH_CHECK(k.scalar_type() == torch::kFloat32, "k must be bfloat16 or float32");
+    kv_write_impl<float>(kv, k, v, sp, page_size);
+  }
+}
+
 // The vector instructions this build uses, named as /proc/cpuinfo names them, so the loader
 // can check that the running CPU has each of them.
 std::string compiled_isa() {
@@ -617,9 +668,13 @@ TORCH_LIBRARY(prefixflow, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor kv, int page_size, Tensor items, "
       "Tensor rows, Tensor pages, float scale, int key_split) -> ()");
+  m.def("kv_write(Tensor(a!) kv, Tensor k, Tensor v, Tensor slots, int page_size) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(prefixflow, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(prefixflow, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("kv_write", &kv_write);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_isa", &compiled_isa, "the instruction set the kernels were compiled for");

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from prefixflow import native
+
 
 def word(dtype: torch.dtype) -> int:
     """w: elements per 32-bit word."""
@@ -56,10 +58,18 @@ def write(
     kv: torch.Tensor,  # (2, num_pages, H_kv, page_size * D), one layer
     k: torch.Tensor,  # (T, H_kv, D)
     v: torch.Tensor,  # (T, H_kv, D)
-    slots: torch.Tensor,  # (T,) page * page_size + offset
+    slots: torch.Tensor,  # (T,) int64: page * page_size + offset
     page_size: int,
+    use_kernel: bool = False,
 ) -> None:
-    """Store the step's new keys and values in their cache slots."""
+    """Store the step's new keys and values in their cache slots.
+
+    `use_kernel`: in one C++ pass (csrc/paged_attention.cpp) where it was built; it spares
+    two scatters with their index arithmetic in every layer of every step.
+    """
+    if use_kernel and native.available():
+        torch.ops.prefixflow.kv_write(kv, k, v, slots, page_size)
+        return
     T, h_kv, d = k.shape
     w = word(kv.dtype)
     page, off = slots // page_size, slots % page_size

@@ -33,7 +33,7 @@ from prefixflow.attention.common import (
 from prefixflow.attention.lse_attention import attend_causal_with_lse, attend_with_lse
 from prefixflow.attention.merge import merge_into
 from prefixflow.attention.paged import PagedAttention, PagedMetadata
-from prefixflow.attention.prefix_groups import plan_prefix_layout
+from prefixflow.attention.prefix_groups import SharedPart, plan_prefix_layout
 from prefixflow.attention.step_layout import StepLayout
 from prefixflow.config import EngineConfig
 
@@ -60,8 +60,10 @@ class OwnTorch:
 
 @dataclass
 class Part:
+    """One shared part on PyTorch, or one wave of parts with disjoint rows on the kernel."""
+
     rows: torch.Tensor  # (M,) the stacked query rows of its members
-    pages: torch.Tensor  # (n,) its page ids
+    pages: torch.Tensor | None  # (n,) its page ids (PyTorch)
     work: kernels.KernelWork | None  # on the kernel; None: PyTorch
 
 
@@ -136,21 +138,44 @@ class SharedPrefixAttention(AttentionBackend):
             )
         else:
             own_torch = self._own_torch(step, own)
-        parts = []
-        for part in layout.parts:
-            rows = [r for i in part.members for r in seqs[i].rows]
-            keys = len(part.pages) * bs
-            work = None
-            if self.kernel is not None:
-                work = kernels.kernel_work([(rows, part.pages, keys, kernels.SEES_ALL)])
-            parts.append(
+        if self.kernel is not None:
+            parts = self._kernel_waves(step, layout.parts)
+        else:
+            parts = [
                 Part(
-                    torch.tensor(rows, dtype=torch.long),
-                    torch.tensor(part.pages, dtype=torch.long),
-                    work,
+                    torch.tensor([r for i in p.members for r in seqs[i].rows], dtype=torch.long),
+                    torch.tensor(p.pages, dtype=torch.long),
+                    None,
                 )
-            )
+                for p in layout.parts
+            ]
         return SharedPrefixMetadata(step.slot_mapping, None, own_work, own_torch, parts)
+
+    def _kernel_waves(self, step: StepLayout, shared: list[SharedPart]) -> list[Part]:
+        """The shared parts in as few kernel calls as their rows allow.
+
+        Parts whose rows are disjoint (the groups of one level of a prefix tree) go in one
+        call and one merge; a part that shares rows with an earlier one goes in a later
+        wave, so each row still merges its parts in their order.
+        """
+        bs = step.page_size
+        waves: list[list[tuple[list[int], list[int], int, int]]] = []
+        last_wave: dict[int, int] = {}  # row -> the wave of its latest part
+        for part in shared:
+            rows = [r for i in part.members for r in step.seqs[i].rows]
+            w = 1 + max((last_wave.get(r, -1) for r in rows), default=-1)
+            if w == len(waves):
+                waves.append([])
+            waves[w].append((rows, part.pages, len(part.pages) * bs, kernels.SEES_ALL))
+            last_wave.update(dict.fromkeys(rows, w))
+        return [
+            Part(
+                torch.tensor([r for e in entries for r in e[0]], dtype=torch.long),
+                None,
+                kernels.kernel_work(entries),
+            )
+            for entries in waves
+        ]
 
     def _own_torch(self, step: StepLayout, own: list[int]) -> OwnTorch:
         bs = step.page_size
@@ -195,7 +220,7 @@ class SharedPrefixAttention(AttentionBackend):
         meta: SharedPrefixMetadata,
     ) -> torch.Tensor:
         bs = self.shape.page_size
-        kv_layout.write(kv_cache, k, v, meta.slot_mapping, bs)
+        kv_layout.write(kv_cache, k, v, meta.slot_mapping, bs, self.kernel is not None)
         scale = layer.scale
         if meta.plain is not None:
             return self.plain.attend(q, kv_cache, meta.plain, scale)

@@ -110,6 +110,17 @@ def test_shared_prefix_on_the_kernel_equals_paged_attention(seed, dtype):
     assert meta.own_work is not None  # the kernel really ran
 
 
+@needs_kernel
+def test_kernel_takes_disjoint_parts_in_one_call_and_nested_ones_after():
+    metas = [run_backends(seed, torch.float32, use_kernels=True) for seed in range(32)]
+    waves = [p for m in metas for p in m.parts]
+    # Sibling documents (disjoint rows) share a call; a document after its root, a second.
+    assert any(len(p.work.items) > 1 for p in waves)
+    assert any(len(m.parts) > 1 for m in metas)
+    for p in waves:
+        assert p.rows.unique().numel() == p.rows.numel()  # no row twice in one wave
+
+
 @pytest.mark.parametrize("seed", range(16))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
