@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefixflow.spec.config import parse_speculative_config
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -124,9 +126,20 @@ class SchedulerConfig:
         "with prefix sharing, order waiting requests by the batch's prefix tree (BatchLLM) "
         "rather than first come, first served",
     )
+    speculative_config: dict | str | None = option(
+        None,
+        "speculative decoding, vLLM's keys as a dict or JSON, e.g. "
+        '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; '
+        "outputs are identical with it on and off; on only where it pays unless "
+        '"auto": false',
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        # Stored parsed (a SpeculativeConfig); the field's type is what callers may pass.
+        object.__setattr__(
+            self, "speculative_config", parse_speculative_config(self.speculative_config)
+        )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -29,6 +29,10 @@ class ScheduledSeq:
     params: SamplingParams
     new_page_ids: list[int] = field(default_factory=list)  # appended since the last step
     replaced_pages: list[tuple[int, int]] = field(default_factory=list)  # (index, new page)
+    # Speculative decoding: tokens drafted after token_ids[0] (the last sampled token), also
+    # in token_ids; the runner samples at each of their positions and keeps drafts while
+    # they equal what it sampled.
+    draft_token_ids: list[int] = field(default_factory=list)
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
     masked_token_ids: frozenset[int] = frozenset()  # EOS/stop ids banned until min_tokens
     # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
@@ -69,6 +73,8 @@ class SampledToken:
 @dataclass
 class RunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
+    # Sequences that drafted: the accepted drafts, then the token sampled after them.
+    speculated: dict[str, list[SampledToken]] = field(default_factory=dict)
 
 
 class PageTables:

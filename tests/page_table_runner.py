@@ -3,20 +3,32 @@
 It writes each token id into its page slot, copies pages when told to, and before
 sampling reads the whole context back through the sequence's page table: a wrong cache
 hit, a missed copy-on-write or a bad fork shows up as a context that differs from the
-sequence's own tokens. Its next token is a hash of the sequence id and that context.
+sequence's own tokens. Its next token is a hash of the sequence id and that context, or
+what `next_token` says. A speculating sequence is sampled after its last token and after
+each draft, reading each context back from the pages, and keeps drafts as the real runner
+does (spec/verify.py).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.request import Request
+from prefixflow.spec import verify
 from prefixflow.step import PageTables, RunnerOutput, SampledToken, SchedulerOutput
 
 
+def hashed_token(request_id: str, context: list[int]) -> int:
+    return 1000 + zlib.crc32(f"{request_id}:{context}".encode()) % 100_000
+
+
 class PageTableRunner:
-    def __init__(self, pool: PagePool) -> None:
+    def __init__(
+        self, pool: PagePool, next_token: Callable[[str, list[int]], int] = hashed_token
+    ) -> None:
+        self.next_token = next_token
         self.bs = pool.page_size
         self.slots: dict[int, list[int | None]] = {}
         self.tokens: dict[str, list[int]] = {}  # what each sequence really holds
@@ -42,20 +54,29 @@ class PageTableRunner:
             self.prompt_tokens_computed += max(
                 0, min(end, self.prompt_len[s.request_id]) - s.start_pos
             )
-        sampled = {}
+        result = RunnerOutput()
         for s in out.seqs:
             if not s.sample:
                 continue
-            end = s.start_pos + len(s.token_ids)
+            k = len(s.draft_token_ids)
+            end = s.start_pos + len(s.token_ids) - k
             pages = self.tables[s.request_id]
-            context = [self.slots[pages[p // self.bs]][p % self.bs] for p in range(end)]
-            assert context == self.tokens[s.request_id][:end], s.request_id
+            context = [self.slots[pages[p // self.bs]][p % self.bs] for p in range(end + k)]
+            assert context[:end] == self.tokens[s.request_id][:end], s.request_id
+            if k:
+                drawn = [
+                    SampledToken(self.next_token(s.request_id, context[: end + i]))
+                    for i in range(k + 1)
+                ]
+                kept = verify.accept(s.draft_token_ids, drawn)
+                self.tokens[s.request_id] += [t.token_id for t in kept]
+                result.speculated[s.request_id] = kept
+                continue
             for seq in [s, *s.forks]:
-                key = f"{seq.request_id}:{context}".encode()
-                tok = 1000 + zlib.crc32(key) % 100_000
+                tok = self.next_token(seq.request_id, context)
                 self.tokens[seq.request_id].append(tok)
-                sampled[seq.request_id] = SampledToken(tok)
-        return RunnerOutput(sampled=sampled)
+                result.sampled[seq.request_id] = SampledToken(tok)
+        return result
 
 
 def ideal_prompt_tokens(prompts: list[list[int]], bs: int) -> int:

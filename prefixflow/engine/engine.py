@@ -43,6 +43,12 @@ class EngineStats:
     preemptions: int = 0
     steps: int = 0
     kv_utilisation_sum: float = 0.0  # KV pages in use / all pages, summed over steps
+    draft_tokens: int = 0  # drafted by speculative decoding
+    accepted_tokens: int = 0  # of those, accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def mean_kv_utilisation(self) -> float:
@@ -152,11 +158,13 @@ class Engine:
             raise RuntimeError(
                 "the scheduler could not place any request; the KV cache is too small"
             )
+        t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        self.scheduler.observe_step(sched.num_tokens, time.perf_counter() - t0)
         events = self.scheduler.update(sched, result)
         ended, stops, self.updated_request_ids = self.output.process(events)
-        for sample_id, stop in stops:
-            self.scheduler.finish(sample_id, FinishReason.STOP, stop)
+        for sample_id, stop, num_output_tokens in stops:
+            self.scheduler.finish(sample_id, FinishReason.STOP, stop, num_output_tokens)
         # After all events: several samples of one request may end in the same step.
         finished = self.output.finished(ended)
         st, sc = self.stats, self.scheduler
@@ -166,6 +174,8 @@ class Engine:
         st.prompt_computed_tokens = sc.num_prompt_computed_tokens
         st.recomputed_tokens = sc.num_recomputed_tokens
         st.preemptions = sc.num_preemptions
+        st.draft_tokens = sc.num_draft_tokens
+        st.accepted_tokens = sc.num_accepted_tokens
         st.kv_utilisation_sum += self.pool.num_used / self.pool.num_pages
         st.cached_prompt_tokens += sum(o.num_cached_tokens for o in finished)
         return finished

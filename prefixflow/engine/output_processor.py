@@ -26,6 +26,7 @@ class _Sample:
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
     stop: str | None = None  # the stop string that ended it
+    num_tokens: int = 0  # output tokens taken so far
     text_end: int | None = None  # where the output text ends, once it stopped
 
 
@@ -77,18 +78,22 @@ class OutputProcessor:
     # ---- tokens ----
     def process(
         self, events: list[tuple[Request, SampledToken]]
-    ) -> tuple[list[RequestOutput], list[tuple[str, str]], set[str]]:
+    ) -> tuple[list[RequestOutput], list[tuple[str, str, int]], set[str]]:
         """Take a step's sampled tokens.
 
-        Returns the outputs of requests that finished, the (sample id, stop string) pairs
-        the scheduler must finish because a stop string appeared, and the ids of requests
-        with new tokens.
+        Returns the outputs of requests that finished, the (sample id, stop string, output
+        tokens up to the stop) the scheduler must finish because a stop string appeared,
+        and the ids of requests with new tokens. Tokens a sample got after its stop string
+        in the same step (speculation appends several) are not taken.
         """
         ended: dict[str, _Parent] = {}
-        stops: list[tuple[str, str]] = []
+        stops: list[tuple[str, str, int]] = []
         updated: set[str] = set()
         for req, tok in events:
             parent, sample = self._sample_of[req.request_id]
+            if sample.stop is not None:
+                continue
+            sample.num_tokens += 1
             updated.add(parent.request_id)
             self._record_logprobs(sample, tok)
             before = len(sample.detok.text)
@@ -96,9 +101,9 @@ class OutputProcessor:
             p = req.sampling_params
             # vLLM: no stop string before min_tokens, and none after a stop token or EOS.
             if p.stop and req.finish_reason in (None, FinishReason.LENGTH):
-                if req.num_output_tokens >= p.min_tokens and self._check_stop(sample, before):
+                if sample.num_tokens >= p.min_tokens and self._check_stop(sample, before):
                     if not req.is_finished:
-                        stops.append((req.request_id, sample.stop))
+                        stops.append((req.request_id, sample.stop, sample.num_tokens))
             if req.is_finished or sample.stop is not None:
                 ended[parent.request_id] = parent
         return list(ended.values()), stops, updated
@@ -150,9 +155,11 @@ class OutputProcessor:
             req = s.request
             p = req.sampling_params
             text = s.detok.text
+            token_ids = req.output_token_ids
             reason, stop_reason = req.finish_reason, req.stop_reason
             if s.stop is not None:
                 text = text[: s.text_end]
+                token_ids = token_ids[: s.num_tokens]  # not what a step added after it
                 reason, stop_reason = FinishReason.STOP, s.stop
             elif reason == FinishReason.STOP and not p.include_stop_str_in_output:
                 text = text[: s.detok.text_before_last]  # EOS or a stop token: not output
@@ -160,7 +167,7 @@ class OutputProcessor:
                 CompletionOutput(
                     index=i,
                     text=text,
-                    token_ids=req.output_token_ids,
+                    token_ids=token_ids,
                     cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                     logprobs=None if s.logprobs is None else list(s.logprobs),
                     finish_reason=reason.value

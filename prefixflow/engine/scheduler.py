@@ -32,6 +32,8 @@ from prefixflow.engine.prefix_plan import plan_order
 from prefixflow.engine.stop import check_token_stop, masked_token_ids
 from prefixflow.errors import KV_CACHE_TOO_SMALL, RequestError
 from prefixflow.request import FinishReason, Request, RequestStatus
+from prefixflow.spec.ngram import propose_ngram
+from prefixflow.spec.policy import SpecPolicy
 from prefixflow.step import (
     RunnerOutput,
     SampledToken,
@@ -62,6 +64,10 @@ class Scheduler:
         self._copies: list[tuple[int, int]] = []
         self.policy = make_policy(config.admission, int(config.watermark * pool.num_pages))
         self.num_preemptions = 0
+        self.spec = config.speculative_config
+        self.spec_policy = SpecPolicy(self.spec.auto) if self.spec else None
+        self.num_draft_tokens = 0  # drafted by speculation, and of those accepted
+        self.num_accepted_tokens = 0
         self.num_prompt_computed_tokens = 0  # prompt tokens run through the model
         self.num_recomputed_tokens = 0  # computed again after a preemption
 
@@ -131,10 +137,16 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         preempted = False
 
+        drafts = self._drafts(budget)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            draft = drafts.get(req.request_id, [])
+            if draft and n + len(draft) <= budget and self._grow(req, n + len(draft)):
+                n += len(draft)  # drafts only where their pages are free: never preempt for them
+            else:
+                draft = []
             if not self._grow(req, n):
                 # Preempt from the newest end until this request's pages fit.
                 while not self._grow(req, n) and self.running[-1] is not req:
@@ -144,7 +156,7 @@ class Scheduler:
                     self._preempt(req)
                     preempted = True
                     break
-            seqs.append(self._seq(req, n))
+            seqs.append(self._seq(req, n - len(draft), draft))
             budget -= n
             i += 1
 
@@ -182,6 +194,9 @@ class Scheduler:
             req = self.requests.get(seq.request_id)
             if req is None or req.is_finished:
                 continue  # aborted during the step
+            if seq.draft_token_ids:
+                events += self._accept(req, seq, result.speculated[req.request_id])
+                continue
             req.num_computed_tokens += len(seq.token_ids)
             if not seq.sample:
                 continue
@@ -196,11 +211,82 @@ class Scheduler:
                     self._finish(r, stop[0])
         return events
 
-    def finish(self, request_id: str, reason: FinishReason, stop_reason: str | None) -> None:
-        """Finish a request for a reason found outside the scheduler (a stop string)."""
+    def finish(
+        self,
+        request_id: str,
+        reason: FinishReason,
+        stop_reason: str | None,
+        num_output_tokens: int | None = None,
+    ) -> None:
+        """Finish a request for a reason found outside the scheduler (a stop string).
+
+        num_output_tokens: where its output ends, when a step appended tokens after the
+        stop (speculation accepts several at once).
+        """
         req = self.requests[request_id]
+        if num_output_tokens is not None:
+            del req.token_ids[req.num_prompt_tokens + num_output_tokens :]
         req.stop_reason = stop_reason
         self._finish(req, reason)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """The runner's time for a step of num_tokens: speculation weighs its cost by it."""
+        if self.spec_policy is not None and num_tokens:
+            self.spec_policy.cost.observe(num_tokens, seconds)
+
+    # ---- speculation ----
+    def _drafts(self, budget: int) -> dict[str, list[int]]:
+        """Tokens each decoding request drafts this step, where the policy says it pays."""
+        if self.spec is None:
+            return {}
+        spec = self.spec
+        found: dict[str, list[int]] = {}
+        step_tokens = sampled = 0
+        for req in self.running:
+            behind = req.num_tokens - req.num_computed_tokens
+            step_tokens += behind
+            sampled += behind == 1
+            room = min(
+                spec.num_speculative_tokens, req.max_output_tokens - req.num_output_tokens - 1
+            )
+            if behind != 1 or req.num_output_tokens == 0 or req.fork_siblings or room < 1:
+                continue
+            draft = propose_ngram(
+                req.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max
+            )
+            if draft:
+                found[req.request_id] = draft
+        if not found:
+            return {}
+        step_tokens = min(step_tokens, budget)
+        chosen = self.spec_policy.choose(
+            step_tokens, sampled, {rid: len(d) for rid, d in found.items()}
+        )
+        return {rid: found[rid] for rid in chosen}
+
+    def _accept(
+        self, req: Request, seq: ScheduledSeq, tokens: list[SampledToken]
+    ) -> list[tuple[Request, SampledToken]]:
+        """Append the accepted drafts and the token after them, up to a stop.
+
+        The KV of the accepted drafts stays; the rejected ones' slots lie beyond the
+        computed count and are written over by the next step.
+        """
+        accepted = len(tokens) - 1
+        self.num_draft_tokens += len(seq.draft_token_ids)
+        self.num_accepted_tokens += accepted
+        self.spec_policy.record(req.request_id, len(seq.draft_token_ids), accepted)
+        req.num_computed_tokens += len(tokens)  # the sampled token before the drafts, and them
+        events = []
+        for tok in tokens:
+            req.token_ids.append(tok.token_id)
+            events.append((req, tok))
+            stop = check_token_stop(req)
+            if stop is not None:
+                req.stop_reason = stop[1]
+                self._finish(req, stop[0])
+                break
+        return events
 
     # ---- helpers ----
     def _plan(self) -> None:
@@ -266,7 +352,8 @@ class Scheduler:
             req.page_ids.extend(self.pool.allocate(need))
         return True
 
-    def _seq(self, req: Request, n: int) -> ScheduledSeq:
+    def _seq(self, req: Request, n: int, draft: list[int] | None = None) -> ScheduledSeq:
+        """The step's chunk of req: n of its tokens, then the tokens it drafted (if any)."""
         start = req.num_computed_tokens
         end = start + n
         self.num_prompt_computed_tokens += max(0, min(end, req.num_prompt_tokens) - start)
@@ -298,13 +385,14 @@ class Scheduler:
         self._sent[rid] = len(req.page_ids)
         return ScheduledSeq(
             request_id=rid,
-            token_ids=req.token_ids[start : start + n],
+            token_ids=req.token_ids[start : start + n] + (draft or []),
             start_pos=start,
             page_ids=list(req.page_ids) if sent is None else None,
             sample=sample,
             params=req.sampling_params,
             new_page_ids=[] if sent is None else req.page_ids[sent:],
             replaced_pages=self._replaced.pop(rid, []),
+            draft_token_ids=draft or [],
             num_output_tokens=req.num_output_tokens,
             masked_token_ids=masked_token_ids(req),
             forks=forks,
@@ -358,6 +446,8 @@ class Scheduler:
             self.policy.finished(req)
         del self.requests[req.request_id]
         self._forget(req.request_id)
+        if self.spec_policy is not None:
+            self.spec_policy.forget(req.request_id)
 
     def _forget(self, request_id: str) -> None:
         """The runner drops this sequence's page table (it ended, or was preempted)."""

@@ -7,6 +7,8 @@ default or an allowed value of its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import typing
 from typing import Any
 
@@ -65,6 +67,9 @@ def cli_flags(options: dict[str, Any]) -> list[str]:
             continue
         if o.type is bool:
             out.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, dict) or dataclasses.is_dataclass(value):
+            as_dict = value if isinstance(value, dict) else dataclasses.asdict(value)
+            out += [_flag(name), json.dumps(as_dict)]
         else:
             out += [_flag(name), str(value)]
     return out

@@ -51,6 +51,8 @@ class BatchSummary:
     preemptions: int = 0
     recomputed_tokens: int = 0  # computed again after a preemption
     mean_kv_utilisation: float = 0.0  # KV pages in use / all pages, averaged over steps
+    draft_tokens: int = 0  # speculative decoding: drafted, and of those accepted
+    accepted_tokens: int = 0
     load_s: float = 0.0
     wall_s: float = 0.0
 
@@ -63,6 +65,10 @@ class BatchSummary:
 
     def line(self) -> str:
         before = f", {self.requests_skipped} done before" if self.requests_skipped else ""
+        spec = ""
+        if self.draft_tokens:
+            rate = self.accepted_tokens / self.draft_tokens
+            spec = f" | speculation {self.accepted_tokens:,} of {self.draft_tokens:,} drafts accepted ({rate:.0%})"
         return (
             f"run-batch: {self.requests_ok + self.requests_failed} requests "
             f"({self.requests_ok} ok, {self.requests_failed} failed{before}) | prompt tokens "
@@ -70,7 +76,7 @@ class BatchSummary:
             f"{self.prompt_tokens_computed:,}) | output tokens "
             f"{self.output_tokens:,} in {self.wall_s:.1f}s = {self.output_tok_per_s:,.1f} tok/s | "
             f"KV use {self.mean_kv_utilisation:.0%}, {self.preemptions} preemptions "
-            f"({self.recomputed_tokens:,} tokens recomputed) | model load {self.load_s:.1f}s"
+            f"({self.recomputed_tokens:,} tokens recomputed){spec} | model load {self.load_s:.1f}s"
         )
 
 
@@ -166,6 +172,7 @@ class BatchRunner:
         start_computed = eng.stats.prompt_computed_tokens
         start_preemptions, start_recomputed = eng.stats.preemptions, eng.stats.recomputed_tokens
         start_steps, start_kv = eng.stats.steps, eng.stats.kv_utilisation_sum
+        start_drafts, start_accepted = eng.stats.draft_tokens, eng.stats.accepted_tokens
         t0 = time.perf_counter()
         bar = tqdm(total=total, desc="run-batch", unit="req", disable=not progress, file=sys.stderr)
         source: Iterator[tuple[int, bytes | str]] | None = iter(lines)
@@ -198,6 +205,8 @@ class BatchRunner:
         s.prompt_tokens_computed = st.prompt_computed_tokens - start_computed
         s.preemptions = st.preemptions - start_preemptions
         s.recomputed_tokens = st.recomputed_tokens - start_recomputed
+        s.draft_tokens = st.draft_tokens - start_drafts
+        s.accepted_tokens = st.accepted_tokens - start_accepted
         steps = st.steps - start_steps
         s.mean_kv_utilisation = (st.kv_utilisation_sum - start_kv) / steps if steps else 0.0
         return s

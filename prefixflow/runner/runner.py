@@ -12,7 +12,8 @@ from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sample.sampler import Sampler
-from prefixflow.step import PageTables, RunnerOutput, SchedulerOutput
+from prefixflow.spec import verify
+from prefixflow.step import PageTables, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 
 class ModelRunner:
@@ -64,13 +65,33 @@ class ModelRunner:
         to_sample = [s for s in sched.seqs if s.sample]
         if not to_sample:
             return RunnerOutput()
-        rows = [last_idx[i] for i, s in enumerate(sched.seqs) if s.sample]
+        # One row of logits per sampled position: a drafting sequence samples at its last
+        # token and at each draft (verify.py), every other one at its last token.
+        rows: list[int] = []
+        row_seqs: list[ScheduledSeq] = []
+        for i, s in enumerate(sched.seqs):
+            if s.sample:
+                k = len(s.draft_token_ids)
+                rows.extend(range(last_idx[i] - k, last_idx[i] + 1))
+                row_seqs.extend(verify.positions(s) if k else [s])
         logits = self.model.compute_logits(hidden[torch.tensor(rows)])  # (S, vocab)
-        forks = [(r, f) for r, s in enumerate(to_sample) for f in s.forks]
+        forks = [(r, f) for r, s in enumerate(row_seqs) for f in s.forks]
         if forks:  # the other samples of a prompt draw from its row of logits
             logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
-            to_sample = to_sample + [f for _, f in forks]
-        tokens = self.sampler(logits, to_sample)
-        return RunnerOutput(
-            sampled={s.request_id: t for s, t in zip(to_sample, tokens, strict=True)}
-        )
+            row_seqs = row_seqs + [f for _, f in forks]
+        tokens = self.sampler(logits, row_seqs)
+        out = RunnerOutput()
+        at = 0
+        for s in to_sample:
+            k = len(s.draft_token_ids)
+            if k:
+                out.speculated[s.request_id] = verify.accept(
+                    s.draft_token_ids, tokens[at : at + k + 1]
+                )
+            else:
+                out.sampled[s.request_id] = tokens[at]
+            at += k + 1
+        for _, f in forks:
+            out.sampled[f.request_id] = tokens[at]
+            at += 1
+        return out

@@ -75,3 +75,16 @@ def test_cli_flags_round_trip(seed):
         elif o.name in ("max_num_seqs", "max_num_batched_tokens", "seed", "max_model_len"):
             options[o.name] = rng.randint(2, 999)
     assert config_from_args(_parse(cli_flags(options))).options() == options
+
+
+def test_speculative_config_from_the_cli_as_json():
+    flag = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}'
+    cfg = config_from_args(_parse(["--speculative-config", flag]))
+    spec = cfg.scheduler.speculative_config
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max) == ("ngram", 3, 5)
+    again = config_from_args(_parse(cli_flags({"speculative_config": spec})))
+    assert again.scheduler.speculative_config == spec
+    with pytest.raises(ValueError, match="draft_model"):
+        EngineConfig.from_options(
+            speculative_config={"method": "draft_model", "num_speculative_tokens": 2}
+        )

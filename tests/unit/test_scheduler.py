@@ -104,8 +104,12 @@ def check_step_invariants(sched: Scheduler, pool: PagePool, out: SchedulerOutput
     for s in out.seqs:
         req = sched.requests[s.request_id]
         assert len(s.token_ids) >= 1
-        # The chunk is exactly the request's tokens at those positions.
-        assert s.token_ids == req.token_ids[s.start_pos : s.start_pos + len(s.token_ids)]
+        # The chunk is exactly the request's tokens at those positions, then its drafts.
+        k = len(s.draft_token_ids)
+        n = len(s.token_ids) - k
+        assert s.token_ids[n:] == s.draft_token_ids
+        assert k == 0 or (n == 1 and s.sample and not s.forks)
+        assert s.token_ids[:n] == req.token_ids[s.start_pos : s.start_pos + n]
         assert s.start_pos == req.num_computed_tokens
         # The runner's page table, from the changes, is the scheduler's own, and covers
         # every token in the KV cache after this step.
@@ -114,7 +118,7 @@ def check_step_invariants(sched: Scheduler, pool: PagePool, out: SchedulerOutput
         assert len(table) >= pool.pages_for(s.start_pos + len(s.token_ids))
         assert all(0 <= b < out.num_pages_touched for b in table)
         assert all(pool.ref_count(b) >= 1 for b in table)
-        assert s.sample == (s.start_pos + len(s.token_ids) == req.num_tokens)
+        assert s.sample == (s.start_pos + n == req.num_tokens)
         assert s.num_output_tokens == req.num_output_tokens
         assert s.params is req.sampling_params
         pages_in_step.extend(table)

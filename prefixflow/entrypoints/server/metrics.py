@@ -42,6 +42,14 @@ class _EngineCollector:
             "prefixflow_generation_tokens", "Generated tokens", st.output_tokens
         )
         yield CounterMetricFamily("prefixflow_preemptions", "Preemptions", st.preemptions)
+        yield CounterMetricFamily(
+            "prefixflow_spec_draft_tokens",
+            "Tokens drafted by speculative decoding",
+            st.draft_tokens,
+        )
+        yield CounterMetricFamily(
+            "prefixflow_spec_accepted_tokens", "Drafted tokens accepted", st.accepted_tokens
+        )
         yield GaugeMetricFamily(
             "prefixflow_queue_length",
             "Sequences waiting to start",
