@@ -160,7 +160,7 @@ class Engine:
             )
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
-        self.scheduler.observe_step(sched.num_tokens, time.perf_counter() - t0)
+        self.scheduler.observe_step(sched, time.perf_counter() - t0)
         events = self.scheduler.update(sched, result)
         ended, stops, self.updated_request_ids = self.output.process(events)
         for sample_id, stop, num_output_tokens in stops:

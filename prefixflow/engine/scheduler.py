@@ -229,10 +229,16 @@ class Scheduler:
         req.stop_reason = stop_reason
         self._finish(req, reason)
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """The runner's time for a step of num_tokens: speculation weighs its cost by it."""
-        if self.spec_policy is not None and num_tokens:
-            self.spec_policy.cost.observe(num_tokens, seconds)
+    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """The runner's time for a step: speculation weighs the cost of drafts by it.
+
+        Only steps of decodes (with or without drafts) are fitted: a prompt chunk's tokens
+        cost at the arithmetic-bound rate, far above a few more rows of a decode step.
+        """
+        if self.spec_policy is None or sched.is_empty:
+            return
+        if all(len(s.token_ids) - len(s.draft_token_ids) == 1 for s in sched.seqs):
+            self.spec_policy.cost.observe(sched.num_tokens, seconds)
 
     # ---- speculation ----
     def _drafts(self, budget: int) -> dict[str, list[int]]:

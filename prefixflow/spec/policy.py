@@ -2,8 +2,8 @@
 
 A step's time grows with the tokens it computes: little while the step is bound by reading
 the weights (a few sequences), in proportion once it is bound by arithmetic (hundreds).
-`StepCost` fits time = fixed + per_token x tokens to the steps the engine measured,
-weighting recent steps most. `SpecPolicy` keeps each request's acceptance rate and, each
+`StepCost` fits time = fixed + per_token x tokens to the decode steps the engine measured
+(with and without drafts, the range the choice is about), weighting recent steps most. `SpecPolicy` keeps each request's acceptance rate and, each
 step, gives drafts to the requests whose expected extra tokens raise the step's tokens per
 second the most, and to no request once drafts would lower it: a large compute-bound
 batch falls back to plain decoding by itself. Torch-free.
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 _DECAY = 0.9  # weight of a past step against the newest in the cost fit
 _PRIOR = 0.6  # acceptance assumed for a request not measured yet (and drifted back to)
 _PRIOR_WEIGHT = 4.0  # in drafted tokens
-_DRIFT = 0.02  # per step without drafts, toward the prior, so a request is tried again
+_EXPLORE = 8  # requests that draft while the cost of drafts is unknown
+_DRIFT = 0.05  # per step without drafts, toward the prior, so a request is tried again
 
 
 class StepCost:
@@ -78,8 +79,9 @@ class SpecPolicy:
             for rid, k in drafts.items()
         }
         base = self.cost(step_tokens)
-        if base is None:  # nothing measured yet: try, and measure
-            return set(drafts)
+        if base is None:  # no decode steps of different sizes yet: a few drafts, to measure
+            best = sorted(drafts, key=lambda r: gain[r] / drafts[r], reverse=True)
+            return set(best[:_EXPLORE])
         chosen: set[str] = set()
         tokens, yielded, time = step_tokens, float(sampled), base
         for rid in sorted(drafts, key=lambda r: gain[r] / drafts[r], reverse=True):

@@ -147,6 +147,13 @@ def test_policy_falls_back_to_plain_decoding_on_a_compute_bound_batch():
     assert p.choose(256, 256, drafts) == set()
 
 
+def test_policy_measures_with_a_few_drafts_before_it_knows_their_cost():
+    p = SpecPolicy()
+    drafts = {f"r{i}": 4 for i in range(256)}
+    assert len(p.choose(256, 256, drafts)) == 8  # not a 1,280-token step on a guess
+    assert p.choose(2, 2, {"a": 4, "b": 4}) == {"a", "b"}
+
+
 def test_policy_stops_drafting_for_a_request_whose_drafts_miss():
     p = _policy(fixed=0.05, per_token=0.0005)
     for _ in range(20):
