@@ -143,8 +143,8 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             draft = drafts.get(req.request_id, [])
-            if draft and n + len(draft) <= budget and self._grow(req, n + len(draft)):
-                n += len(draft)  # drafts only where their pages are free: never preempt for them
+            if draft and n + len(draft) <= budget and self._room_for_draft(req, n + len(draft), i):
+                n += len(draft)
             else:
                 draft = []
             if not self._grow(req, n):
@@ -269,6 +269,13 @@ class Scheduler:
             step_tokens, sampled, {rid: len(d) for rid, d in found.items()}
         )
         return {rid: found[rid] for rid in chosen}
+
+    def _room_for_draft(self, req: Request, n: int, index: int) -> bool:
+        """Grow req for n tokens with drafts only if the pages are free and a page stays
+        free for each request after it this step: drafts never cause a preemption."""
+        need = self.pool.pages_for(req.num_computed_tokens + n) - len(req.page_ids)
+        later = len(self.running) - index - 1
+        return need + 1 + later <= self.pool.num_free and self._grow(req, n)
 
     def _accept(
         self, req: Request, seq: ScheduledSeq, tokens: list[SampledToken]
