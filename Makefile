@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py csrc/*.cpp Makefile
+$(STAMP): pyproject.toml setup.py csrc/*.cpp csrc/*.h Makefile
 	$(PY) -m venv $(VENV)
 	# CPU build of torch first (pip takes it from this machine's wheel store), so nothing
 	# later pulls a CUDA build.

@@ -62,6 +62,7 @@ def _extensions() -> dict:
     ext = CppExtension(
         "prefixflow._C",
         ["csrc/paged_attention.cpp", "csrc/fused_ops.cpp", "csrc/sampling.cpp"],
+        depends=["csrc/cpu_math.h"],
         extra_compile_args=["-O3", "-fopenmp", *_isa_args()],
         extra_link_args=["-fopenmp"],
     )

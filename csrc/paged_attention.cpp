@@ -40,26 +40,26 @@
 #define PF_AVX512 0
 #endif
 
+#include "cpu_math.h"
+
 namespace {
+
+#if defined(__AVX512F__)
+using pf::exp16;
+#endif
 
 constexpr int kMaxQV = 8;     // query vectors per KV head in one unit, at most
 constexpr int kMaxHeads = 8;  // KV heads one unit takes together, at most
 constexpr int kMaxD = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t x = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
 
 template <typename T>
 inline float to_float(T x);
 template <>
 inline float to_float<float>(float x) { return x; }
 template <>
-inline float to_float<uint16_t>(uint16_t x) { return bf16_to_float(x); }
+inline float to_float<uint16_t>(uint16_t x) { return pf::bf2f(x); }
 
 struct Item {
   int32_t row_off, n_rows, page_off, n_keys, causal_base;
@@ -144,27 +144,6 @@ void unit_generic(const Ctx& c, const Item& it, const Unit& u, Result& res) {
 #if PF_AVX512
 // ---------------------------------------------------------------- AVX-512 path
 
-// exp on 16 floats: x = n ln2 + r with a two-part ln2 (so r is exact), exp(r) by a
-// degree-7 Taylor polynomial on |r| <= ln2 / 2 (relative error about 1e-7), then 2^n.
-inline __m512 exp16(__m512 x) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
-  const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));  // exp underflows to 0 below this anyway
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-  r = _mm512_fnmadd_ps(n, ln2_lo, r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // acc += (pair a0, a1 in every lane) . (lanes of b as bfloat16 pairs), in float32.
 inline __m512 dot2(__m512 acc, uint32_t a, __m512i b) {

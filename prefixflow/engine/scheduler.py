@@ -203,12 +203,8 @@ class Scheduler:
             forked = [self._fork(req, f.request_id) for f in seq.forks]
             for r in [req, *(f for f in forked if f is not None)]:
                 tok = result.sampled[r.request_id]
-                r.token_ids.append(tok.token_id)
                 events.append((r, tok))
-                stop = check_token_stop(r)
-                if stop is not None:
-                    r.stop_reason = stop[1]
-                    self._finish(r, stop[0])
+                self._append(r, tok)
         return events
 
     def finish(
@@ -292,14 +288,20 @@ class Scheduler:
         req.num_computed_tokens += len(tokens)  # the sampled token before the drafts, and them
         events = []
         for tok in tokens:
-            req.token_ids.append(tok.token_id)
             events.append((req, tok))
-            stop = check_token_stop(req)
-            if stop is not None:
-                req.stop_reason = stop[1]
-                self._finish(req, stop[0])
+            if self._append(req, tok):
                 break
         return events
+
+    def _append(self, req: Request, tok: SampledToken) -> bool:
+        """Append a sampled token; finish the request if it stops there (True then)."""
+        req.token_ids.append(tok.token_id)
+        stop = check_token_stop(req)
+        if stop is None:
+            return False
+        req.stop_reason = stop[1]
+        self._finish(req, stop[0])
+        return True
 
     # ---- helpers ----
     def _plan(self) -> None:
