@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram) on and off, on outputs that copy from their prompts.
+"""Speculative decoding (n-gram or a draft model) on and off, on outputs that copy from their prompts.
 
 Each request asks the default model to correct the spelling of a passage of English prose
 (with a misspelling in every seventh word), greedy, a fixed number of output tokens. The
@@ -6,6 +6,10 @@ same requests run with speculation off and on ("auto": on only where it pays), a
 concurrency (all requests of a row run at once), in one process and one sitting:
 
     .venv/bin/python benchmarks/bench_speculation.py [--seqs 1,4,16,256] [--tokens 256]
+        [--draft-model PATH]
+
+With --draft-model, a draft model (a model folder or .gguf with the default model's
+tokenizer) drafts instead of the n-gram proposer.
 
 It prints output tokens per second off and on, their ratio, and the acceptance rate.
 """
@@ -57,21 +61,20 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--always", action="store_true", help="draft whenever a match is found")
+    ap.add_argument("--draft-model", help="draft with this model instead of n-grams")
     args = ap.parse_args()
-    spec = {
-        "method": "ngram",
-        "num_speculative_tokens": args.k,
-        "prompt_lookup_max": 4,
-        "prompt_lookup_min": 2,
-        "auto": not args.always,
-    }
+    spec = {"num_speculative_tokens": args.k, "auto": not args.always}
+    if args.draft_model:
+        spec.update(method="draft_model", model=args.draft_model)
+    else:
+        spec.update(method="ngram", prompt_lookup_max=4, prompt_lookup_min=2)
     engines = {
         "off": LLM(dtype=args.dtype, max_num_seqs=256),
         "on": LLM(dtype=args.dtype, max_num_seqs=256, speculative_config=spec),
     }
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     print(
-        f"{args.dtype}, greedy, {args.tokens} tokens out, ngram k={args.k}, "
+        f"{args.dtype}, greedy, {args.tokens} tokens out, {spec['method']} k={args.k}, "
         f"{'always' if args.always else 'auto'}"
     )
     print(

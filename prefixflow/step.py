@@ -33,6 +33,9 @@ class ScheduledSeq:
     # in token_ids; the runner samples at each of their positions and keeps drafts while
     # they equal what it sampled.
     draft_token_ids: list[int] = field(default_factory=list)
+    # Draft-model speculation: the runner drafts this many tokens with its draft model and
+    # adds them to token_ids and draft_token_ids before the step (spec/draft_model.py).
+    num_model_drafts: int = 0
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
     masked_token_ids: frozenset[int] = frozenset()  # EOS/stop ids banned until min_tokens
     # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
@@ -53,7 +56,8 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
+        """Tokens the target model computes, drafts included."""
+        return sum(len(s.token_ids) + s.num_model_drafts for s in self.seqs)
 
     @property
     def is_empty(self) -> bool:

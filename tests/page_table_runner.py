@@ -6,18 +6,20 @@ hit, a missed copy-on-write or a bad fork shows up as a context that differs fro
 sequence's own tokens. Its next token is a hash of the sequence id and that context, or
 what `next_token` says. A speculating sequence is sampled after its last token and after
 each draft, reading each context back from the pages, and keeps drafts as the real runner
-does (spec/verify.py).
+does (spec/verify.py). A sequence that asks for model drafts (num_model_drafts) gets them
+from `draft_token`, given the context so far, as the runner's draft model would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.request import Request
 from prefixflow.spec import verify
-from prefixflow.step import PageTables, RunnerOutput, SampledToken, SchedulerOutput
+from prefixflow.step import PageTables, RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 
 
 def hashed_token(request_id: str, context: list[int]) -> int:
@@ -26,9 +28,13 @@ def hashed_token(request_id: str, context: list[int]) -> int:
 
 class PageTableRunner:
     def __init__(
-        self, pool: PagePool, next_token: Callable[[str, list[int]], int] = hashed_token
+        self,
+        pool: PagePool,
+        next_token: Callable[[str, list[int]], int] = hashed_token,
+        draft_token: Callable[[str, list[int]], int] | None = None,
     ) -> None:
         self.next_token = next_token
+        self.draft_token = draft_token
         self.bs = pool.page_size
         self.slots: dict[int, list[int | None]] = {}
         self.tokens: dict[str, list[int]] = {}  # what each sequence really holds
@@ -44,7 +50,8 @@ class PageTableRunner:
         for src, dst in out.page_copies:
             self.slots[dst] = list(self.slots[src])
         self.tables.apply(out)
-        for s in out.seqs:
+        seqs = [self._drafted(s) for s in out.seqs]
+        for s in seqs:
             pages = self.tables[s.request_id]
             for k, tok in enumerate(s.token_ids):
                 pos = s.start_pos + k
@@ -55,7 +62,7 @@ class PageTableRunner:
                 0, min(end, self.prompt_len[s.request_id]) - s.start_pos
             )
         result = RunnerOutput()
-        for s in out.seqs:
+        for s in seqs:
             if not s.sample:
                 continue
             k = len(s.draft_token_ids)
@@ -77,6 +84,15 @@ class PageTableRunner:
                 self.tokens[seq.request_id].append(tok)
                 result.sampled[seq.request_id] = SampledToken(tok)
         return result
+
+    def _drafted(self, s: ScheduledSeq) -> ScheduledSeq:
+        if not s.num_model_drafts:
+            return s
+        context = self.tokens[s.request_id][: s.start_pos + 1]
+        drafts: list[int] = []
+        for _ in range(s.num_model_drafts):
+            drafts.append(self.draft_token(s.request_id, context + drafts))
+        return dataclasses.replace(s, token_ids=s.token_ids + drafts, draft_token_ids=drafts)
 
 
 def ideal_prompt_tokens(prompts: list[list[int]], bs: int) -> int:

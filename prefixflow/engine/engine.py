@@ -6,6 +6,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
+from prefixflow.attention.registry import build_backend
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import EngineConfig
 from prefixflow.engine.output_processor import OutputProcessor
@@ -13,6 +16,7 @@ from prefixflow.engine.scheduler import Scheduler
 from prefixflow.errors import RequestError
 from prefixflow.model import prepack
 from prefixflow.model.loader import (
+    ModelSource,
     eos_token_ids,
     iter_weights,
     load_hf_config,
@@ -23,8 +27,9 @@ from prefixflow.model.loader import (
 from prefixflow.model.registry import architecture_of, build_model
 from prefixflow.request import FinishReason, Request, RequestOutput
 from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, num_pages_for
-from prefixflow.runner.runner import ModelRunner
+from prefixflow.runner.runner import ModelRunner, attention_shape
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.spec.draft_model import DraftModelProposer
 from prefixflow.tokenizer import TextCodec
 from prefixflow.utils.hardware import resolve_dtype
 from prefixflow.validation import check_request
@@ -65,25 +70,33 @@ class Engine:
         architecture_of(hf_config)  # refuse an unsupported model before reading its weights
         self.codec = TextCodec(load_tokenizer(src))
         self.dtype = resolve_dtype(config.dtype)
-        model = build_model(hf_config)
-        model.load_weights(iter_weights(src, hf_config))
-        self.model = model.to(self.dtype).eval()
-        model.use_fused_ops(config.fused_ops)
-        if config.prepack_weights and prepack.available():
-            prepack.prepack_linears(model)
+        self.model = _load_model(src, hf_config, self.dtype, config)
         self.hf_config = hf_config
         self.eos_token_ids = eos_token_ids(src, hf_config, self.codec.tokenizer)
         self.max_model_len = max_model_len(hf_config)
         if config.max_model_len is not None:
             self.max_model_len = min(self.max_model_len, config.max_model_len)
 
+        spec = config.scheduler.speculative_config
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = _load_draft_model(spec.model, self.codec, hf_config, self.dtype, config)
+            self.max_model_len = min(self.max_model_len, max_model_len(draft.config))
+        configs = [hf_config] + ([draft.config] if draft else [])
         bs = config.page_size
-        num_pages = num_pages_for(config.kv_cache_memory, hf_config, bs, self.dtype)
+        num_pages = num_pages_for(config.kv_cache_memory, configs, bs, self.dtype)
         kv = allocate_kv_cache(hf_config, num_pages, bs, self.dtype)
-        self.kv_cache_bytes = num_pages * bytes_per_page(hf_config, bs, self.dtype)
+        self.kv_cache_bytes = num_pages * sum(bytes_per_page(c, bs, self.dtype) for c in configs)
         self.pool = PagePool(num_pages, bs)
         self.scheduler = Scheduler(config.scheduler, self.pool)
-        self.runner = ModelRunner(self.model, kv, config)
+        drafter = None
+        if draft is not None:
+            draft_kv = allocate_kv_cache(draft.config, num_pages, bs, self.dtype)
+            backend = build_backend(
+                config.attention_backend, config, attention_shape(draft, bs, self.dtype)
+            )
+            drafter = DraftModelProposer(draft, draft_kv, backend, bs)
+        self.runner = ModelRunner(self.model, kv, config, drafter)
         self.load_seconds = time.perf_counter() - t0
         self.stats = EngineStats()
         self.output = OutputProcessor(self.codec)
@@ -163,13 +176,14 @@ class Engine:
         self.scheduler.observe_step(sched, time.perf_counter() - t0)
         events = self.scheduler.update(sched, result)
         ended, stops, self.updated_request_ids = self.output.process(events)
+        dropped = 0  # tokens a speculative step accepted after a stop string
         for sample_id, stop, num_output_tokens in stops:
-            self.scheduler.finish(sample_id, FinishReason.STOP, stop, num_output_tokens)
+            dropped += self.scheduler.finish(sample_id, FinishReason.STOP, stop, num_output_tokens)
         # After all events: several samples of one request may end in the same step.
         finished = self.output.finished(ended)
         st, sc = self.stats, self.scheduler
         st.steps += 1
-        st.output_tokens += len(events)
+        st.output_tokens += len(events) - dropped
         st.computed_tokens += sched.num_tokens
         st.prompt_computed_tokens = sc.num_prompt_computed_tokens
         st.recomputed_tokens = sc.num_recomputed_tokens
@@ -183,3 +197,27 @@ class Engine:
     def snapshot(self, request_id: str) -> RequestOutput:
         """What an unfinished request has generated so far (finished=False), for streaming."""
         return self.output.snapshot(request_id)
+
+
+def _load_model(src: ModelSource, hf_config, dtype: torch.dtype, config: EngineConfig):
+    model = build_model(hf_config)
+    model.load_weights(iter_weights(src, hf_config))
+    model = model.to(dtype).eval()
+    model.use_fused_ops(config.fused_ops)
+    if config.prepack_weights and prepack.available():
+        prepack.prepack_linears(model)
+    return model
+
+
+def _load_draft_model(path: str, codec: TextCodec, target_config, dtype, config: EngineConfig):
+    """The draft model of draft-model speculation; it must share the target's tokenizer."""
+    src = resolve_model(path)
+    hf_config = load_hf_config(src)
+    architecture_of(hf_config)
+    vocab = load_tokenizer(src).get_vocab()
+    if vocab != codec.tokenizer.get_vocab() or hf_config.vocab_size != target_config.vocab_size:
+        raise ValueError(
+            f"speculative_config: draft model {path!r} has another tokenizer than the target "
+            "model; a draft model must use the same tokenizer and vocabulary"
+        )
+    return _load_model(src, hf_config, dtype, config)

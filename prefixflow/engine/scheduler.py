@@ -65,7 +65,11 @@ class Scheduler:
         self.policy = make_policy(config.admission, int(config.watermark * pool.num_pages))
         self.num_preemptions = 0
         self.spec = config.speculative_config
-        self.spec_policy = SpecPolicy(self.spec.auto) if self.spec else None
+        self.spec_policy = (
+            SpecPolicy(self.spec.auto, draft_passes=self.spec.method == "draft_model")
+            if self.spec
+            else None
+        )
         self.num_draft_tokens = 0  # drafted by speculation, and of those accepted
         self.num_accepted_tokens = 0
         self.num_prompt_computed_tokens = 0  # prompt tokens run through the model
@@ -143,10 +147,11 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             draft = drafts.get(req.request_id, [])
-            if draft and n + len(draft) <= budget and self._room_for_draft(req, n + len(draft), i):
-                n += len(draft)
+            k = draft if isinstance(draft, int) else len(draft)
+            if k and n + k <= budget and self._room_for_draft(req, n + k, i):
+                n += k
             else:
-                draft = []
+                draft, k = [], 0
             if not self._grow(req, n):
                 # Preempt from the newest end until this request's pages fit.
                 while not self._grow(req, n) and self.running[-1] is not req:
@@ -156,7 +161,7 @@ class Scheduler:
                     self._preempt(req)
                     preempted = True
                     break
-            seqs.append(self._seq(req, n - len(draft), draft))
+            seqs.append(self._seq(req, n - k, draft))
             budget -= n
             i += 1
 
@@ -194,7 +199,7 @@ class Scheduler:
             req = self.requests.get(seq.request_id)
             if req is None or req.is_finished:
                 continue  # aborted during the step
-            if seq.draft_token_ids:
+            if seq.draft_token_ids or seq.num_model_drafts:
                 events += self._accept(req, seq, result.speculated[req.request_id])
                 continue
             req.num_computed_tokens += len(seq.token_ids)
@@ -213,17 +218,21 @@ class Scheduler:
         reason: FinishReason,
         stop_reason: str | None,
         num_output_tokens: int | None = None,
-    ) -> None:
+    ) -> int:
         """Finish a request for a reason found outside the scheduler (a stop string).
 
         num_output_tokens: where its output ends, when a step appended tokens after the
-        stop (speculation accepts several at once).
+        stop (speculation accepts several at once). Returns how many tokens it dropped.
         """
         req = self.requests[request_id]
+        dropped = 0
         if num_output_tokens is not None:
-            del req.token_ids[req.num_prompt_tokens + num_output_tokens :]
+            end = req.num_prompt_tokens + num_output_tokens
+            dropped = max(0, len(req.token_ids) - end)
+            del req.token_ids[end:]
         req.stop_reason = stop_reason
         self._finish(req, reason)
+        return dropped
 
     def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """The runner's time for a step: speculation weighs the cost of drafts by it.
@@ -233,16 +242,18 @@ class Scheduler:
         """
         if self.spec_policy is None or sched.is_empty:
             return
-        if all(len(s.token_ids) - len(s.draft_token_ids) == 1 for s in sched.seqs):
-            self.spec_policy.cost.observe(sched.num_tokens, seconds)
+        if all(len(s.token_ids) == 1 + len(s.draft_token_ids) for s in sched.seqs):
+            passes = max(s.num_model_drafts for s in sched.seqs)
+            self.spec_policy.observe_step(sched.num_tokens, seconds, passes)
 
     # ---- speculation ----
-    def _drafts(self, budget: int) -> dict[str, list[int]]:
-        """Tokens each decoding request drafts this step, where the policy says it pays."""
+    def _drafts(self, budget: int) -> dict[str, list[int] | int]:
+        """What each decoding request drafts this step, where the policy says it pays: the
+        n-gram proposer's tokens, or how many tokens the runner's draft model drafts."""
         if self.spec is None:
             return {}
         spec = self.spec
-        found: dict[str, list[int]] = {}
+        found: dict[str, list[int] | int] = {}
         step_tokens = sampled = 0
         for req in self.running:
             behind = req.num_tokens - req.num_computed_tokens
@@ -253,6 +264,9 @@ class Scheduler:
             )
             if behind != 1 or req.num_output_tokens == 0 or req.fork_siblings or room < 1:
                 continue
+            if spec.method == "draft_model":
+                found[req.request_id] = room
+                continue
             draft = propose_ngram(
                 req.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max
             )
@@ -261,9 +275,8 @@ class Scheduler:
         if not found:
             return {}
         step_tokens = min(step_tokens, budget)
-        chosen = self.spec_policy.choose(
-            step_tokens, sampled, {rid: len(d) for rid, d in found.items()}
-        )
+        sizes = {rid: d if isinstance(d, int) else len(d) for rid, d in found.items()}
+        chosen = self.spec_policy.choose(step_tokens, sampled, sizes)
         return {rid: found[rid] for rid in chosen}
 
     def _room_for_draft(self, req: Request, n: int, index: int) -> bool:
@@ -282,9 +295,10 @@ class Scheduler:
         computed count and are written over by the next step.
         """
         accepted = len(tokens) - 1
-        self.num_draft_tokens += len(seq.draft_token_ids)
+        drafted = len(seq.draft_token_ids) or seq.num_model_drafts
+        self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
-        self.spec_policy.record(req.request_id, len(seq.draft_token_ids), accepted)
+        self.spec_policy.record(req.request_id, drafted, accepted)
         req.num_computed_tokens += len(tokens)  # the sampled token before the drafts, and them
         events = []
         for tok in tokens:
@@ -367,8 +381,9 @@ class Scheduler:
             req.page_ids.extend(self.pool.allocate(need))
         return True
 
-    def _seq(self, req: Request, n: int, draft: list[int] | None = None) -> ScheduledSeq:
-        """The step's chunk of req: n of its tokens, then the tokens it drafted (if any)."""
+    def _seq(self, req: Request, n: int, draft: list[int] | int = 0) -> ScheduledSeq:
+        """The step's chunk of req: n of its tokens, then the tokens it drafted (if any), or
+        how many the runner's draft model drafts."""
         start = req.num_computed_tokens
         end = start + n
         self.num_prompt_computed_tokens += max(0, min(end, req.num_prompt_tokens) - start)
@@ -395,19 +410,21 @@ class Scheduler:
                 )
                 for s in req.fork_siblings
             ]
+        tokens = [] if isinstance(draft, int) else draft
         rid = req.request_id
         sent = self._sent.get(rid)
         self._sent[rid] = len(req.page_ids)
         return ScheduledSeq(
             request_id=rid,
-            token_ids=req.token_ids[start : start + n] + (draft or []),
+            token_ids=req.token_ids[start : start + n] + tokens,
             start_pos=start,
             page_ids=list(req.page_ids) if sent is None else None,
             sample=sample,
             params=req.sampling_params,
             new_page_ids=[] if sent is None else req.page_ids[sent:],
             replaced_pages=self._replaced.pop(rid, []),
-            draft_token_ids=draft or [],
+            draft_token_ids=tokens,
+            num_model_drafts=draft if isinstance(draft, int) else 0,
             num_output_tokens=req.num_output_tokens,
             masked_token_ids=masked_token_ids(req),
             forks=forks,

@@ -30,13 +30,17 @@ def bytes_per_page(hf_config, page_size: int, dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def num_pages_for(memory: int | float | str, hf_config, page_size: int, dtype: torch.dtype) -> int:
+def num_pages_for(
+    memory: int | float | str, hf_configs: list, page_size: int, dtype: torch.dtype
+) -> int:
+    """Pages that fit in the budget, each holding the KV of every model in hf_configs (the
+    target's, and a draft model's: one page id indexes both caches)."""
     budget = (
         min(_AUTO_CAP, int(0.3 * available_memory_bytes()))
         if memory == "auto"
         else parse_memory(memory)
     )
-    per_page = bytes_per_page(hf_config, page_size, dtype)
+    per_page = sum(bytes_per_page(c, page_size, dtype) for c in hf_configs)
     if budget < per_page:
         raise ValueError(
             f"kv_cache_memory of {budget} bytes holds no page of {per_page} bytes; give a size "

@@ -13,6 +13,7 @@ from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sample.sampler import Sampler
 from prefixflow.spec import verify
+from prefixflow.spec.draft_model import DraftModelProposer
 from prefixflow.step import PageTables, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 
@@ -22,54 +23,59 @@ class ModelRunner:
         model: LlamaForCausalLM,
         kv_cache: torch.Tensor,  # (L, 2, num_pages, H_kv, page_size * D): attention/kv_layout.py
         config: EngineConfig,
+        drafter: DraftModelProposer | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.page_size = config.page_size
-        cfg = model.config
         check_page_size(config.page_size, kv_cache.dtype)
-        shape = AttentionShape(
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            head_dim_of(cfg),
-            config.page_size,
-            kv_cache.dtype,
-        )
+        shape = attention_shape(model, config.page_size, kv_cache.dtype)
         self.backend = build_backend(config.attention_backend, config, shape)
         self.sampler = Sampler(
             config.seed,
             greedy_fast_path=config.greedy_fast_path,
             use_kernel=config.sampling_kernel,
         )
+        self.drafter = drafter
+        # Caches indexed by the same page ids: the target's, and the draft model's.
+        self._caches = [kv_cache] + ([drafter.kv_cache] if drafter else [])
         self._pages_zeroed = 0
         self.tables = PageTables()  # every running sequence's page table, from the changes
         if not config.lazy_kv_zeroing:
-            kv_cache.zero_()
+            for c in self._caches:
+                c.zero_()
             self._pages_zeroed = kv_cache.shape[2]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         if sched.num_pages_touched > self._pages_zeroed:
             # Masked-out slots are multiplied by zero weights: they must hold finite values.
-            self.kv_cache[:, :, self._pages_zeroed : sched.num_pages_touched].zero_()
+            for c in self._caches:
+                c[:, :, self._pages_zeroed : sched.num_pages_touched].zero_()
             self._pages_zeroed = sched.num_pages_touched
         if sched.page_copies:
             src, dst = zip(*sched.page_copies, strict=True)
-            self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+            for c in self._caches:
+                c[:, :, list(dst)] = c[:, :, list(src)]
         self.tables.apply(sched)
-        if sched.is_empty:
+        seqs = sched.seqs
+        if self.drafter is not None:
+            self.drafter.forget(sched.forget_request_ids)
+            if seqs:
+                seqs = self.drafter.propose(seqs, self.tables)
+        if not seqs:
             return RunnerOutput()
-        input_ids, positions, layout, last_idx = build_step(sched.seqs, self.page_size, self.tables)
+        input_ids, positions, layout, last_idx = build_step(seqs, self.page_size, self.tables)
         meta = self.backend.prepare(layout)  # once per step, read by every layer
         hidden = self.model(input_ids, positions, meta, self.kv_cache, self.backend)  # (T, hidden)
-        to_sample = [s for s in sched.seqs if s.sample]
+        to_sample = [s for s in seqs if s.sample]
         if not to_sample:
             return RunnerOutput()
         # One row of logits per sampled position: a drafting sequence samples at its last
         # token and at each draft (verify.py), every other one at its last token.
         rows: list[int] = []
         row_seqs: list[ScheduledSeq] = []
-        for i, s in enumerate(sched.seqs):
+        for i, s in enumerate(seqs):
             if s.sample:
                 k = len(s.draft_token_ids)
                 rows.extend(range(last_idx[i] - k, last_idx[i] + 1))
@@ -95,3 +101,10 @@ class ModelRunner:
             out.sampled[f.request_id] = tokens[at]
             at += 1
         return out
+
+
+def attention_shape(model: LlamaForCausalLM, page_size: int, dtype: torch.dtype) -> AttentionShape:
+    cfg = model.config
+    return AttentionShape(
+        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg), page_size, dtype
+    )

@@ -6,11 +6,19 @@ Torch-free: the engine config and the scheduler read it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram",)
-_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "auto"}
+METHODS = ("ngram", "draft_model")
+_KEYS = {
+    "method",
+    "model",
+    "num_speculative_tokens",
+    "prompt_lookup_max",
+    "prompt_lookup_min",
+    "auto",
+}
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,16 @@ class SpeculativeConfig:
     # Speculate for a request only when the measured acceptance and step cost say it
     # pays (off: whenever a draft is found, for comparison).
     auto: bool = True
+    model: str | None = None  # draft_model: a model folder or .gguf with the same tokenizer
+
+
+def _path(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return os.fspath(value)
+    except TypeError:
+        raise ValueError(f"speculative_config: model must be a path, got {value!r}") from None
 
 
 def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
@@ -44,10 +62,6 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
             f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}"
         )
     method = value.get("method")
-    if method == "draft_model":
-        raise ValueError(
-            "speculative_config: method 'draft_model' is not available yet; use 'ngram'"
-        )
     if method not in METHODS:
         raise ValueError(f"speculative_config: method must be one of {METHODS}, got {method!r}")
     k = value.get("num_speculative_tokens")
@@ -59,7 +73,13 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
         int(value.get("prompt_lookup_max", 4)),
         int(value.get("prompt_lookup_min", 1)),
         bool(value.get("auto", True)),
+        _path(value.get("model")),
     )
+    if (cfg.model is None) == (method == "draft_model"):
+        raise ValueError(
+            "speculative_config: method 'draft_model' needs \"model\": a model folder or "
+            ".gguf file with the target's tokenizer; 'ngram' takes no model"
+        )
     if not 1 <= cfg.prompt_lookup_min <= cfg.prompt_lookup_max:
         raise ValueError(
             "speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "

@@ -27,7 +27,12 @@ def positions(seq: ScheduledSeq) -> list[ScheduledSeq]:
         masked = seq.masked_token_ids if n_out < seq.params.min_tokens else frozenset()
         out.append(
             dataclasses.replace(
-                seq, num_output_tokens=n_out, masked_token_ids=masked, draft_token_ids=[], forks=[]
+                seq,
+                num_output_tokens=n_out,
+                masked_token_ids=masked,
+                draft_token_ids=[],
+                num_model_drafts=0,
+                forks=[],
             )
         )
     return out

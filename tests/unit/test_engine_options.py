@@ -4,6 +4,7 @@ all come from EngineConfig's fields."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
 
 import pytest
@@ -84,7 +85,20 @@ def test_speculative_config_from_the_cli_as_json():
     assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max) == ("ngram", 3, 5)
     again = config_from_args(_parse(cli_flags({"speculative_config": spec})))
     assert again.scheduler.speculative_config == spec
-    with pytest.raises(ValueError, match="draft_model"):
+    draft = {"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 2}
+    spec = config_from_args(_parse(["--speculative-config", json.dumps(draft)]))
+    spec = spec.scheduler.speculative_config
+    assert (spec.method, spec.model, spec.num_speculative_tokens) == (
+        "draft_model",
+        *list(draft.values())[1:],
+    )
+    again = config_from_args(_parse(cli_flags({"speculative_config": spec})))
+    assert again.scheduler.speculative_config == spec
+    with pytest.raises(ValueError, match='needs "model"'):
         EngineConfig.from_options(
             speculative_config={"method": "draft_model", "num_speculative_tokens": 2}
+        )
+    with pytest.raises(ValueError, match="'ngram' takes no model"):
+        EngineConfig.from_options(
+            speculative_config={"method": "ngram", "model": "x", "num_speculative_tokens": 2}
         )

@@ -108,14 +108,16 @@ def check_step_invariants(sched: Scheduler, pool: PagePool, out: SchedulerOutput
         k = len(s.draft_token_ids)
         n = len(s.token_ids) - k
         assert s.token_ids[n:] == s.draft_token_ids
-        assert k == 0 or (n == 1 and s.sample and not s.forks)
+        drafts = k + s.num_model_drafts
+        assert k == 0 or s.num_model_drafts == 0  # one proposer at a time
+        assert drafts == 0 or (n == 1 and s.sample and not s.forks)
         assert s.token_ids[:n] == req.token_ids[s.start_pos : s.start_pos + n]
         assert s.start_pos == req.num_computed_tokens
         # The runner's page table, from the changes, is the scheduler's own, and covers
-        # every token in the KV cache after this step.
+        # every token in the KV cache after this step, the runner's model drafts included.
         table = tables[s.request_id]
         assert table == req.page_ids
-        assert len(table) >= pool.pages_for(s.start_pos + len(s.token_ids))
+        assert len(table) >= pool.pages_for(s.start_pos + n + drafts)
         assert all(0 <= b < out.num_pages_touched for b in table)
         assert all(pool.ref_count(b) >= 1 for b in table)
         assert s.sample == (s.start_pos + n == req.num_tokens)

@@ -33,6 +33,11 @@ def copying_model(request_id: str, context: list[int]) -> int:
     return hashed_token(request_id, context) % 50 + 100  # a small vocabulary: some repeats
 
 
+def draft_model(request_id: str, context: list[int]) -> int:
+    """A draft model that knows the copying but not when the model strays from it."""
+    return context[-7]
+
+
 def run(spec: dict | None, num_pages: int = 400, budget: int = 64, n: int = 1, seed_reqs=12):
     pool = PagePool(num_pages, 4)
     config = SchedulerConfig(
@@ -43,7 +48,7 @@ def run(spec: dict | None, num_pages: int = 400, budget: int = 64, n: int = 1, s
         speculative_config=spec,
     )
     sched = track_tables(Scheduler(config, pool))
-    runner = PageTableRunner(pool, copying_model)
+    runner = PageTableRunner(pool, copying_model, draft_model)
     reqs = []
     for i in range(seed_reqs):
         kind = "copy" if i % 3 else "free"
@@ -69,13 +74,15 @@ def run(spec: dict | None, num_pages: int = 400, budget: int = 64, n: int = 1, s
 
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "auto": False}
+DRAFT_SPEC = {"method": "draft_model", "model": "draft", "num_speculative_tokens": 3, "auto": False}
 
 
+@pytest.mark.parametrize("spec", [SPEC, DRAFT_SPEC], ids=["ngram", "draft_model"])
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("num_pages", [400, 60], ids=["roomy", "preempting"])
-def test_outputs_identical_with_speculation_on_and_off(n, num_pages):
+def test_outputs_identical_with_speculation_on_and_off(spec, n, num_pages):
     off, _, steps_off, _ = run(None, num_pages, n=n)
-    on, sched, steps_on, pool = run(SPEC, num_pages, n=n)
+    on, sched, steps_on, pool = run(spec, num_pages, n=n)
     assert on == off
     assert sched.num_draft_tokens > 0 and 0 < sched.num_accepted_tokens < sched.num_draft_tokens
     assert steps_on < steps_off  # accepted drafts saved steps
@@ -125,8 +132,16 @@ def test_step_cost_fit_recovers_a_line():
     cost = StepCost()
     for t in [1, 5, 64, 200, 17, 3, 128]:
         cost.observe(t, 0.02 + 0.001 * t)
-    fixed, per_token = cost.fit()
+    fixed, per_token, per_pass = cost.fit()
     assert fixed == pytest.approx(0.02, rel=1e-6) and per_token == pytest.approx(0.001)
+    assert per_pass == 0  # no draft-model passes seen
+
+
+def test_step_cost_fit_separates_draft_model_passes_from_tokens():
+    cost = StepCost()
+    for t, p in [(1, 0), (16, 0), (20, 4), (256, 0), (40, 4), (8, 2), (3, 1)]:
+        cost.observe(t, 0.02 + 0.001 * t + 0.005 * p, p)
+    assert cost.fit() == pytest.approx((0.02, 0.001, 0.005), rel=1e-6)
 
 
 def _policy(fixed: float, per_token: float) -> SpecPolicy:
@@ -152,6 +167,20 @@ def test_policy_measures_with_a_few_drafts_before_it_knows_their_cost():
     drafts = {f"r{i}": 4 for i in range(256)}
     assert len(p.choose(256, 256, drafts)) == 8  # not a 1,280-token step on a guess
     assert p.choose(2, 2, {"a": 4, "b": 4}) == {"a", "b"}
+
+
+def test_draft_model_passes_pay_when_enough_requests_share_them():
+    """A pass of the draft model costs a fifth of a step, once for all drafting requests:
+    four requests drafting together beat plain decoding, one alone does not."""
+    p = SpecPolicy(draft_passes=True)
+    for t, passes in [(1, 0), (16, 0), (256, 0), (20, 4), (40, 4), (8, 2)]:
+        p.cost.observe(t, 0.05 + 0.0001 * t + 0.01 * passes, passes)
+    assert p.choose(4, 4, {"a": 4, "b": 4, "c": 4, "d": 4}) == {"a", "b", "c", "d"}
+    assert p.choose(4, 4, {"a": 4}) == set()
+    n_gram = SpecPolicy()  # the same step costs, without passes: one request pays alone
+    for t in [1, 16, 256]:
+        n_gram.cost.observe(t, 0.05 + 0.0001 * t)
+    assert n_gram.choose(4, 4, {"a": 4}) == {"a"}
 
 
 def test_policy_stops_drafting_for_a_request_whose_drafts_miss():
