@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import Engine
+from prefixflow.engine.weight_update import Weights
 from prefixflow.errors import RequestError
 from prefixflow.request import RequestOutput
 from prefixflow.sampling_params import SamplingParams
@@ -37,19 +38,48 @@ class LLM:
 
     def generate(
         self,
-        prompts: PromptType | Sequence[PromptType],
+        prompts: PromptType | Sequence[PromptType] | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        *,
+        min_finished: int | None = None,
+        continue_from: Sequence[RequestOutput] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}).
 
         Outputs come back in the order of the prompts. A prompt that cannot run raises
         RequestError (a ValueError with an OpenAI error `code`) naming its index before any
         work starts.
+
+        Partial rollouts (APRIL): with `min_finished=K`, return once K requests finished;
+        the others come back unfinished (`finished=False`, finish_reason "partial" on each
+        unfinished sample). Pass them as `continue_from` to resume them, before any new
+        prompts in the output: seeded and greedy ones give exactly the tokens an
+        uninterrupted run would, and read their tokens so far from the prefix cache while
+        the weights are unchanged.
         """
-        items = _as_prompt_list(prompts)
+        items = _as_prompt_list(prompts) if prompts is not None else []
         params = _as_params_list(sampling_params, len(items))
-        return self._run([(p, None) for p in items], params, use_tqdm)
+        resumed = [(None, None, prev) for prev in continue_from or []]
+        fresh = [(p, None, None) for p in items]
+        return self._run(resumed + fresh, [None] * len(resumed) + params, use_tqdm, min_finished)
+
+    @property
+    def weight_version(self) -> int:
+        """Bumped by every update_weights; each output token records the one it ran under."""
+        return self.engine.weight_version
+
+    def update_weights(self, weights: Weights, in_flight: str = "recompute") -> None:
+        """Load new weights into the model in place, without a reload.
+
+        `weights`: (Hugging Face tensor name, tensor) pairs, some or all of the model's,
+        or the path of a model folder or .gguf file of the same architecture (all of them).
+        A bad name or shape raises ValueError and the old weights stay. The prefix cache
+        never serves KV of older weights. Requests in flight (engine-level use, or a
+        server): "recompute" runs them on under the new weights from their tokens so far,
+        "abort" finishes them, "keep" lets them finish under the old weights.
+        """
+        self.engine.update_weights(weights, in_flight)
 
     def chat(
         self,
@@ -70,27 +100,31 @@ class LLM:
                 )
             except ValueError as e:
                 raise RequestError(f"conversation {i}: {e}", "messages") from e
-            items.append((ids, text))
+            items.append((ids, text, None))
         return self._run(items, params, use_tqdm)
 
-    def _run(self, items, params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, items, params, use_tqdm: bool, min_finished: int | None = None
+    ) -> list[RequestOutput]:
         eng = self.engine
         ids = []
-        for i, ((prompt, text), p) in enumerate(zip(items, params, strict=True)):
-            rid = str(self._next_id)
-            self._next_id += 1
+        for i, ((prompt, text, prev), p) in enumerate(zip(items, params, strict=True)):
+            rid = prev.request_id if prev is not None else str(self._next_id)
+            if prev is None:
+                self._next_id += 1
             try:
-                eng.add_request(rid, prompt, p, prompt_text=text)
+                eng.add_request(rid, prompt, p, prompt_text=text, continue_from=prev)
             except RequestError as e:
                 for r in ids:
                     eng.abort(r)
                 raise e.with_prefix(f"prompt {i}: ") from e
             ids.append(rid)
         results: dict[str, RequestOutput] = {}
+        target = len(ids) if min_finished is None else min(min_finished, len(ids))
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
         start_out, t0 = eng.stats.output_tokens, time.perf_counter()
         try:
-            while eng.has_unfinished():
+            while len(results) < target and eng.has_unfinished():
                 for out in eng.step():
                     results[out.request_id] = out
                     bar.update(1)
@@ -103,6 +137,9 @@ class LLM:
             raise
         finally:
             bar.close()
+        for r in ids:  # min_finished reached: hand the others back, resumable
+            if r not in results:
+                results[r] = eng.interrupt(r)
         return [results[r] for r in ids]
 
 

@@ -24,6 +24,8 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"
+    # Returned unfinished (generate's min_finished); it resumes with continue_from.
+    PARTIAL = "partial"
 
 
 class Request:
@@ -61,6 +63,11 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # The model weights it runs under (set when it first starts), and the version each
+        # output token was sampled under.
+        self.weight_version: int | None = None
+        self.token_versions: list[int] = []
+        self.num_prompt_logprobs = 0  # prompt positions whose logprobs were returned
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -112,6 +119,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # The weight version (LLM.weight_version) each token was sampled under.
+    weight_versions: list[int] | None = None
 
 
 @dataclass
@@ -122,3 +131,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     num_cached_tokens: int = 0
+    # prompt_logprobs: None for the first prompt token, then one entry per token.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # What it was generated with: a partial output resumes with them (continue_from).
+    sampling_params: SamplingParams | None = None

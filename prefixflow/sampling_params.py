@@ -20,7 +20,8 @@ class SamplingParams:
     Semantics follow vLLM: ``temperature=0`` is greedy; ``top_k`` of 0 or -1 disables top-k;
     ``ignore_eos`` neither masks EOS nor stops on it; ``min_tokens`` masks EOS and
     ``stop_token_ids`` until that many tokens were generated; ``logprobs=k`` returns the top-k
-    log-probabilities (of the raw model distribution) plus the sampled token's.
+    log-probabilities (of the raw model distribution) plus the sampled token's;
+    ``prompt_logprobs=k`` the same for every prompt token after the first.
     A seeded request draws the same tokens whatever else is in the batch.
     """
 
@@ -36,6 +37,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -88,6 +90,13 @@ class SamplingParams:
             self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}.",
+        )
+        check(
+            self.prompt_logprobs is None
+            or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
+            f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+            f"got {self.prompt_logprobs!r}.",
         )
         check(
             self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63 - self.n),

@@ -36,6 +36,11 @@ class ScheduledSeq:
     # Draft-model speculation: the runner drafts this many tokens with its draft model and
     # adds them to token_ids and draft_token_ids before the step (spec/draft_model.py).
     num_model_drafts: int = 0
+    weight_version: int = 0  # which weights run it (an older version after in_flight="keep")
+    # prompt_logprobs: the prompt tokens after positions prompt_logprob_start.. of this
+    # chunk, whose logprobs the runner returns.
+    prompt_logprob_start: int = 0
+    prompt_logprob_targets: list[int] = field(default_factory=list)
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
     masked_token_ids: frozenset[int] = frozenset()  # EOS/stop ids banned until min_tokens
     # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
@@ -79,6 +84,8 @@ class RunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     # Sequences that drafted: the accepted drafts, then the token sampled after them.
     speculated: dict[str, list[SampledToken]] = field(default_factory=dict)
+    # prompt_logprobs: for each target token of the step's chunks, its logprob entry.
+    prompt_logprobs: dict[str, list[SampledToken]] = field(default_factory=dict)
 
 
 class PageTables:

@@ -77,6 +77,15 @@ class RadixCache:
                 self.pool.mark_cached(page)
             parent = page
 
+    def clear(self) -> None:
+        """Forget every prefix (the KV was computed under weights that changed). Pages in
+        use stay with their holders; free cached pages become plain free pages."""
+        for page in list(self._key_of):
+            self.pool.uncache(page)
+        self._page_of.clear()
+        self._key_of.clear()
+        self._children.clear()
+
     def _forget(self, page: int) -> None:
         """The pool reuses `page`: drop it and every prefix that extends it."""
         stack = [page]

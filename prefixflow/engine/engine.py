@@ -13,6 +13,7 @@ from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import EngineConfig
 from prefixflow.engine.output_processor import OutputProcessor
 from prefixflow.engine.scheduler import Scheduler
+from prefixflow.engine.weight_update import Weights, check_in_flight, frozen_copy, load_update
 from prefixflow.errors import RequestError
 from prefixflow.model import prepack
 from prefixflow.model.loader import (
@@ -25,7 +26,7 @@ from prefixflow.model.loader import (
     resolve_model,
 )
 from prefixflow.model.registry import architecture_of, build_model
-from prefixflow.request import FinishReason, Request, RequestOutput
+from prefixflow.request import CompletionOutput, FinishReason, Request, RequestOutput
 from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, num_pages_for
 from prefixflow.runner.runner import ModelRunner, attention_shape
 from prefixflow.sampling_params import SamplingParams
@@ -71,6 +72,7 @@ class Engine:
         self.codec = TextCodec(load_tokenizer(src))
         self.dtype = resolve_dtype(config.dtype)
         self.model = _load_model(src, hf_config, self.dtype, config)
+        self._packed = config.prepack_weights and prepack.available()
         self.hf_config = hf_config
         self.eos_token_ids = eos_token_ids(src, hf_config, self.codec.tokenizer)
         self.max_model_len = max_model_len(hf_config)
@@ -101,6 +103,7 @@ class Engine:
         self.stats = EngineStats()
         self.output = OutputProcessor(self.codec)
         self.updated_request_ids: set[str] = set()  # requests with new tokens in the last step
+        self._finished_outside: list[RequestOutput] = []  # ended by a weight update
         logger.info(
             "loaded %s (%s) in %.1fs; KV cache %d pages of %d tokens (%.2f GiB)",
             self.model_name,
@@ -118,13 +121,19 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams,
         prompt_text: str | None = None,
+        continue_from: RequestOutput | None = None,
     ) -> None:
         """Queue a request: text, or token ids (with the text they came from, if any).
 
+        continue_from: a partial output (finish_reason "partial") to resume; its prompt,
+        params and tokens so far are used, not `prompt` and `params`.
         Raises RequestError (nothing queued) if it cannot run.
         """
         if request_id in self.output:
             raise RequestError(f"request id {request_id!r} is already in use")
+        if continue_from is not None:
+            self._resume(request_id, continue_from)
+            return
         if isinstance(prompt, str):
             text, ids = prompt, (self.codec.encode(prompt) if prompt else [])
         else:
@@ -149,15 +158,85 @@ class Engine:
             for req in added:
                 self.scheduler.abort(req.request_id)
             raise
-        self.output.add(request_id, text, ids, children)
+        self.output.add(request_id, text, ids, params, children)
         self.stats.prompt_tokens += len(ids)
+
+    def _resume(self, request_id: str, prev: RequestOutput) -> None:
+        """Each unfinished sample runs on from its tokens (read from the prefix cache while
+        the weights are unchanged); finished ones come back as they were."""
+        params = prev.sampling_params
+        if params is None or prev.finished:
+            raise RequestError("continue_from takes a partial output (finish_reason 'partial')")
+        ids = list(prev.prompt_token_ids)
+        check_request(prev.prompt, ids, params, self.max_model_len, self.hf_config.vocab_size)
+        samples: list[Request | CompletionOutput] = []
+        for i, before in enumerate(prev.outputs):
+            if before.finish_reason != FinishReason.PARTIAL:
+                samples.append(before)
+                continue
+            child_params = params if params.n == 1 else params.for_sample(i)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
+            req.token_ids += before.token_ids
+            req.token_versions = list(before.weight_versions or [])
+            if prev.prompt_logprobs is not None:
+                req.num_prompt_logprobs = len(prev.prompt_logprobs) - 1
+            samples.append(req)
+        for i, req in enumerate(samples):
+            if isinstance(req, Request):
+                try:
+                    self.scheduler.add(req)
+                except RequestError:
+                    for r in samples[:i]:
+                        if isinstance(r, Request):
+                            self.scheduler.abort(r.request_id)
+                    raise
+        self.output.add(request_id, prev.prompt, ids, params, samples, resume=prev)
+
+    def interrupt(self, request_id: str) -> RequestOutput:
+        """Stop a request and hand back what it generated (finish_reason "partial" on its
+        unfinished samples); its KV stays in the prefix cache for continue_from."""
+        out = self.output.snapshot(request_id, partial=True)
+        self.abort(request_id)
+        return out
+
+    # ---- weights ----
+    @property
+    def weight_version(self) -> int:
+        return self.scheduler.weight_version
+
+    def update_weights(self, weights: Weights, in_flight: str = "recompute") -> list[RequestOutput]:
+        """Load new weights in place (engine/weight_update.py); returns the requests that
+        in_flight="abort" finished (the next step returns them too)."""
+        check_in_flight(in_flight)
+        t0 = time.perf_counter()
+        old = None
+        if in_flight == "keep" and self.scheduler.versions_in_use():
+            old = frozen_copy(self.model, self._packed)
+        load_update(self.model, weights, self._packed)
+        prev = self.scheduler.weight_version
+        aborted = self.scheduler.update_weights(in_flight)
+        models = {v: m for v, m in self.runner.models.items() if v < prev}  # kept before
+        if old is not None:
+            models[prev] = old
+        models[self.scheduler.weight_version] = self.model
+        self.runner.set_models(models)
+        outs = self.output.finished(self.output.parents_of([r.request_id for r in aborted]))
+        self._finished_outside += outs
+        logger.info(
+            "weights updated to version %d in %.2fs (in flight: %s)",
+            self.weight_version,
+            time.perf_counter() - t0,
+            in_flight,
+        )
+        return outs
 
     def abort(self, request_id: str) -> None:
         for sample_id in self.output.remove(request_id):
             self.scheduler.abort(sample_id)
 
     def has_unfinished(self) -> bool:
-        return len(self.output) > 0
+        return len(self.output) > 0 or bool(self._finished_outside)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -175,12 +254,17 @@ class Engine:
         result = self.runner.execute(sched)
         self.scheduler.observe_step(sched, time.perf_counter() - t0)
         events = self.scheduler.update(sched, result)
+        if result.prompt_logprobs:
+            self.output.add_prompt_logprobs(result.prompt_logprobs)
         ended, stops, self.updated_request_ids = self.output.process(events)
         dropped = 0  # tokens a speculative step accepted after a stop string
         for sample_id, stop, num_output_tokens in stops:
             dropped += self.scheduler.finish(sample_id, FinishReason.STOP, stop, num_output_tokens)
         # After all events: several samples of one request may end in the same step.
         finished = self.output.finished(ended)
+        if len(self.runner.models) > 1:  # drop old weights no request runs under any more
+            keep = self.scheduler.versions_in_use() | {self.weight_version}
+            self.runner.set_models({v: m for v, m in self.runner.models.items() if v in keep})
         st, sc = self.stats, self.scheduler
         st.steps += 1
         st.output_tokens += len(events) - dropped
@@ -192,6 +276,7 @@ class Engine:
         st.accepted_tokens = sc.num_accepted_tokens
         st.kv_utilisation_sum += self.pool.num_used / self.pool.num_pages
         st.cached_prompt_tokens += sum(o.num_cached_tokens for o in finished)
+        finished, self._finished_outside = self._finished_outside + finished, []
         return finished
 
     def snapshot(self, request_id: str) -> RequestOutput:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from prefixflow.engine.detokenizer import IncrementalDetokenizer
 from prefixflow.engine.stop import find_stop_string
 from prefixflow.request import CompletionOutput, FinishReason, Logprob, Request, RequestOutput
+from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import SampledToken
 from prefixflow.tokenizer import TextCodec
 
@@ -28,6 +29,7 @@ class _Sample:
     stop: str | None = None  # the stop string that ended it
     num_tokens: int = 0  # output tokens taken so far
     text_end: int | None = None  # where the output text ends, once it stopped
+    done: CompletionOutput | None = None  # finished before a resume (continue_from)
 
 
 @dataclass
@@ -35,7 +37,9 @@ class _Parent:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    params: SamplingParams
     samples: list[_Sample] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class OutputProcessor:
@@ -46,28 +50,64 @@ class OutputProcessor:
 
     # ---- requests ----
     def add(
-        self, request_id: str, prompt: str | None, prompt_ids: list[int], samples: list[Request]
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        samples: list[Request | CompletionOutput],
+        resume: RequestOutput | None = None,
     ) -> None:
-        parent = _Parent(request_id, prompt, prompt_ids)
-        for req in samples:
+        """samples: the running Requests, and for a resumed partial output (`resume`) the
+        samples it had finished, which come back as they were."""
+        parent = _Parent(request_id, prompt, prompt_ids, params)
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = list(resume.prompt_logprobs or [None]) if resume else [None]
+        for i, req in enumerate(samples):
+            if isinstance(req, CompletionOutput):
+                parent.samples.append(_Sample(None, None, None, done=req))  # type: ignore[arg-type]
+                continue
             p = req.sampling_params
             s = _Sample(
                 req,
                 IncrementalDetokenizer(self.codec, p.skip_special_tokens),
                 [] if p.logprobs is not None else None,
             )
+            if resume is not None:  # carry on from the tokens it generated before
+                before = resume.outputs[i]
+                for t in before.token_ids:
+                    s.detok.add(t)
+                s.num_tokens = len(before.token_ids)
+                if s.logprobs is not None:
+                    s.logprobs = list(before.logprobs or [])
+                    s.cumulative_logprob = before.cumulative_logprob or 0.0
             parent.samples.append(s)
             self._sample_of[req.request_id] = (parent, s)
         self._parents[request_id] = parent
+
+    def add_prompt_logprobs(self, entries: dict[str, list[SampledToken]]) -> None:
+        for sample_id, toks in entries.items():
+            parent, _ = self._sample_of[sample_id]
+            parent.prompt_logprobs.extend(self._logprob_entry(t) for t in toks)
+
+    def parents_of(self, sample_ids: list[str]) -> list[_Parent]:
+        """The requests of these samples (those the engine still tracks)."""
+        found = {}
+        for sid in sample_ids:
+            if sid in self._sample_of:
+                parent = self._sample_of[sid][0]
+                found[parent.request_id] = parent
+        return list(found.values())
 
     def remove(self, request_id: str) -> list[str]:
         """Forget a request; returns its samples' ids (for the scheduler to abort)."""
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return []
-        for s in parent.samples:
-            self._sample_of.pop(s.request.request_id, None)
-        return [s.request.request_id for s in parent.samples]
+        live = [s.request.request_id for s in parent.samples if s.done is None]
+        for sid in live:
+            self._sample_of.pop(sid, None)
+        return live
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._parents
@@ -112,25 +152,30 @@ class OutputProcessor:
         """Outputs of the parents whose samples have all finished (after stops applied)."""
         out = []
         for parent in ended:
-            if all(s.request.is_finished for s in parent.samples):
+            if all(s.done is not None or s.request.is_finished for s in parent.samples):
                 self.remove(parent.request_id)
                 out.append(self._output(parent, finished=True))
         return out
 
-    def snapshot(self, request_id: str) -> RequestOutput:
-        """What an unfinished request has generated so far (finished=False), for streaming."""
-        return self._output(self._parents[request_id], finished=False)
+    def snapshot(self, request_id: str, partial: bool = False) -> RequestOutput:
+        """What an unfinished request has generated so far (finished=False), for streaming,
+        or (partial) to hand back unfinished."""
+        return self._output(self._parents[request_id], finished=False, partial=partial)
 
     def _record_logprobs(self, sample: _Sample, tok: SampledToken) -> None:
         if sample.logprobs is None or tok.logprob is None:
             return
+        sample.logprobs.append(self._logprob_entry(tok))
+        sample.cumulative_logprob += tok.logprob
+
+    def _logprob_entry(self, tok: SampledToken) -> dict[int, Logprob]:
+        """The top-k (rank order), then the token itself if not among them."""
         piece = self.codec.piece
         entry = {
             tid: Logprob(lp, rank + 1, piece(tid)) for rank, (tid, lp) in enumerate(tok.top or [])
         }
         entry.setdefault(tok.token_id, Logprob(tok.logprob, tok.rank, piece(tok.token_id)))
-        sample.logprobs.append(entry)
-        sample.cumulative_logprob += tok.logprob
+        return entry
 
     @staticmethod
     def _check_stop(sample: _Sample, before: int) -> bool:
@@ -149,9 +194,14 @@ class OutputProcessor:
         sample.text_end = idx + keep
         return True
 
-    def _output(self, parent: _Parent, finished: bool) -> RequestOutput:
+    def _output(self, parent: _Parent, finished: bool, partial: bool = False) -> RequestOutput:
+        """partial: an unfinished request handed back (min_finished); its running samples
+        get finish_reason "partial"."""
         outputs = []
         for i, s in enumerate(parent.samples):
+            if s.done is not None:
+                outputs.append(s.done)
+                continue
             req = s.request
             p = req.sampling_params
             text = s.detok.text
@@ -163,6 +213,9 @@ class OutputProcessor:
                 reason, stop_reason = FinishReason.STOP, s.stop
             elif reason == FinishReason.STOP and not p.include_stop_str_in_output:
                 text = text[: s.detok.text_before_last]  # EOS or a stop token: not output
+            ended = reason is not None and (finished or req.is_finished)
+            if partial and not ended:
+                reason, ended = FinishReason.PARTIAL, True
             outputs.append(
                 CompletionOutput(
                     index=i,
@@ -170,18 +223,21 @@ class OutputProcessor:
                     token_ids=token_ids,
                     cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                     logprobs=None if s.logprobs is None else list(s.logprobs),
-                    finish_reason=reason.value
-                    if reason and (finished or req.is_finished)
-                    else None,
+                    finish_reason=reason.value if ended else None,
                     stop_reason=stop_reason,
+                    weight_versions=req.token_versions[: len(token_ids)],
                 )
             )
-        first = parent.samples[0].request
+        live = [s.request for s in parent.samples if s.done is None]
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
             outputs=outputs,
             finished=finished,
-            num_cached_tokens=first.num_cached_tokens,
+            num_cached_tokens=live[0].num_cached_tokens if live else 0,
+            prompt_logprobs=None
+            if parent.prompt_logprobs is None
+            else list(parent.prompt_logprobs),
+            sampling_params=parent.params,
         )

@@ -64,6 +64,7 @@ class Scheduler:
         self._copies: list[tuple[int, int]] = []
         self.policy = make_policy(config.admission, int(config.watermark * pool.num_pages))
         self.num_preemptions = 0
+        self.weight_version = 0  # bumped by every weight update
         self.spec = config.speculative_config
         self.spec_policy = (
             SpecPolicy(self.spec.auto, draft_passes=self.spec.method == "draft_model")
@@ -199,6 +200,7 @@ class Scheduler:
             req = self.requests.get(seq.request_id)
             if req is None or req.is_finished:
                 continue  # aborted during the step
+            req.num_prompt_logprobs += len(seq.prompt_logprob_targets)
             if seq.draft_token_ids or seq.num_model_drafts:
                 events += self._accept(req, seq, result.speculated[req.request_id])
                 continue
@@ -230,6 +232,7 @@ class Scheduler:
             end = req.num_prompt_tokens + num_output_tokens
             dropped = max(0, len(req.token_ids) - end)
             del req.token_ids[end:]
+            del req.token_versions[num_output_tokens:]
         req.stop_reason = stop_reason
         self._finish(req, reason)
         return dropped
@@ -245,6 +248,41 @@ class Scheduler:
         if all(len(s.token_ids) == 1 + len(s.draft_token_ids) for s in sched.seqs):
             passes = max(s.num_model_drafts for s in sched.seqs)
             self.spec_policy.observe_step(sched.num_tokens, seconds, passes)
+
+    # ---- weight updates ----
+    def update_weights(self, in_flight: str) -> list[Request]:
+        """The model's weights changed: no cached KV of the old ones is served again.
+
+        Requests that started under the old weights: "recompute" discards their KV and
+        runs them on from their tokens so far; "abort" finishes them (returned, with what
+        they generated); "keep" lets them finish under the old weights, whose KV never
+        enters the cache. Requests that have not started run under the new weights.
+        """
+        self.weight_version += 1
+        if self.cache is not None:
+            self.cache.clear()
+        started = [r for r in [*self.running, *self.resumed] if r.weight_version is not None]
+        if in_flight == "keep":
+            return []
+        aborted = []
+        for req in started:
+            group = [req, *req.fork_siblings]
+            if in_flight == "abort":
+                self._drop_waiting(req)
+                for r in group:
+                    r.fork_siblings, r.fork_leader = [], None
+                    self._finish(r, FinishReason.ABORT)
+                aborted += group
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self._preempt(req)
+            for r in group:
+                r.weight_version = self.weight_version
+        return aborted
+
+    def versions_in_use(self) -> set[int]:
+        """Weight versions some unfinished request still runs under."""
+        return {r.weight_version for r in self.requests.values() if r.weight_version is not None}
 
     # ---- speculation ----
     def _drafts(self, budget: int) -> dict[str, list[int] | int]:
@@ -310,6 +348,7 @@ class Scheduler:
     def _append(self, req: Request, tok: SampledToken) -> bool:
         """Append a sampled token; finish the request if it stops there (True then)."""
         req.token_ids.append(tok.token_id)
+        req.token_versions.append(req.weight_version)
         stop = check_token_stop(req)
         if stop is None:
             return False
@@ -337,7 +376,11 @@ class Scheduler:
     def _admit(self, req: Request, budget: int) -> int:
         """Start a waiting request from its cached prefix; tokens to compute now, 0 if not."""
         hit: list[int] = []
-        if self.cache is not None and req.num_computed_tokens == 0:
+        if (
+            self.cache is not None
+            and req.num_computed_tokens == 0
+            and not _wants_prompt_logprobs(req)
+        ):
             # At least the last token is computed, to have logits to sample from.
             max_pages = (req.num_tokens - 1) // self.pool.page_size
             hit = self.cache.match(req.token_ids, max_pages)
@@ -355,6 +398,8 @@ class Scheduler:
             return 0
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
+        if req.weight_version is None:
+            req.weight_version = self.weight_version
         req.num_pages_cached = len(hit)
         self.policy.admitted(req)
         return n
@@ -389,8 +434,9 @@ class Scheduler:
         self.num_prompt_computed_tokens += max(0, min(end, req.num_prompt_tokens) - start)
         self.num_recomputed_tokens += max(0, min(end, req.max_computed_tokens) - start)
         req.max_computed_tokens = max(req.max_computed_tokens, end)
-        if self.cache is not None:
-            # Cache the full pages this step completes (see the module docstring).
+        if self.cache is not None and req.weight_version == self.weight_version:
+            # Cache the full pages this step completes (see the module docstring); never
+            # KV computed under older weights (in_flight="keep").
             end_page = (start + n) // self.pool.page_size
             if end_page > req.num_pages_cached:
                 self.cache.insert(req.token_ids, req.page_ids, req.num_pages_cached, end_page)
@@ -411,6 +457,10 @@ class Scheduler:
                 for s in req.fork_siblings
             ]
         tokens = [] if isinstance(draft, int) else draft
+        lp_start, lp_targets = start, []
+        if _wants_prompt_logprobs(req):
+            lp_start = min(max(start, req.num_prompt_logprobs), end)
+            lp_targets = req.token_ids[lp_start + 1 : min(end, req.num_prompt_tokens - 1) + 1]
         rid = req.request_id
         sent = self._sent.get(rid)
         self._sent[rid] = len(req.page_ids)
@@ -425,6 +475,9 @@ class Scheduler:
             replaced_pages=self._replaced.pop(rid, []),
             draft_token_ids=tokens,
             num_model_drafts=draft if isinstance(draft, int) else 0,
+            weight_version=req.weight_version,
+            prompt_logprob_start=lp_start,
+            prompt_logprob_targets=lp_targets,
             num_output_tokens=req.num_output_tokens,
             masked_token_ids=masked_token_ids(req),
             forks=forks,
@@ -442,6 +495,7 @@ class Scheduler:
         sib.num_computed_tokens = leader.num_computed_tokens
         sib.num_cached_tokens = leader.num_cached_tokens
         sib.num_pages_cached = leader.num_pages_cached
+        sib.weight_version = leader.weight_version
         sib.status = RequestStatus.RUNNING
         self.running.append(sib)
         return sib
@@ -486,3 +540,11 @@ class Scheduler:
         self._forget_ids.append(request_id)
         self._sent.pop(request_id, None)
         self._replaced.pop(request_id, None)
+
+
+def _wants_prompt_logprobs(req: Request) -> bool:
+    """Prompt logprobs still to compute: such a request computes its whole prompt."""
+    return (
+        req.sampling_params.prompt_logprobs is not None
+        and req.num_prompt_logprobs < req.num_prompt_tokens - 1
+    )

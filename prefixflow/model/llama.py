@@ -7,7 +7,7 @@ model itself has no notion of batch or padding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -142,6 +142,39 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for name, dst, src in self._placed(weights):
+                dst.copy_(src)
+                loaded.add(name)
+        missing = sorted(self._expected_loads() - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors: {missing[:5]} ...")
+
+    def update_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], require_all: bool = False
+    ) -> int:
+        """Replace some (or, with require_all, all) weights in place; returns how many
+        tensors it copied.
+
+        Every name and shape is checked before the first copy, so a bad tensor leaves
+        the model as it was.
+        """
+        staged = list(self._placed(weights))
+        if require_all:
+            missing = sorted(self._expected_loads() - {key for key, _, _ in staged})
+            if missing:
+                raise ValueError(f"the new weights lack tensors: {missing[:5]} ...")
+        with torch.no_grad():
+            for _, dst, src in staged:
+                dst.copy_(src)
+        return len(staged)
+
+    def _placed(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(load key, the parameter or its q/k/v or gate/up slice, the tensor) per tensor,
+        after checking that the tensor has a place and its shape."""
         params = dict(self.named_parameters())
         fused = {
             "q_proj": ("qkv_proj", 0),
@@ -150,7 +183,6 @@ class LlamaForCausalLM(nn.Module):
             "gate_proj": ("gate_up_proj", 0),
             "up_proj": ("gate_up_proj", 1),
         }
-        loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
@@ -164,22 +196,12 @@ class LlamaForCausalLM(nn.Module):
                 target = ".".join(parts[:-2] + [fused_name, parts[-1]])
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-            param = params[target]
-            with torch.no_grad():
-                if shard is None:
-                    _check_shape(name, param.shape, tensor.shape)
-                    param.copy_(tensor)
-                else:
-                    sizes = self._shard_sizes(target)
-                    start = sum(sizes[:shard])
-                    dst = param.narrow(0, start, sizes[shard])
-                    _check_shape(name, dst.shape, tensor.shape)
-                    dst.copy_(tensor)
-            loaded.add(f"{target}#{shard}")
-        expected = self._expected_loads()
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing tensors: {missing[:5]} ...")
+            dst = params[target].detach()  # the same storage, outside autograd
+            if shard is not None:
+                sizes = self._shard_sizes(target)
+                dst = dst.narrow(0, sum(sizes[:shard]), sizes[shard])
+            _check_shape(name, dst.shape, tensor.shape)
+            yield f"{target}#{shard}", dst, tensor
 
     def _shard_sizes(self, target: str) -> list[int]:
         if target.endswith(("qkv_proj.weight", "qkv_proj.bias")):

@@ -10,6 +10,7 @@ from prefixflow.attention.registry import build_backend
 from prefixflow.config import EngineConfig
 from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.shapes import head_dim_of
+from prefixflow.runner.prompt_logprobs import prompt_logprobs
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sample.sampler import Sampler
 from prefixflow.spec import verify
@@ -26,6 +27,7 @@ class ModelRunner:
         drafter: DraftModelProposer | None = None,
     ) -> None:
         self.model = model
+        self.models = {0: model}  # weight version -> model (older ones: in_flight="keep")
         self.kv_cache = kv_cache
         self.page_size = config.page_size
         check_page_size(config.page_size, kv_cache.dtype)
@@ -65,12 +67,13 @@ class ModelRunner:
                 seqs = self.drafter.propose(seqs, self.tables)
         if not seqs:
             return RunnerOutput()
-        input_ids, positions, layout, last_idx = build_step(seqs, self.page_size, self.tables)
-        meta = self.backend.prepare(layout)  # once per step, read by every layer
-        hidden = self.model(input_ids, positions, meta, self.kv_cache, self.backend)  # (T, hidden)
+        hidden, last_idx = self._forward(seqs)  # (T, hidden)
+        out = RunnerOutput()
+        if any(s.prompt_logprob_targets for s in seqs):
+            out.prompt_logprobs = prompt_logprobs(seqs, hidden, last_idx, self._logits)
         to_sample = [s for s in seqs if s.sample]
         if not to_sample:
-            return RunnerOutput()
+            return out
         # One row of logits per sampled position: a drafting sequence samples at its last
         # token and at each draft (verify.py), every other one at its last token.
         rows: list[int] = []
@@ -80,13 +83,12 @@ class ModelRunner:
                 k = len(s.draft_token_ids)
                 rows.extend(range(last_idx[i] - k, last_idx[i] + 1))
                 row_seqs.extend(verify.positions(s) if k else [s])
-        logits = self.model.compute_logits(hidden[torch.tensor(rows)])  # (S, vocab)
+        logits = self._logits(hidden[torch.tensor(rows)], [s.weight_version for s in row_seqs])
         forks = [(r, f) for r, s in enumerate(row_seqs) for f in s.forks]
         if forks:  # the other samples of a prompt draw from its row of logits
             logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
             row_seqs = row_seqs + [f for _, f in forks]
-        tokens = self.sampler(logits, row_seqs)
-        out = RunnerOutput()
+        tokens = self.sampler(logits, row_seqs)  # (S, vocab) logits
         at = 0
         for s in to_sample:
             k = len(s.draft_token_ids)
@@ -101,6 +103,42 @@ class ModelRunner:
             out.sampled[f.request_id] = tokens[at]
             at += 1
         return out
+
+    def _forward(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states of the step's tokens (T, hidden), and each sequence's last row.
+
+        Requests still under older weights (in_flight="keep") run apart, through the
+        model of their version.
+        """
+        versions = sorted({s.weight_version for s in seqs})
+        if len(versions) == 1:
+            input_ids, positions, layout, last_idx = build_step(seqs, self.page_size, self.tables)
+            meta = self.backend.prepare(layout)  # once per step, read by every layer
+            model = self.models[versions[0]]
+            return model(input_ids, positions, meta, self.kv_cache, self.backend), last_idx
+        parts, last_idx, offset = [], [0] * len(seqs), 0
+        for v in versions:
+            idx = [i for i, s in enumerate(seqs) if s.weight_version == v]
+            hidden, last = self._forward([seqs[i] for i in idx])
+            for i, row in zip(idx, last, strict=True):
+                last_idx[i] = offset + row
+            parts.append(hidden)
+            offset += hidden.shape[0]
+        return torch.cat(parts), last_idx
+
+    def _logits(self, hidden: torch.Tensor, versions: list[int]) -> torch.Tensor:
+        """(S, vocab) logits of rows of hidden states, row i under weights versions[i]."""
+        if len(set(versions)) == 1:
+            return self.models[versions[0]].compute_logits(hidden)
+        out = torch.empty(hidden.shape[0], self.model.config.vocab_size, dtype=hidden.dtype)
+        for v in set(versions):
+            idx = torch.tensor([i for i, x in enumerate(versions) if x == v])
+            out[idx] = self.models[v].compute_logits(hidden[idx])
+        return out
+
+    def set_models(self, models: dict[int, LlamaForCausalLM]) -> None:
+        """The model of each weight version still in use (the newest is self.model)."""
+        self.models = models
 
 
 def attention_shape(model: LlamaForCausalLM, page_size: int, dtype: torch.dtype) -> AttentionShape:

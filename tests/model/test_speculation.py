@@ -4,7 +4,7 @@ Greedy float32 token for token, in a mixed batch with stop strings, EOS allowed,
 and preemption under a small KV cache; seeded sampling too. The drafts are always taken
 here ("auto": false), so every step speculates where the n-gram proposer finds a match,
 or for every decoding request with a draft model. The draft model is a copy of the
-default model (tests/draft_models.py): greedy, it drafts what the target samples, so
+default model (tests/model_folders.py): greedy, it drafts what the target samples, so
 nearly every draft is kept if its KV stays in step with the target's; against seeded
 sampling many are rejected.
 """
@@ -16,7 +16,7 @@ import itertools
 import pytest
 
 from prefixflow import LLM, SamplingParams
-from tests.draft_models import truncated_default_model
+from tests.model_folders import export_default_model
 from tests.prompts import PARAGRAPHS, QUESTIONS
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def draft_specs(tmp_path_factory) -> dict[str, dict]:
     spec = {"method": "draft_model", "num_speculative_tokens": 3, "auto": False}
     return {
         "ngram": ALWAYS,
-        "draft_model": {**spec, "model": str(truncated_default_model(root, 30))},
+        "draft_model": {**spec, "model": str(export_default_model(root))},
     }
 
 

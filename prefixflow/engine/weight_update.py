@@ -1,0 +1,53 @@
+"""Updating the model's weights in place, between or during generation (RL rollouts).
+
+The weights come as (Hugging Face name, tensor) pairs, or as a model folder or .gguf file
+of the same architecture. Every name and shape is checked before the first copy, so a bad
+update leaves the old weights serving. The scheduler then stops serving the prefix cache's
+KV (computed under the old weights) and handles the requests in flight (`IN_FLIGHT`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+
+import torch
+
+from prefixflow.model import prepack
+from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.loader import iter_weights, load_hf_config, resolve_model
+from prefixflow.model.registry import architecture_of
+
+# What happens to requests that started under the old weights (Engine.update_weights).
+IN_FLIGHT = ("recompute", "abort", "keep")
+
+Weights = Iterable[tuple[str, torch.Tensor]] | str | os.PathLike
+
+
+def check_in_flight(in_flight: str) -> None:
+    if in_flight not in IN_FLIGHT:
+        raise ValueError(f"in_flight must be one of {IN_FLIGHT}, got {in_flight!r}")
+
+
+def load_update(model: LlamaForCausalLM, weights: Weights, packed: bool) -> None:
+    """Copy the new weights into the model (all of them from a path, any from pairs)."""
+    if isinstance(weights, str | os.PathLike):
+        src = resolve_model(weights)
+        cfg = load_hf_config(src)
+        architecture_of(cfg)
+        model.update_weights(iter_weights(src, cfg), require_all=True)
+    else:
+        model.update_weights(weights)
+    if packed:  # the packed copies are what runs: pack the new weights
+        prepack.unpack_linears(model)
+        prepack.prepack_linears(model)
+
+
+def frozen_copy(model: LlamaForCausalLM, packed: bool) -> LlamaForCausalLM:
+    """A copy of the model as it is, to finish requests under it (in_flight="keep")."""
+    old = copy.deepcopy(model)
+    if packed:
+        prepack.unpack_linears(old)
+        prepack.prepack_linears(old)
+    return old

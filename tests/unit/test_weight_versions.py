@@ -1,0 +1,148 @@
+"""The scheduler's side of weight updates and prompt logprobs, with a fake model.
+
+After an update no cached page of older weights is matched; requests in flight are
+recomputed, aborted or kept; every output token records its version; prompt logprob
+targets cover each prompt position exactly once, across chunks and preemptions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from prefixflow.request import FinishReason, Request
+from prefixflow.sampling_params import SamplingParams
+from tests.page_table_runner import PageTableRunner
+from tests.unit.test_scheduler import check_step_invariants, make_scheduler
+
+PROMPT = [10_000 + i for i in range(23)]
+
+
+def run_steps(sched, pool, runner, steps: int | None = None) -> None:
+    n = 0
+    while sched.has_unfinished() and (steps is None or n < steps):
+        out = sched.schedule()
+        check_step_invariants(sched, pool, out)
+        sched.update(out, runner.execute(out))
+        n += 1
+
+
+def add(sched, runner, rid: str, prompt=PROMPT, **params) -> Request:
+    req = Request(rid, list(prompt), SamplingParams(ignore_eos=True, **params))
+    runner.track(req)
+    sched.add(req)
+    return req
+
+
+def test_no_page_cached_under_old_weights_is_matched_after_an_update():
+    sched, pool = make_scheduler(num_pages=64, page_size=4)
+    runner = PageTableRunner(pool)
+    add(sched, runner, "a", max_tokens=3)
+    run_steps(sched, pool, runner)
+    b = add(sched, runner, "b", max_tokens=3)
+    run_steps(sched, pool, runner)
+    assert b.num_cached_tokens == 20  # 5 full pages of the 23-token prompt, before
+    sched.update_weights("recompute")
+    c = add(sched, runner, "c", max_tokens=3)
+    run_steps(sched, pool, runner)
+    assert c.num_cached_tokens == 0
+    assert pool.num_free == pool.num_pages
+
+
+@pytest.mark.parametrize("in_flight", ["recompute", "abort", "keep"])
+def test_requests_in_flight(in_flight):
+    sched, pool = make_scheduler(num_pages=64, page_size=4)
+    runner = PageTableRunner(pool)
+    started = add(sched, runner, "started", max_tokens=10)
+    run_steps(sched, pool, runner, steps=4)  # prompt, then 3 decodes
+    queued = add(sched, runner, "queued", max_tokens=10)  # not started yet
+    aborted = sched.update_weights(in_flight)
+    later = add(sched, runner, "later", max_tokens=10)
+    run_steps(sched, pool, runner)
+    assert queued.token_versions == [1] * 10 and later.token_versions == [1] * 10
+    if in_flight == "abort":
+        assert aborted == [started] and started.finish_reason == FinishReason.ABORT
+        assert started.token_versions == [0] * 4
+    else:
+        assert aborted == [] and started.finish_reason == FinishReason.LENGTH
+        after = 0 if in_flight == "keep" else 1
+        assert started.token_versions == [0] * 4 + [after] * 6
+    if in_flight == "recompute":  # its prompt and 3 of its tokens computed again
+        assert sched.num_recomputed_tokens == len(PROMPT) + 3
+    assert later.num_cached_tokens == 20  # the same prompt, cached by "queued" (new weights)
+    assert pool.num_free == pool.num_pages
+
+
+def test_kv_of_kept_old_weights_never_enters_the_cache():
+    sched, pool = make_scheduler(num_pages=64, page_size=4)
+    runner = PageTableRunner(pool)
+    started = add(sched, runner, "started", max_tokens=20)
+    run_steps(sched, pool, runner, steps=3)
+    sched.update_weights("keep")
+    run_steps(sched, pool, runner, steps=8)  # it fills two more pages, old weights
+    assert not any(pool.is_cached(p) for p in started.page_ids)
+    later = add(sched, runner, "later", max_tokens=3)
+    run_steps(sched, pool, runner, steps=1)
+    assert later.num_cached_tokens == 0
+
+
+def test_versions_in_use_track_the_kept_requests():
+    sched, pool = make_scheduler()
+    runner = PageTableRunner(pool)
+    add(sched, runner, "a", max_tokens=6)
+    run_steps(sched, pool, runner, steps=2)
+    sched.update_weights("keep")
+    add(sched, runner, "b", max_tokens=30)
+    run_steps(sched, pool, runner, steps=1)
+    assert sched.versions_in_use() == {0, 1}
+    run_steps(sched, pool, runner, steps=8)
+    assert sched.versions_in_use() == {1}  # "a" ended
+
+
+@pytest.mark.parametrize("num_pages", [64, 12], ids=["roomy", "preempting"])
+def test_prompt_logprob_targets_cover_each_position_once(num_pages):
+    """Chunks of 8 tokens, prompts of 23 and 30, prefix sharing on (such requests compute
+    their prompt in full), and under a small cache preemption recomputes them."""
+    sched, pool = make_scheduler(num_pages=num_pages, page_size=4, max_num_batched_tokens=8)
+    runner = PageTableRunner(pool)
+    prompts = {"p": PROMPT, "q": PROMPT + [7, 8, 9, 10, 11, 12, 13], "plain": PROMPT}
+    reqs = {}
+    for rid, prompt in prompts.items():
+        lp = None if rid == "plain" else 0
+        reqs[rid] = add(sched, runner, rid, prompt, max_tokens=6, prompt_logprobs=lp)
+    targets: dict[str, list[tuple[int, int]]] = {rid: [] for rid in prompts}
+    while sched.has_unfinished():
+        out = sched.schedule()
+        check_step_invariants(sched, pool, out)
+        for s in out.seqs:
+            start = s.prompt_logprob_start
+            assert s.start_pos <= start
+            assert start + len(s.prompt_logprob_targets) <= s.start_pos + len(s.token_ids)
+            targets[s.request_id] += [
+                (start + j, t) for j, t in enumerate(s.prompt_logprob_targets)
+            ]
+        sched.update(out, runner.execute(out))
+    for rid in ("p", "q"):  # position p predicts token p + 1, each exactly once
+        prompt = prompts[rid]
+        assert targets[rid] == [(p, prompt[p + 1]) for p in range(len(prompt) - 1)]
+    assert targets["plain"] == []
+    assert reqs["q"].num_cached_tokens == 0  # "p" cached the shared pages, unused
+    if num_pages == 12:
+        assert sched.num_preemptions > 0
+
+
+def test_fake_runner_outputs_have_the_versions_the_scheduler_sent():
+    """The runner picks the model by ScheduledSeq.weight_version."""
+    sched, pool = make_scheduler()
+    runner = PageTableRunner(pool)
+    add(sched, runner, "a", max_tokens=5)
+    run_steps(sched, pool, runner, steps=2)
+    sched.update_weights("keep")
+    add(sched, runner, "b", max_tokens=5)
+    seen = Counter()
+    while sched.has_unfinished():
+        out = sched.schedule()
+        seen.update((s.request_id, s.weight_version) for s in out.seqs)
+        sched.update(out, runner.execute(out))
+    assert set(seen) == {("a", 0), ("b", 1)}
