@@ -88,8 +88,11 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        *,
+        min_finished: int | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation and generate."""
+        """Apply the model's chat template to each conversation and generate (min_finished:
+        as in generate)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = _as_params_list(sampling_params, len(convs))
         items = []
@@ -101,7 +104,7 @@ class LLM:
             except ValueError as e:
                 raise RequestError(f"conversation {i}: {e}", "messages") from e
             items.append((ids, text, None))
-        return self._run(items, params, use_tqdm)
+        return self._run(items, params, use_tqdm, min_finished)
 
     def _run(
         self, items, params, use_tqdm: bool, min_finished: int | None = None

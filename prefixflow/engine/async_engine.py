@@ -108,6 +108,16 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    async def update_weights(self, model_path: str, in_flight: str) -> int:
+        """Load new weights between two steps; returns the new weight version. Raises the
+        engine's ValueError (or FileNotFoundError) if they cannot be loaded."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed: {self.error}")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("update", model_path, in_flight, done))
+        self._wake.set()
+        return await asyncio.wrap_future(done)
+
     def cancel(self, request_id: str) -> None:
         """Forget a request's outputs and abort it (a no-op once it finished)."""
         if self._routes.pop(request_id, None) is not None:
@@ -142,7 +152,7 @@ class AsyncEngine:
                     cmd = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if cmd[0] == "add":
+                if cmd[0] in ("add", "update"):
                     cmd[-1].set_exception(EngineDeadError(f"the engine failed: {e}"))
 
     def _drain_inbox(self) -> None:
@@ -159,6 +169,14 @@ class AsyncEngine:
                     done.set_exception(e)
                 else:
                     done.set_result(None)
+            elif cmd[0] == "update":
+                _, path, in_flight, done = cmd
+                try:
+                    self.engine.update_weights(path, in_flight)
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    done.set_exception(e)
+                else:
+                    done.set_result(self.engine.weight_version)
             else:
                 self.engine.abort(cmd[1])
 

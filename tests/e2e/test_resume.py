@@ -76,7 +76,7 @@ def uninterrupted(tmp_path_factory):
     return inp, ref, bad_lines
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])  # kill after 28 lines; each more seed costs 14 s
 def test_sigkill_then_rerun_gives_one_line_per_request_and_same_results(
     tmp_path, uninterrupted, seed
 ):

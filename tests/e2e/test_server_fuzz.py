@@ -112,3 +112,19 @@ def test_stream_given_as_a_string_follows_the_validated_value(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": "true"})
     assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_weights_update_from_disk_behind_the_api_key(client, default_gguf):
+    anonymous = {"Authorization": ""}
+    body = {"model_path": str(default_gguf)}
+    assert client.post("/update_weights_from_disk", json=body, headers=anonymous).status_code == 401
+    r = client.post("/update_weights_from_disk", json={"model_path": "/no/such/model"})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+    r = client.post("/update_weights_from_disk", json={**body, "in_flight": "sometimes"})
+    assert r.status_code == 400 and "in_flight" in r.json()["error"]["message"]
+    version = client.app.state.engine.engine.weight_version
+    r = client.post("/update_weights_from_disk", json=body)
+    assert r.status_code == 200 and r.json() == {"success": True, "weight_version": version + 1}
+    assert f"prefixflow_weight_version {version + 1}.0" in client.get("/metrics").text
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200

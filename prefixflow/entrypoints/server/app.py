@@ -90,6 +90,26 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(render(registry), media_type="text/plain; version=0.0.4")
 
+    @app.post("/update_weights_from_disk")
+    async def update_weights(request: Request) -> Response:
+        """New weights from a model folder or .gguf of the same architecture (SGLang's
+        endpoint and body), loaded in place between two steps; behind the API key."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return error_response(400, "the body is not JSON")
+        path = body.get("model_path") if isinstance(body, dict) else None
+        in_flight = body.get("in_flight", "recompute") if isinstance(body, dict) else None
+        if not isinstance(path, str) or not isinstance(in_flight, str):
+            return error_response(
+                400, 'give {"model_path": PATH} and optionally "in_flight"', param="model_path"
+            )
+        try:
+            version = await runner.update_weights(path, in_flight)
+        except (ValueError, OSError) as e:
+            return error_response(400, f"weights not updated: {e}", param="model_path")
+        return JSONResponse({"success": True, "weight_version": version})
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _serve(request, COMPLETIONS)

@@ -61,6 +61,9 @@ class _EngineCollector:
         yield GaugeMetricFamily(
             "prefixflow_unfinished_requests", "Requests in the engine", eng.num_unfinished_requests
         )
+        yield GaugeMetricFamily(
+            "prefixflow_weight_version", "Weight updates since start", eng.weight_version
+        )
         yield GaugeMetricFamily("prefixflow_kv_pages_used", "KV pages in use", pool.num_used)
         yield GaugeMetricFamily("prefixflow_kv_pages_total", "KV pages", pool.num_pages)
         # The cache is allocated untouched and pages are first written as they are first
