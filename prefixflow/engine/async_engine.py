@@ -72,21 +72,25 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine failed: {self.error}")
         route = _Route(asyncio.Queue(), stream)
         self._routes[request_id] = route
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("add", request_id, prompt, params, text, done))
-        self._wake.set()
-        waiting = asyncio.wrap_future(done)
         try:
-            while not waiting.done():
-                # The engine thread answers every add it reads; if it died first, say so.
-                await asyncio.wait({waiting}, timeout=0.5)
-                if not waiting.done() and self.error is not None:
-                    waiting.cancel()
-                    raise EngineDeadError(f"the engine failed: {self.error}")
-            waiting.result()
+            await self._call("add", request_id, prompt, params, text)
         except BaseException:
             self.cancel(request_id)  # refused, or the caller was cancelled meanwhile
             raise
+
+    async def _call(self, *command):
+        """Send a command to the engine thread and wait for its answer (the engine's error
+        is raised here); if the engine thread died first, say so."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((*command, done))
+        self._wake.set()
+        waiting = asyncio.wrap_future(done)
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.5)
+            if not waiting.done() and self.error is not None:
+                waiting.cancel()
+                raise EngineDeadError(f"the engine failed: {self.error}")
+        return waiting.result()
 
     async def outputs(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """The request's outputs until its final one; leaving early aborts it."""
@@ -113,10 +117,7 @@ class AsyncEngine:
         engine's ValueError (or FileNotFoundError) if they cannot be loaded."""
         if self.error is not None:
             raise EngineDeadError(f"the engine failed: {self.error}")
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("update", model_path, in_flight, done))
-        self._wake.set()
-        return await asyncio.wrap_future(done)
+        return await self._call("update", model_path, in_flight)
 
     def cancel(self, request_id: str) -> None:
         """Forget a request's outputs and abort it (a no-op once it finished)."""
@@ -163,24 +164,32 @@ class AsyncEngine:
                 return
             if cmd[0] == "add":
                 _, rid, prompt, params, text, done = cmd
-                try:
-                    self.engine.add_request(rid, prompt, params, prompt_text=text)
-                except Exception as e:  # noqa: BLE001 - handed to the caller
-                    done.set_exception(e)
-                else:
-                    done.set_result(None)
+                _answer(done, self.engine.add_request, rid, prompt, params, prompt_text=text)
             elif cmd[0] == "update":
                 _, path, in_flight, done = cmd
-                try:
-                    self.engine.update_weights(path, in_flight)
-                except Exception as e:  # noqa: BLE001 - handed to the caller
-                    done.set_exception(e)
-                else:
-                    done.set_result(self.engine.weight_version)
+                _answer(done, self._update, path, in_flight)
             else:
                 self.engine.abort(cmd[1])
+
+    def _update(self, path: str, in_flight: str) -> int:
+        for out in self.engine.update_weights(path, in_flight):  # in_flight="abort"
+            self._deliver(out.request_id, out)
+        return self.engine.weight_version
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         route = self._routes.get(request_id)
         if route is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(route.outputs.put_nowait, item)
+
+
+def _answer(done: concurrent.futures.Future, fn, *args, **kwargs) -> None:
+    """Run fn and hand its result or error to a caller that may have given up waiting (a
+    cancelled future takes no result, and must not stop the engine thread)."""
+    if not done.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - handed to the caller
+        done.set_exception(e)
+    else:
+        done.set_result(result)

@@ -103,7 +103,6 @@ class Engine:
         self.stats = EngineStats()
         self.output = OutputProcessor(self.codec)
         self.updated_request_ids: set[str] = set()  # requests with new tokens in the last step
-        self._finished_outside: list[RequestOutput] = []  # ended by a weight update
         logger.info(
             "loaded %s (%s) in %.1fs; KV cache %d pages of %d tokens (%.2f GiB)",
             self.model_name,
@@ -144,6 +143,8 @@ class Engine:
             child_params = params if params.n == 1 else params.for_sample(i)
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
+            if i > 0:  # prompt logprobs come from the first sample only
+                req.num_prompt_logprobs = len(ids)
             children.append(req)
         added: list[Request] = []
         try:
@@ -179,8 +180,9 @@ class Engine:
             req = Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
             req.token_ids += before.token_ids
             req.token_versions = list(before.weight_versions or [])
-            if prev.prompt_logprobs is not None:
-                req.num_prompt_logprobs = len(prev.prompt_logprobs) - 1
+            if prev.prompt_logprobs is not None:  # the rest from the first resumed sample
+                first = not any(isinstance(s, Request) for s in samples)
+                req.num_prompt_logprobs = len(prev.prompt_logprobs) - 1 if first else len(ids)
             samples.append(req)
         for i, req in enumerate(samples):
             if isinstance(req, Request):
@@ -207,22 +209,26 @@ class Engine:
 
     def update_weights(self, weights: Weights, in_flight: str = "recompute") -> list[RequestOutput]:
         """Load new weights in place (engine/weight_update.py); returns the requests that
-        in_flight="abort" finished (the next step returns them too)."""
+        in_flight="abort" finished (only here: step() does not return them again)."""
         check_in_flight(in_flight)
         t0 = time.perf_counter()
-        old = None
-        if in_flight == "keep" and self.scheduler.versions_in_use():
-            old = frozen_copy(self.model, self._packed)
-        load_update(self.model, weights, self._packed)
         prev = self.scheduler.weight_version
+        old = None
+        if in_flight == "keep" and prev in self.scheduler.versions_in_use():
+            old = frozen_copy(self.model, self._packed)
+        load_update(self.model, weights, self._packed, self.hf_config)
         aborted = self.scheduler.update_weights(in_flight)
         models = {v: m for v, m in self.runner.models.items() if v < prev}  # kept before
         if old is not None:
             models[prev] = old
         models[self.scheduler.weight_version] = self.model
         self.runner.set_models(models)
-        outs = self.output.finished(self.output.parents_of([r.request_id for r in aborted]))
-        self._finished_outside += outs
+        parents = self.output.parents_of([r.request_id for r in aborted])
+        for parent in parents:  # its other samples too (separate requests without sharing)
+            for s in parent.samples:
+                if s.done is None and not s.request.is_finished:
+                    self.scheduler.abort(s.request.request_id)
+        outs = self.output.finished(parents)
         logger.info(
             "weights updated to version %d in %.2fs (in flight: %s)",
             self.weight_version,
@@ -236,7 +242,7 @@ class Engine:
             self.scheduler.abort(sample_id)
 
     def has_unfinished(self) -> bool:
-        return len(self.output) > 0 or bool(self._finished_outside)
+        return len(self.output) > 0
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -252,7 +258,8 @@ class Engine:
             )
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
-        self.scheduler.observe_step(sched, time.perf_counter() - t0)
+        if len(self.runner.models) == 1:  # a step with old weights beside runs two passes
+            self.scheduler.observe_step(sched, time.perf_counter() - t0)
         events = self.scheduler.update(sched, result)
         if result.prompt_logprobs:
             self.output.add_prompt_logprobs(result.prompt_logprobs)
@@ -276,7 +283,6 @@ class Engine:
         st.accepted_tokens = sc.num_accepted_tokens
         st.kv_utilisation_sum += self.pool.num_used / self.pool.num_pages
         st.cached_prompt_tokens += sum(o.num_cached_tokens for o in finished)
-        finished, self._finished_outside = self._finished_outside + finished, []
         return finished
 
     def snapshot(self, request_id: str) -> RequestOutput:

@@ -379,6 +379,7 @@ class Scheduler:
         if (
             self.cache is not None
             and req.num_computed_tokens == 0
+            and req.weight_version in (None, self.weight_version)  # not kept on old weights
             and not _wants_prompt_logprobs(req)
         ):
             # At least the last token is computed, to have logits to sample from.
@@ -496,6 +497,7 @@ class Scheduler:
         sib.num_cached_tokens = leader.num_cached_tokens
         sib.num_pages_cached = leader.num_pages_cached
         sib.weight_version = leader.weight_version
+        sib.num_prompt_logprobs = leader.num_prompt_logprobs  # the leader returns them
         sib.status = RequestStatus.RUNNING
         self.running.append(sib)
         return sib

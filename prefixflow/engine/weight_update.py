@@ -30,12 +30,34 @@ def check_in_flight(in_flight: str) -> None:
         raise ValueError(f"in_flight must be one of {IN_FLIGHT}, got {in_flight!r}")
 
 
-def load_update(model: LlamaForCausalLM, weights: Weights, packed: bool) -> None:
+# Config fields a checkpoint must share with the running model: the weights' shapes do not
+# show them, and the model keeps running with its own.
+_SAME = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+
+
+def load_update(model: LlamaForCausalLM, weights: Weights, packed: bool, hf_config) -> None:
     """Copy the new weights into the model (all of them from a path, any from pairs)."""
     if isinstance(weights, str | os.PathLike):
         src = resolve_model(weights)
         cfg = load_hf_config(src)
         architecture_of(cfg)
+        differ = [
+            f"{k} {getattr(cfg, k, None)!r} (running: {getattr(hf_config, k, None)!r})"
+            for k in _SAME
+            if getattr(cfg, k, None) != getattr(hf_config, k, None)
+        ]
+        if differ:
+            raise ValueError(f"{weights} is another model: {', '.join(differ)}")
         model.update_weights(iter_weights(src, cfg), require_all=True)
     else:
         model.update_weights(weights)

@@ -88,7 +88,7 @@ class ModelRunner:
         if forks:  # the other samples of a prompt draw from its row of logits
             logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
             row_seqs = row_seqs + [f for _, f in forks]
-        tokens = self.sampler(logits, row_seqs)  # (S, vocab) logits
+        tokens = self.sampler(logits, row_seqs)  # one SampledToken per row
         at = 0
         for s in to_sample:
             k = len(s.draft_token_ids)
@@ -130,7 +130,9 @@ class ModelRunner:
         """(S, vocab) logits of rows of hidden states, row i under weights versions[i]."""
         if len(set(versions)) == 1:
             return self.models[versions[0]].compute_logits(hidden)
-        out = torch.empty(hidden.shape[0], self.model.config.vocab_size, dtype=hidden.dtype)
+        out = torch.empty(
+            hidden.shape[0], self.model.config.vocab_size, dtype=hidden.dtype, device=hidden.device
+        )
         for v in set(versions):
             idx = torch.tensor([i for i, x in enumerate(versions) if x == v])
             out[idx] = self.models[v].compute_logits(hidden[idx])

@@ -5,8 +5,9 @@ indexes both caches, so the page pool, the prefix cache, copy-on-write and preem
 treat them as one). It computes what the target computes, so that its KV covers every
 token before a draft:
 
-- prompt chunks in the same step as the target, so a page the prefix cache hands out
-  holds the draft's KV too;
+- prompt chunks in the same step as the target, so a prompt page the prefix cache hands
+  out holds the draft's KV too (a cached page of output tokens may not: the draft model
+  runs those only when their request drafts, which costs acceptance, never exactness);
 - a plain decode's token later, when its sequence next drafts (the draft model then runs
   the tokens it is behind as one chunk), so that decode steps without drafts cost nothing
   more than without a draft model.

@@ -72,3 +72,8 @@ def test_same_error_code_from_every_entry_point(llm_f32, client, kind):
     assert from_llm == from_batch == from_server, kind
     assert from_llm != "invalid_request"  # each kind has a code of its own kind
     assert not llm_f32.engine.has_unfinished()
+
+
+def test_weight_updates_need_an_api_key(client, default_gguf):
+    r = client.post("/update_weights_from_disk", json={"model_path": str(default_gguf)})
+    assert r.status_code == 403 and "--api-key" in r.json()["error"]["message"]

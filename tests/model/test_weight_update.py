@@ -120,7 +120,8 @@ def test_abort_finishes_requests_in_flight_with_their_tokens(llm, llm_f32, chang
     m = _start(llm, "a", PROMPTS[1], 5)
     returned = llm.engine.update_weights(changed[0].items(), in_flight="abort")
     assert [o.request_id for o in returned] == ["a"]
-    out = _finish(llm)["a"].outputs[0]
+    assert not llm.engine.has_unfinished() and _finish(llm) == {}  # returned once, here
+    out = returned[0].outputs[0]
     assert out.finish_reason == "abort" and len(out.token_ids) == m
     old = llm_f32.generate(PROMPTS[1:2], GREEDY, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == old.token_ids[:m]
@@ -139,3 +140,15 @@ def test_keep_finishes_under_the_old_weights_beside_new_requests(llm, new_llm, l
     assert done["new"].outputs[0].token_ids == want_new.token_ids != want_old.token_ids
     assert done["new"].num_cached_tokens == 0  # the old request's pages are not shared
     assert len(llm.engine.runner.models) == 1  # the old weights went with their last request
+
+
+def test_a_checkpoint_of_another_config_is_refused(llm, new_folder, tmp_path):
+    import json
+    import shutil
+
+    other = shutil.copytree(new_folder, tmp_path / "other")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 0.5
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rms_norm_eps"):
+        llm.update_weights(other)

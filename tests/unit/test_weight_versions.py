@@ -146,3 +146,36 @@ def test_fake_runner_outputs_have_the_versions_the_scheduler_sent():
         seen.update((s.request_id, s.weight_version) for s in out.seqs)
         sched.update(out, runner.execute(out))
     assert set(seen) == {("a", 0), ("b", 1)}
+
+
+def test_a_kept_request_preempted_is_not_served_new_weights_kv():
+    """Under "keep", a preempted old-weights request recomputes rather than read pages a
+    new-weights request cached for the same prompt."""
+    sched, pool = make_scheduler(num_pages=64, page_size=4)
+    runner = PageTableRunner(pool)
+    kept = add(sched, runner, "kept", max_tokens=20)
+    run_steps(sched, pool, runner, steps=3)
+    sched.update_weights("keep")
+    add(sched, runner, "new", max_tokens=20)  # the same prompt, cached under new weights
+    run_steps(sched, pool, runner, steps=2)
+    sched._preempt(kept)
+    out = sched.schedule()
+    seq = next(s for s in out.seqs if s.request_id == "kept")
+    assert seq.start_pos == 0 and seq.weight_version == 0
+
+
+def test_only_the_leader_of_n_samples_returns_prompt_logprobs():
+    sched, pool = make_scheduler(num_pages=64, page_size=4, max_num_batched_tokens=8)
+    runner = PageTableRunner(pool)
+    params = SamplingParams(ignore_eos=True, max_tokens=4, prompt_logprobs=0)
+    leader = Request("s#0", PROMPT, params)
+    sib = Request("s#1", PROMPT, params)
+    for r in (leader, sib):
+        runner.track(r)
+    sched.add(leader, [sib])
+    targets = 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        targets += sum(len(s.prompt_logprob_targets) for s in out.seqs)
+        sched.update(out, runner.execute(out))
+    assert targets == len(PROMPT) - 1

@@ -104,9 +104,15 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             return error_response(
                 400, 'give {"model_path": PATH} and optionally "in_flight"', param="model_path"
             )
+        if api_key is None:
+            return error_response(
+                403, "weight updates need the server started with --api-key", code="forbidden"
+            )
         try:
             version = await runner.update_weights(path, in_flight)
-        except (ValueError, OSError) as e:
+        except EngineDeadError as e:
+            return error_response(503, str(e))
+        except Exception as e:  # noqa: BLE001 - a bad checkpoint is the caller's error
             return error_response(400, f"weights not updated: {e}", param="model_path")
         return JSONResponse({"success": True, "weight_version": version})
 
