@@ -32,6 +32,29 @@ def _load_engine(args: argparse.Namespace):
         return _fail(f"cannot load the model: {e}")
 
 
+def _start_replicas(args: argparse.Namespace):
+    """--data-parallel N replicas on Ray (a local cluster, or --ray-address)."""
+    try:
+        from prefixflow.ray.pool import ReplicaPool
+    except ImportError as e:
+        return _fail(f"--data-parallel needs Ray: pip install 'prefixflow[ray]' ({e})")
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        pool = ReplicaPool(config, max(1, args.data_parallel), args.ray_address, args.routing)
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(str(e))
+    print(
+        f"prefixflow: {pool.model_name} on {len(pool.completed)} replicas of "
+        f"{pool.cpus_per_replica} CPU(s) each, routed by {args.routing}, "
+        f"loaded in {pool.load_seconds:.1f}s",
+        file=sys.stderr,
+    )
+    return pool
+
+
 def cmd_run_batch(args: argparse.Namespace) -> int:
     if args.window < 1:
         return _fail(f"--window must be at least 1, got {args.window}")
@@ -46,24 +69,32 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         return _fail(f"cannot read input file {str(inp)!r}: {e.strerror}")
     if not out.parent.exists():
         return _fail(f"output folder {str(out.parent)!r} does not exist")
-    engine = _load_engine(args)
+    if args.data_parallel > 1 or args.ray_address:
+        engine = _start_replicas(args)
+    else:
+        engine = _load_engine(args)
     if isinstance(engine, int):
         return engine
-    print(
-        f"prefixflow: {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}), "
-        f"KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens "
-        f"({engine.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
-        file=sys.stderr,
-    )
-    summary = run_batch(
-        inp,
-        out,
-        engine,
-        progress=not args.no_progress,
-        window=args.window,
-        ordered=args.ordered,
-        overwrite=args.overwrite,
-    )
+    if hasattr(engine, "pool"):
+        print(
+            f"prefixflow: {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}), "
+            f"KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens "
+            f"({engine.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
+            file=sys.stderr,
+        )
+    try:
+        summary = run_batch(
+            inp,
+            out,
+            engine,
+            progress=not args.no_progress,
+            window=args.window,
+            ordered=args.ordered,
+            overwrite=args.overwrite,
+        )
+    finally:
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
     print(summary.line(), file=sys.stderr)
     if args.report:
         Path(args.report).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
@@ -113,6 +144,24 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite",
         action="store_true",
         help="start afresh; by default an existing output is resumed after its last whole line",
+    )
+    rb.add_argument(
+        "--data-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N engine replicas as Ray actors, requests routed by prefix (needs Ray)",
+    )
+    rb.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster ('auto' or host:port); by default a local one is started",
+    )
+    rb.add_argument(
+        "--routing",
+        choices=["prefix", "round_robin"],
+        default="prefix",
+        help="how --data-parallel spreads requests over replicas (default: prefix)",
     )
     add_engine_arguments(rb)
     rb.set_defaults(func=cmd_run_batch)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tqdm.auto import tqdm
 
@@ -38,6 +38,9 @@ from prefixflow.entrypoints.openai.serving import (
 from prefixflow.errors import DUPLICATE_CUSTOM_ID, RequestError
 from prefixflow.request import RequestOutput
 
+if TYPE_CHECKING:
+    from prefixflow.ray.pool import ReplicaPool
+
 
 @dataclass
 class BatchSummary:
@@ -55,6 +58,9 @@ class BatchSummary:
     accepted_tokens: int = 0
     load_s: float = 0.0
     wall_s: float = 0.0
+    # Data-parallel runs: requests each replica finished, and those moved off a dead one.
+    replica_requests: list[int] | None = None
+    reassigned_requests: int = 0
 
     @property
     def output_tok_per_s(self) -> float:
@@ -77,7 +83,16 @@ class BatchSummary:
             f"{self.output_tokens:,} in {self.wall_s:.1f}s = {self.output_tok_per_s:,.1f} tok/s | "
             f"KV use {self.mean_kv_utilisation:.0%}, {self.preemptions} preemptions "
             f"({self.recomputed_tokens:,} tokens recomputed){spec} | model load {self.load_s:.1f}s"
+            f"{self._replicas()}"
         )
+
+    def _replicas(self) -> str:
+        if self.replica_requests is None:
+            return ""
+        moved = (
+            f", {self.reassigned_requests} moved off a dead one" if self.reassigned_requests else ""
+        )
+        return f" | replicas finished {self.replica_requests} requests{moved}"
 
 
 @dataclass
@@ -209,6 +224,9 @@ class BatchRunner:
         s.accepted_tokens = st.accepted_tokens - start_accepted
         steps = st.steps - start_steps
         s.mean_kv_utilisation = (st.kv_utilisation_sum - start_kv) / steps if steps else 0.0
+        if hasattr(eng, "completed"):  # a ReplicaPool
+            s.replica_requests = list(eng.completed)
+            s.reassigned_requests = eng.reassigned
         return s
 
     def _refill(self, source: Iterator[tuple[int, bytes | str]]):
@@ -291,7 +309,7 @@ def count_lines(path: Path) -> int:
 def run_batch(
     input_path: Path,
     output_path: Path,
-    engine: Engine,
+    engine: Engine | ReplicaPool,
     progress: bool = True,
     window: int = DEFAULT_WINDOW,
     ordered: bool = False,

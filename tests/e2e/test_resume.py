@@ -4,6 +4,7 @@ exactly one line per request and the results an uninterrupted run gives."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -76,12 +77,17 @@ def uninterrupted(tmp_path_factory):
     return inp, ref, bad_lines
 
 
-@pytest.mark.parametrize("seed", [0])  # kill after 28 lines; each more seed costs 14 s
+# One process, and two replicas on a local Ray cluster (the driver is killed; Ray takes its
+# replicas down with it). Each case costs 14-25 s, so one kill point each: after 28 and 12
+# lines.
+@pytest.mark.parametrize(
+    "seed, extra", [(0, []), (1, ["--data-parallel", "2"])], ids=["one-process", "ray"]
+)
 def test_sigkill_then_rerun_gives_one_line_per_request_and_same_results(
-    tmp_path, uninterrupted, seed
+    tmp_path, uninterrupted, seed, extra
 ):
     inp, ref, bad_lines = uninterrupted
-    args = ARGS
+    args = ARGS + extra
     out = tmp_path / "out.jsonl"
     kill_after = random.Random(seed).randint(4, 35)  # lines written before the kill
     job = subprocess.Popen(
@@ -94,6 +100,8 @@ def test_sigkill_then_rerun_gives_one_line_per_request_and_same_results(
         time.sleep(0.02)
     job.send_signal(signal.SIGKILL)
     job.wait()
+    if extra:  # Ray's node agents outlive a killed driver's local cluster: reap them
+        subprocess.run(["pkill", "-9", "-P", "1", "-f", "ray::"], check=False)
     written = count_lines(out)
     # A write cut off halfway, as a crash in the middle of a line leaves it.
     with open(out, "ab") as f:
@@ -130,3 +138,31 @@ def test_overwrite_starts_afresh_and_ordered_keeps_input_order(tmp_path):
         else:
             order.append(int(r["error"]["message"].split(":")[0].split()[1]))
     assert order == list(range(1, 44))
+
+
+def test_a_killed_replica_s_requests_finish_on_the_other(tmp_path, uninterrupted):
+    """Two replicas; one replica's process is killed mid-job: every request still ends
+    exactly once, with the results of one uninterrupted process."""
+    inp, ref, bad_lines = uninterrupted
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "prefixflow", "run-batch", str(inp), "-o", str(out)]
+    job = subprocess.Popen(
+        [*cmd, *ARGS, "--data-parallel", "2", "--report", str(report)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while count_lines(out) < 6 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    replicas = subprocess.run(["pgrep", "-f", "ray::Replica"], capture_output=True, text=True)
+    pids = [int(p) for p in replicas.stdout.split()]
+    assert len(pids) == 2, replicas.stdout
+    os.kill(pids[0], signal.SIGKILL)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-2000:]
+    got, errors = results(out)
+    assert got == ref
+    assert sorted(int(e["error"]["message"].split(":")[0].split()[1]) for e in errors) == bad_lines
+    summary = json.loads(report.read_text())
+    assert summary["reassigned_requests"] > 0 and "died" in stderr
