@@ -71,8 +71,8 @@ class Engine:
         architecture_of(hf_config)  # refuse an unsupported model before reading its weights
         self.codec = TextCodec(load_tokenizer(src))
         self.dtype = resolve_dtype(config.dtype)
-        self.model = _load_model(src, hf_config, self.dtype, config)
         self._packed = config.prepack_weights and prepack.available()
+        self.model = _load_model(src, hf_config, self.dtype, config, self._packed)
         self.hf_config = hf_config
         self.eos_token_ids = eos_token_ids(src, hf_config, self.codec.tokenizer)
         self.max_model_len = max_model_len(hf_config)
@@ -82,7 +82,9 @@ class Engine:
         spec = config.scheduler.speculative_config
         draft = None
         if spec is not None and spec.method == "draft_model":
-            draft = _load_draft_model(spec.model, self.codec, hf_config, self.dtype, config)
+            draft = _load_draft_model(
+                spec.model, self.codec, hf_config, self.dtype, config, self._packed
+            )
             self.max_model_len = min(self.max_model_len, max_model_len(draft.config))
         configs = [hf_config] + ([draft.config] if draft else [])
         bs = config.page_size
@@ -140,9 +142,7 @@ class Engine:
         check_request(text, ids, params, self.max_model_len, self.hf_config.vocab_size)
         children = []
         for i in range(params.n):
-            child_params = params if params.n == 1 else params.for_sample(i)
-            rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
+            req = self._sample(request_id, ids, params, i)
             if i > 0:  # prompt logprobs come from the first sample only
                 req.num_prompt_logprobs = len(ids)
             children.append(req)
@@ -175,9 +175,7 @@ class Engine:
             if before.finish_reason != FinishReason.PARTIAL:
                 samples.append(before)
                 continue
-            child_params = params if params.n == 1 else params.for_sample(i)
-            rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
+            req = self._sample(request_id, ids, params, i)
             req.token_ids += before.token_ids
             req.token_versions = list(before.weight_versions or [])
             if prev.prompt_logprobs is not None:  # the rest from the first resumed sample
@@ -194,6 +192,12 @@ class Engine:
                             self.scheduler.abort(r.request_id)
                     raise
         self.output.add(request_id, prev.prompt, ids, params, samples, resume=prev)
+
+    def _sample(self, request_id: str, ids: list[int], params: SamplingParams, i: int) -> Request:
+        """The i-th of a request's n samples: its own id and seed."""
+        child_params = params if params.n == 1 else params.for_sample(i)
+        rid = request_id if params.n == 1 else f"{request_id}#{i}"
+        return Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
 
     def interrupt(self, request_id: str) -> RequestOutput:
         """Stop a request and hand back what it generated (finish_reason "partial" on its
@@ -290,17 +294,21 @@ class Engine:
         return self.output.snapshot(request_id)
 
 
-def _load_model(src: ModelSource, hf_config, dtype: torch.dtype, config: EngineConfig):
+def _load_model(
+    src: ModelSource, hf_config, dtype: torch.dtype, config: EngineConfig, packed: bool
+):
     model = build_model(hf_config)
     model.load_weights(iter_weights(src, hf_config))
     model = model.to(dtype).eval()
     model.use_fused_ops(config.fused_ops)
-    if config.prepack_weights and prepack.available():
+    if packed:
         prepack.prepack_linears(model)
     return model
 
 
-def _load_draft_model(path: str, codec: TextCodec, target_config, dtype, config: EngineConfig):
+def _load_draft_model(
+    path: str, codec: TextCodec, target_config, dtype, config: EngineConfig, packed: bool
+):
     """The draft model of draft-model speculation; it must share the target's tokenizer."""
     src = resolve_model(path)
     hf_config = load_hf_config(src)
@@ -311,4 +319,4 @@ def _load_draft_model(path: str, codec: TextCodec, target_config, dtype, config:
             f"speculative_config: draft model {path!r} has another tokenizer than the target "
             "model; a draft model must use the same tokenizer and vocabulary"
         )
-    return _load_model(src, hf_config, dtype, config)
+    return _load_model(src, hf_config, dtype, config, packed)

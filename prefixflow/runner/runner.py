@@ -11,7 +11,7 @@ from prefixflow.config import EngineConfig
 from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.prompt_logprobs import prompt_logprobs
-from prefixflow.runner.step_inputs import build_step
+from prefixflow.runner.step_inputs import forward_step
 from prefixflow.sample.sampler import Sampler
 from prefixflow.spec import verify
 from prefixflow.spec.draft_model import DraftModelProposer
@@ -112,10 +112,10 @@ class ModelRunner:
         """
         versions = sorted({s.weight_version for s in seqs})
         if len(versions) == 1:
-            input_ids, positions, layout, last_idx = build_step(seqs, self.page_size, self.tables)
-            meta = self.backend.prepare(layout)  # once per step, read by every layer
             model = self.models[versions[0]]
-            return model(input_ids, positions, meta, self.kv_cache, self.backend), last_idx
+            return forward_step(
+                model, self.backend, self.kv_cache, seqs, self.page_size, self.tables
+            )
         parts, last_idx, offset = [], [0] * len(seqs), 0
         for v in versions:
             idx = [i for i, s in enumerate(seqs) if s.weight_version == v]

@@ -1,4 +1,5 @@
-"""The tensors of one step: flat token ids and positions, and the step's attention layout."""
+"""The tensors of one step: flat token ids and positions, and the step's attention layout;
+and one forward pass over them."""
 
 from __future__ import annotations
 
@@ -39,3 +40,18 @@ def build_step(
         layout,
         last_idx,
     )
+
+
+def forward_step(
+    model,
+    backend,
+    kv_cache: torch.Tensor,
+    seqs: list[ScheduledSeq],
+    page_size: int,
+    tables: PageTables,
+) -> tuple[torch.Tensor, list[int]]:
+    """Run the sequences' chunks through the model: hidden states (T, hidden), and the
+    index of each sequence's last token."""
+    input_ids, positions, layout, last_idx = build_step(seqs, page_size, tables)
+    meta = backend.prepare(layout)  # once per step, read by every layer
+    return model(input_ids, positions, meta, kv_cache, backend), last_idx

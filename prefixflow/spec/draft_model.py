@@ -28,7 +28,7 @@ import torch
 
 from prefixflow.attention.backend import AttentionBackend
 from prefixflow.model.llama import LlamaForCausalLM
-from prefixflow.runner.step_inputs import build_step
+from prefixflow.runner.step_inputs import forward_step
 from prefixflow.step import PageTables, ScheduledSeq
 
 
@@ -68,7 +68,9 @@ class DraftModelProposer:
             run.append(dataclasses.replace(s, token_ids=late + s.token_ids, start_pos=start))
         if not run:
             return seqs
-        hidden, last_idx = self._forward(run, tables)
+        hidden, last_idx = forward_step(
+            self.model, self.backend, self.kv_cache, run, self.page_size, tables
+        )
         if not drafting:
             return seqs
         chains = [seqs[i] for i, _ in drafting]
@@ -85,7 +87,9 @@ class DraftModelProposer:
                 )
                 for j in live
             ]
-            hidden, _ = self._forward(step, tables)
+            hidden, _ = forward_step(
+                self.model, self.backend, self.kv_cache, step, self.page_size, tables
+            )
             nxt = list(tokens[-1])
             for j, tok in zip(live, self._greedy(hidden), strict=True):
                 nxt[j] = tok
@@ -107,14 +111,6 @@ class DraftModelProposer:
         if start > s.start_pos or start + len(late) < s.start_pos:
             return s.start_pos, []  # a rejected draft (or a gap: its KV stays stale)
         return start, late[: s.start_pos - start]
-
-    def _forward(
-        self, seqs: list[ScheduledSeq], tables: PageTables
-    ) -> tuple[torch.Tensor, list[int]]:
-        input_ids, positions, layout, last_idx = build_step(seqs, self.page_size, tables)
-        meta = self.backend.prepare(layout)
-        hidden = self.model(input_ids, positions, meta, self.kv_cache, self.backend)
-        return hidden, last_idx
 
     def _greedy(self, hidden: torch.Tensor) -> list[int]:
         return self.model.compute_logits(hidden).argmax(dim=-1).tolist()

@@ -8,24 +8,34 @@ targets cover each prompt position exactly once, across chunks and preemptions.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 
 from prefixflow.request import FinishReason, Request
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import SchedulerOutput
 from tests.page_table_runner import PageTableRunner
 from tests.unit.test_scheduler import check_step_invariants, make_scheduler
 
 PROMPT = [10_000 + i for i in range(23)]
 
 
-def run_steps(sched, pool, runner, steps: int | None = None) -> None:
+def scheduled(sched, pool, runner, steps: int | None = None) -> Iterator[SchedulerOutput]:
+    """Each step's output, checked, for the caller to look at before the fake runner runs
+    it; until nothing is left, or `steps` steps."""
     n = 0
     while sched.has_unfinished() and (steps is None or n < steps):
         out = sched.schedule()
         check_step_invariants(sched, pool, out)
+        yield out
         sched.update(out, runner.execute(out))
         n += 1
+
+
+def run_steps(sched, pool, runner, steps: int | None = None) -> None:
+    for _ in scheduled(sched, pool, runner, steps):
+        pass
 
 
 def add(sched, runner, rid: str, prompt=PROMPT, **params) -> Request:
@@ -112,9 +122,7 @@ def test_prompt_logprob_targets_cover_each_position_once(num_pages):
         lp = None if rid == "plain" else 0
         reqs[rid] = add(sched, runner, rid, prompt, max_tokens=6, prompt_logprobs=lp)
     targets: dict[str, list[tuple[int, int]]] = {rid: [] for rid in prompts}
-    while sched.has_unfinished():
-        out = sched.schedule()
-        check_step_invariants(sched, pool, out)
+    for out in scheduled(sched, pool, runner):
         for s in out.seqs:
             start = s.prompt_logprob_start
             assert s.start_pos <= start
@@ -122,7 +130,6 @@ def test_prompt_logprob_targets_cover_each_position_once(num_pages):
             targets[s.request_id] += [
                 (start + j, t) for j, t in enumerate(s.prompt_logprob_targets)
             ]
-        sched.update(out, runner.execute(out))
     for rid in ("p", "q"):  # position p predicts token p + 1, each exactly once
         prompt = prompts[rid]
         assert targets[rid] == [(p, prompt[p + 1]) for p in range(len(prompt) - 1)]
@@ -141,10 +148,8 @@ def test_fake_runner_outputs_have_the_versions_the_scheduler_sent():
     sched.update_weights("keep")
     add(sched, runner, "b", max_tokens=5)
     seen = Counter()
-    while sched.has_unfinished():
-        out = sched.schedule()
+    for out in scheduled(sched, pool, runner):
         seen.update((s.request_id, s.weight_version) for s in out.seqs)
-        sched.update(out, runner.execute(out))
     assert set(seen) == {("a", 0), ("b", 1)}
 
 
@@ -174,8 +179,6 @@ def test_only_the_leader_of_n_samples_returns_prompt_logprobs():
         runner.track(r)
     sched.add(leader, [sib])
     targets = 0
-    while sched.has_unfinished():
-        out = sched.schedule()
+    for out in scheduled(sched, pool, runner):
         targets += sum(len(s.prompt_logprob_targets) for s in out.seqs)
-        sched.update(out, runner.execute(out))
     assert targets == len(PROMPT) - 1
