@@ -33,7 +33,8 @@ example: setup
 # on Python's salted hash()) under another, so such a test fails here rather than once in
 # fifty runs. The ten slowest tests are printed at the end.
 CORE := tests/unit/test_scheduler.py tests/unit/test_prefix_sharing.py \
-	tests/unit/test_radix_cache.py tests/unit/test_admission.py tests/unit/test_router.py
+	tests/unit/test_radix_cache.py tests/unit/test_admission.py tests/unit/test_router.py \
+	tests/unit/test_disk_tier.py
 test: setup
 	PYTHONHASHSEED=1 $(BIN)/pytest -q -p no:cacheprovider tests/unit
 	PYTHONHASHSEED=2 $(BIN)/pytest -q -p no:cacheprovider --durations=10 $(CORE) tests/model tests/e2e

@@ -169,6 +169,14 @@ class EngineConfig:
         "(30 percent of free memory, at most 4 GiB)",
     )
     page_size: int = option(16, "tokens per KV page (a power of two)", aliases=("block_size",))
+    kv_disk_cache: str | None = option(
+        None,
+        "folder that keeps shared prefixes' KV pages across runs and processes (read "
+        "instead of computed when they come back); off by default",
+    )
+    kv_disk_cache_size: int | float | str = option(
+        "10GiB", "bound on the kv_disk_cache folder (least recently used pages go first)"
+    )
     max_model_len: int | None = option(
         None, "cap on prompt + output tokens (default: the model's context)"
     )
@@ -220,6 +228,13 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_memory != "auto":
             parse_memory(self.kv_cache_memory)
+        parse_memory(self.kv_disk_cache_size)
+        if self.kv_disk_cache is not None and self.scheduler.speculative_config is not None:
+            if self.scheduler.speculative_config.method == "draft_model":
+                raise ValueError(
+                    "kv_disk_cache does not keep a draft model's KV; use n-gram speculation "
+                    "or no disk cache"
+                )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         for name in ("shared_prefix_min_tokens", "shared_prefix_min_part_tokens"):

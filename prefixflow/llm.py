@@ -140,6 +140,7 @@ class LLM:
             raise
         finally:
             bar.close()
+            eng.flush_kv_disk()  # so that the next process finds every page saved
         for r in ids:  # min_finished reached: hand the others back, resumable
             if r not in results:
                 results[r] = eng.interrupt(r)

@@ -53,6 +53,7 @@ class Request:
         self.num_computed_tokens = 0
         self.max_computed_tokens = 0  # most ever computed: beyond a preemption, recomputation
         self.num_cached_tokens = 0  # prompt tokens read from the prefix cache, not computed
+        self.num_disk_tokens = 0  # of those, read from the disk tier
         self.page_ids: list[int] = []
         self.num_pages_cached = 0  # leading pages of page_ids entered in the prefix cache
         # n > 1 with prefix sharing: the leader computes the prompt once, and its siblings
@@ -130,7 +131,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache (RAM or disk)
+    num_disk_cached_tokens: int = 0  # of those, read from the disk tier
     # prompt_logprobs: None for the first prompt token, then one entry per token.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # What it was generated with: a partial output resumes with them (continue_from).

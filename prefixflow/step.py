@@ -11,6 +11,7 @@ those changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefixflow.sampling_params import SamplingParams
 
@@ -58,6 +59,10 @@ class SchedulerOutput:
     # (source, destination) pages to copy before the step: a private copy of a partly
     # filled page a sequence shares, made before it writes there.
     page_copies: list[tuple[int, int]] = field(default_factory=list)
+    # KV disk tier (cache/disk_tier.py): (page, its bytes read from disk) to write into the
+    # cache before the step, and (page, key) to copy out after it, for saving.
+    page_loads: list[tuple[int, Any]] = field(default_factory=list)
+    page_saves: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +91,8 @@ class RunnerOutput:
     speculated: dict[str, list[SampledToken]] = field(default_factory=dict)
     # prompt_logprobs: for each target token of the step's chunks, its logprob entry.
     prompt_logprobs: dict[str, list[SampledToken]] = field(default_factory=dict)
+    # The bytes of SchedulerOutput.page_saves' pages: (key, bytes) for the disk tier.
+    saved_pages: list[tuple[str, Any]] = field(default_factory=list)
 
 
 class PageTables:

@@ -7,7 +7,9 @@ sequence's own tokens. Its next token is a hash of the sequence id and that cont
 what `next_token` says. A speculating sequence is sampled after its last token and after
 each draft, reading each context back from the pages, and keeps drafts as the real runner
 does (spec/verify.py). A sequence that asks for model drafts (num_model_drafts) gets them
-from `draft_token`, given the context so far, as the runner's draft model would.
+from `draft_token`, given the context so far, as the runner's draft model would. Pages for
+the disk tier go out and come back as their token ids' bytes, so a page read from disk
+into the wrong place, or under the wrong key, shows up as a wrong context too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable
+
+import numpy as np
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.request import Request
@@ -47,6 +51,16 @@ class PageTableRunner:
         self.prompt_len[req.request_id] = req.num_prompt_tokens
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        result = self._execute(out)
+        result.saved_pages = [
+            (key, np.asarray(self.slots[page], dtype="<i8").view(np.uint8))
+            for page, key in out.page_saves
+        ]
+        return result
+
+    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for page, data in out.page_loads:
+            self.slots[page] = np.frombuffer(data, dtype="<i8").tolist()
         for src, dst in out.page_copies:
             self.slots[dst] = list(self.slots[src])
         self.tables.apply(out)

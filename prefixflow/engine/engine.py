@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from prefixflow.attention.registry import build_backend
+from prefixflow.cache.disk_tier import DiskTier
 from prefixflow.cache.page_pool import PagePool
-from prefixflow.config import EngineConfig
+from prefixflow.config import EngineConfig, parse_memory
 from prefixflow.engine.output_processor import OutputProcessor
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.engine.weight_update import Weights, check_in_flight, frozen_copy, load_update
@@ -27,7 +28,8 @@ from prefixflow.model.loader import (
 )
 from prefixflow.model.registry import architecture_of, build_model
 from prefixflow.request import CompletionOutput, FinishReason, Request, RequestOutput
-from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, num_pages_for
+from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, kv_shape, num_pages_for
+from prefixflow.runner.kv_disk import kv_fingerprint
 from prefixflow.runner.runner import ModelRunner, attention_shape
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.spec.draft_model import DraftModelProposer
@@ -44,7 +46,8 @@ class EngineStats:
     output_tokens: int = 0
     computed_tokens: int = 0  # every token run through the model, decodes included
     prompt_computed_tokens: int = 0  # prompt tokens run through the model (not reused)
-    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache instead
+    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache in RAM instead
+    disk_prompt_tokens: int = 0  # prompt tokens read from the KV disk tier instead
     recomputed_tokens: int = 0  # computed again after their request was preempted
     preemptions: int = 0
     steps: int = 0
@@ -92,7 +95,14 @@ class Engine:
         kv = allocate_kv_cache(hf_config, num_pages, bs, self.dtype)
         self.kv_cache_bytes = num_pages * sum(bytes_per_page(c, bs, self.dtype) for c in configs)
         self.pool = PagePool(num_pages, bs)
-        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self.disk = None
+        if config.kv_disk_cache is not None:
+            page_bytes = bytes_per_page(hf_config, bs, self.dtype)
+            self.disk = DiskTier(
+                config.kv_disk_cache, parse_memory(config.kv_disk_cache_size), page_bytes
+            )
+            self.disk.set_fingerprint(self._kv_fingerprint())
+        self.scheduler = Scheduler(config.scheduler, self.pool, self.disk)
         drafter = None
         if draft is not None:
             draft_kv = allocate_kv_cache(draft.config, num_pages, bs, self.dtype)
@@ -221,6 +231,8 @@ class Engine:
         if in_flight == "keep" and prev in self.scheduler.versions_in_use():
             old = frozen_copy(self.model, self._packed)
         load_update(self.model, weights, self._packed, self.hf_config)
+        if self.disk is not None:  # the old weights' pages stay on disk, under their own name
+            self.disk.set_fingerprint(self._kv_fingerprint())
         aborted = self.scheduler.update_weights(in_flight)
         models = {v: m for v, m in self.runner.models.items() if v < prev}  # kept before
         if old is not None:
@@ -240,6 +252,25 @@ class Engine:
             in_flight,
         )
         return outs
+
+    def _kv_fingerprint(self) -> str:
+        bs = self.config.page_size
+        return kv_fingerprint(
+            self.model.named_parameters(),
+            self.hf_config,
+            self.dtype,
+            bs,
+            kv_shape(self.hf_config, 1, bs),
+        )
+
+    def flush_kv_disk(self) -> None:
+        """Wait until the KV pages queued for the disk tier are written."""
+        if self.disk is not None:
+            self.disk.flush()
+
+    def shutdown(self) -> None:
+        """Finish writing the disk tier's pages (the engine still serves what it holds)."""
+        self.flush_kv_disk()
 
     def abort(self, request_id: str) -> None:
         for sample_id in self.output.remove(request_id):
@@ -262,6 +293,8 @@ class Engine:
             )
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        for key, data in result.saved_pages:
+            self.disk.save(key, data)
         if len(self.runner.models) == 1:  # a step with old weights beside runs two passes
             self.scheduler.observe_step(sched, time.perf_counter() - t0)
         events = self.scheduler.update(sched, result)
@@ -286,7 +319,10 @@ class Engine:
         st.draft_tokens = sc.num_draft_tokens
         st.accepted_tokens = sc.num_accepted_tokens
         st.kv_utilisation_sum += self.pool.num_used / self.pool.num_pages
-        st.cached_prompt_tokens += sum(o.num_cached_tokens for o in finished)
+        st.cached_prompt_tokens += sum(
+            o.num_cached_tokens - o.num_disk_cached_tokens for o in finished
+        )
+        st.disk_prompt_tokens += sum(o.num_disk_cached_tokens for o in finished)
         return finished
 
     def snapshot(self, request_id: str) -> RequestOutput:

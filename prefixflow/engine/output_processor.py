@@ -236,6 +236,7 @@ class OutputProcessor:
             outputs=outputs,
             finished=finished,
             num_cached_tokens=live[0].num_cached_tokens if live else 0,
+            num_disk_cached_tokens=live[0].num_disk_tokens if live else 0,
             prompt_logprobs=None
             if parent.prompt_logprobs is None
             else list(parent.prompt_logprobs),

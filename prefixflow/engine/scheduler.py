@@ -23,6 +23,7 @@ Prefix sharing (on unless `SchedulerConfig.prefix_sharing` is off) adds three th
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING, Any
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.cache.radix_cache import RadixCache
@@ -41,16 +42,24 @@ from prefixflow.step import (
     SchedulerOutput,
 )
 
+if TYPE_CHECKING:
+    from prefixflow.cache.disk_tier import DiskTier
+
 
 class RequestTooLargeError(RequestError):
     """The request cannot fit in the KV cache even alone."""
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: PagePool) -> None:
+    def __init__(
+        self, config: SchedulerConfig, pool: PagePool, disk: DiskTier | None = None
+    ) -> None:
         self.config = config
         self.pool = pool
         self.cache = RadixCache(pool) if config.prefix_sharing else None
+        self.disk = disk if self.cache is not None else None
+        self._loads: list[tuple[int, Any]] = []  # (page, bytes from disk) for the next step
+        self._saves: list[tuple[int, str]] = []  # (page, key) to copy out after it
         self.waiting: deque[Request] = deque()  # in planned order, then new arrivals
         self.resumed: deque[Request] = deque()  # preempted: they go first
         self.running: list[Request] = []
@@ -184,11 +193,15 @@ class Scheduler:
 
         forget, self._forget_ids = self._forget_ids, []
         copies, self._copies = self._copies, []
+        loads, self._loads = self._loads, []
+        saves, self._saves = self._saves, []
         return SchedulerOutput(
             seqs=seqs,
             forget_request_ids=forget,
             num_pages_touched=self.pool.high_water,
             page_copies=copies,
+            page_loads=loads,
+            page_saves=saves,
         )
 
     def update(
@@ -374,36 +387,77 @@ class Scheduler:
         self._num_unplanned = 0
 
     def _admit(self, req: Request, budget: int) -> int:
-        """Start a waiting request from its cached prefix; tokens to compute now, 0 if not."""
+        """Start a waiting request from its cached prefix; tokens to compute now, 0 if not.
+
+        The prefix comes from the RAM cache, then from the disk tier if it holds the pages
+        after that; pages read from disk join the RAM cache like computed ones.
+        """
+        bs = self.pool.page_size
         hit: list[int] = []
-        if (
+        keys: list[str] = []
+        on_disk = 0
+        matched = (
             self.cache is not None
             and req.num_computed_tokens == 0
             and req.weight_version in (None, self.weight_version)  # not kept on old weights
             and not _wants_prompt_logprobs(req)
-        ):
+        )
+        if matched:
             # At least the last token is computed, to have logits to sample from.
-            max_pages = (req.num_tokens - 1) // self.pool.page_size
+            max_pages = (req.num_tokens - 1) // bs
             hit = self.cache.match(req.token_ids, max_pages)
+            if self.disk is not None and max_pages:
+                keys = self.disk.keys(req.token_ids, bs, max_pages)
+                on_disk = self.disk.count_present(keys[len(hit) :])
             req.page_ids = list(hit)
-            req.num_computed_tokens = len(hit) * self.pool.page_size
+            req.num_computed_tokens = (len(hit) + on_disk) * bs
         n = min(req.num_tokens - req.num_computed_tokens, budget)
         need = self.pool.pages_for(req.num_computed_tokens + n) - len(req.page_ids)
         # With nothing running the request always starts: it fits alone (checked at add).
         admit = self.policy.admits(req, need, self.pool) or not self.running
         if not admit or not self._grow(req, n):
-            if hit:  # not this step: give the pages back, match again next time
+            if matched:  # not this step: give the pages back, match again next time
                 self.pool.release(hit[::-1])
                 req.page_ids = []
                 req.num_computed_tokens = 0
             return 0
+        loaded = self._load_from_disk(req, keys, len(hit), on_disk) if on_disk else 0
+        if keys:
+            self._save_shared(hit, keys)
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
+            req.num_disk_tokens = loaded * bs
         if req.weight_version is None:
             req.weight_version = self.weight_version
-        req.num_pages_cached = len(hit)
+        req.num_pages_cached = len(hit) + loaded
         self.policy.admitted(req)
         return n
+
+    def _load_from_disk(self, req: Request, keys: list[str], first: int, count: int) -> int:
+        """Read pages first..first+count from disk into the pages just allocated for them.
+
+        A page that fails its checks (torn, corrupt, evicted meanwhile) ends the run: it
+        and the pages after it are computed instead, in the pages already allocated.
+        """
+        loaded = 0
+        for i in range(first, first + count):
+            data = self.disk.read(keys[i])
+            if data is None:
+                break
+            self._loads.append((req.page_ids[i], data))
+            loaded += 1
+        req.num_computed_tokens = (first + loaded) * self.pool.page_size
+        if loaded:
+            self.cache.insert(req.token_ids, req.page_ids, first, first + loaded)
+        return loaded
+
+    def _save_shared(self, hit: list[int], keys: list[str]) -> None:
+        """Pages a second request reads from the RAM cache are a shared prefix: worth
+        keeping on disk (once; the runner copies them out after this step computes them)."""
+        for page, key in zip(hit, keys, strict=False):
+            if self.disk.wants(key):
+                self._saves.append((page, key))
 
     def _grow(self, req: Request, n: int) -> bool:
         """Give req the pages to compute n more tokens: new ones, and a private copy of a
@@ -495,6 +549,7 @@ class Scheduler:
         self.pool.ref(sib.page_ids)
         sib.num_computed_tokens = leader.num_computed_tokens
         sib.num_cached_tokens = leader.num_cached_tokens
+        sib.num_disk_tokens = leader.num_disk_tokens
         sib.num_pages_cached = leader.num_pages_cached
         sib.weight_version = leader.weight_version
         sib.num_prompt_logprobs = leader.num_prompt_logprobs  # the leader returns them

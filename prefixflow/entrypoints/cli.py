@@ -1,4 +1,4 @@
-"""The `prefixflow` command: run-batch, serve and bench."""
+"""The `prefixflow` command: run-batch, serve, analyze and bench."""
 
 from __future__ import annotations
 
@@ -177,8 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--log-level", default="warning")
     add_engine_arguments(sv)
     sv.set_defaults(func=cmd_serve)
+    from prefixflow.analyze import main as analyze
     from prefixflow.bench.main import add_arguments
     from prefixflow.bench.main import run as cmd_bench
+
+    an = sub.add_parser(
+        "analyze", help="a batch file's shared prefixes and work, before running it"
+    )
+    analyze.add_arguments(an)
+    an.set_defaults(func=analyze.run)
 
     bench = sub.add_parser("bench", help="prefixflow and its peers on the same workloads")
     add_arguments(bench)

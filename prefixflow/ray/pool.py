@@ -165,6 +165,11 @@ class ReplicaPool:
     def shutdown(self) -> None:
         import ray
 
+        for a in self._actors:  # their disk tiers finish writing (a dead one has nothing)
+            try:
+                ray.get(a.flush.remote(), timeout=60)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
         for a in self._actors:
             ray.kill(a)
         ray.shutdown()

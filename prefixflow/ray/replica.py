@@ -45,6 +45,9 @@ class Replica:
         for rid in request_ids:
             self.engine.abort(rid)
 
+    def flush(self) -> None:
+        self.engine.flush_kv_disk()
+
     def step(self) -> tuple[list[RequestOutput], dict]:
         """Steps for up to _STEP_SECONDS; the requests that finished, and the counters."""
         eng = self.engine

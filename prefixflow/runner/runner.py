@@ -10,6 +10,7 @@ from prefixflow.attention.registry import build_backend
 from prefixflow.config import EngineConfig
 from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.shapes import head_dim_of
+from prefixflow.runner.kv_disk import load_pages, read_pages
 from prefixflow.runner.prompt_logprobs import prompt_logprobs
 from prefixflow.runner.step_inputs import forward_step
 from prefixflow.sample.sampler import Sampler
@@ -50,11 +51,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        out = self._execute(sched)
+        if sched.page_saves:  # after the forward pass: this step may have computed them
+            pages, keys = [p for p, _ in sched.page_saves], [k for _, k in sched.page_saves]
+            out.saved_pages = list(zip(keys, read_pages(self.kv_cache, pages), strict=True))
+        return out
+
+    def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
         if sched.num_pages_touched > self._pages_zeroed:
             # Masked-out slots are multiplied by zero weights: they must hold finite values.
             for c in self._caches:
                 c[:, :, self._pages_zeroed : sched.num_pages_touched].zero_()
             self._pages_zeroed = sched.num_pages_touched
+        if sched.page_loads:
+            load_pages(self.kv_cache, sched.page_loads)
         if sched.page_copies:
             src, dst = zip(*sched.page_copies, strict=True)
             for c in self._caches:

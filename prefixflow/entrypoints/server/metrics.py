@@ -35,8 +35,13 @@ class _EngineCollector:
         yield CounterMetricFamily("prefixflow_prompt_tokens", "Prompt tokens", st.prompt_tokens)
         yield CounterMetricFamily(
             "prefixflow_prompt_tokens_cached",
-            "Prompt tokens read from the prefix cache",
+            "Prompt tokens read from the prefix cache in memory",
             st.cached_prompt_tokens,
+        )
+        yield CounterMetricFamily(
+            "prefixflow_prompt_tokens_from_disk",
+            "Prompt tokens read from the KV disk tier",
+            st.disk_prompt_tokens,
         )
         yield CounterMetricFamily(
             "prefixflow_generation_tokens", "Generated tokens", st.output_tokens
@@ -78,10 +83,11 @@ class _EngineCollector:
             "KV pages in use / all pages",
             pool.num_used / pool.num_pages,
         )
-        reuse = st.cached_prompt_tokens / st.prompt_tokens if st.prompt_tokens else 0.0
+        reused = st.cached_prompt_tokens + st.disk_prompt_tokens
+        reuse = reused / st.prompt_tokens if st.prompt_tokens else 0.0
         yield GaugeMetricFamily(
             "prefixflow_prefix_reuse",
-            "Prompt tokens read from the cache / all prompt tokens",
+            "Prompt tokens read from the cache (memory or disk) / all prompt tokens",
             reuse,
         )
 

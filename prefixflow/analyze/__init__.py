@@ -1,0 +1,1 @@
+"""`prefixflow analyze`: a batch file's prefix structure, read before running it."""

@@ -1,0 +1,51 @@
+"""The torch side of the KV disk tier (cache/disk_tier.py): what names a model's pages, and
+moving a page's bytes between the KV cache and the files."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+# Bumped whenever the bytes of a page would mean something else (attention/kv_layout.py).
+LAYOUT_VERSION = 1
+
+# Config fields that change a page's keys or values beyond what the weights show.
+_CONFIG_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps", "head_dim", "hidden_act")
+
+
+def kv_fingerprint(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    hf_config,
+    dtype: torch.dtype,
+    page_size: int,
+    page_shape: tuple[int, ...],
+) -> str:
+    """A hash of every weight's name, shape and bytes, and of how a page is laid out: pages
+    saved under one fingerprint are only ever read by an engine with the same one."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"layout {LAYOUT_VERSION} {dtype} page {page_size} shape {page_shape}".encode())
+    for name in _CONFIG_FIELDS:
+        h.update(f"{name}={getattr(hf_config, name, None)!r}".encode())
+    for name, t in weights:
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(_bytes(t.detach()))
+    return h.hexdigest()
+
+
+def load_pages(kv: torch.Tensor, loads: list[tuple[int, np.ndarray]]) -> None:
+    """Write pages read from disk into the cache (L, 2, num_pages, H_kv, block)."""
+    shape = (kv.shape[0], kv.shape[1], *kv.shape[3:])
+    for page, data in loads:
+        kv[:, :, page].copy_(torch.from_numpy(data).view(kv.dtype).view(shape))
+
+
+def read_pages(kv: torch.Tensor, pages: list[int]) -> list[np.ndarray]:
+    """Each page's bytes, copied out of the cache (it may be reused after this step)."""
+    return [kv[:, :, p].contiguous().view(-1).view(torch.uint8).numpy() for p in pages]
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
