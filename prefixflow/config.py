@@ -73,6 +73,15 @@ def parse_memory(value: int | float | str) -> int:
     return result
 
 
+def parse_disk_size(value: int | str) -> int:
+    """Bytes from a size on disk ("10GiB", 2**34); a fraction of memory means nothing there."""
+    if isinstance(value, float) or (
+        isinstance(value, str) and not re.search(r"[a-zA-Z]", value) and float(value) < 1
+    ):
+        raise ValueError(f"kv_disk_cache_size must be a size such as '10GiB', got {value!r}")
+    return parse_memory(value)
+
+
 def option(
     default: Any,
     help: str,
@@ -174,7 +183,7 @@ class EngineConfig:
         "folder that keeps shared prefixes' KV pages across runs and processes (read "
         "instead of computed when they come back); off by default",
     )
-    kv_disk_cache_size: int | float | str = option(
+    kv_disk_cache_size: int | str = option(
         "10GiB", "bound on the kv_disk_cache folder (least recently used pages go first)"
     )
     max_model_len: int | None = option(
@@ -228,12 +237,18 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_memory != "auto":
             parse_memory(self.kv_cache_memory)
-        parse_memory(self.kv_disk_cache_size)
-        if self.kv_disk_cache is not None and self.scheduler.speculative_config is not None:
-            if self.scheduler.speculative_config.method == "draft_model":
+        parse_disk_size(self.kv_disk_cache_size)
+        if self.kv_disk_cache is not None:
+            spec = self.scheduler.speculative_config
+            if spec is not None and spec.method == "draft_model":
                 raise ValueError(
                     "kv_disk_cache does not keep a draft model's KV; use n-gram speculation "
                     "or no disk cache"
+                )
+            if not self.scheduler.prefix_sharing:
+                raise ValueError(
+                    "kv_disk_cache keeps prefixes for the prefix cache; it needs prefix "
+                    "sharing on (drop --no-prefix-sharing)"
                 )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

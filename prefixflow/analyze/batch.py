@@ -29,6 +29,7 @@ class BadLine:
 class BatchAnalysis:
     census: CensusResult
     output_tokens_max: int  # max_tokens x n summed: what the batch may generate at most
+    lines_ok: int = 0  # requests as run-batch counts them (a line may hold several prompts)
     bad_lines: int = 0
     listed: list[BadLine] = field(default_factory=list)
 
@@ -43,7 +44,7 @@ def analyze_batch(
 ) -> BatchAnalysis:
     census = PrefixCensus(page_size)
     seen: set[str] = set()
-    out_max = 0
+    out_max = lines_ok = 0
     bad: list[BadLine] = []
     num_bad = 0
     with open(path, "rb") as f:
@@ -74,11 +75,12 @@ def analyze_batch(
                 err = e if isinstance(e, RequestError) else RequestError(str(e))
                 _list(bad, custom_id or custom_id_of(raw), err, line_no)
                 continue
+            lines_ok += 1
             for _, ids in prepared.prompts:
-                census.add(ids, params.n)
+                census.add(ids, params.n, reuse=params.prompt_logprobs is None)
                 limit = params.max_tokens or max_model_len - len(ids)
                 out_max += limit * params.n
-    return BatchAnalysis(census.result(), out_max, num_bad, bad)
+    return BatchAnalysis(census.result(), out_max, lines_ok, num_bad, bad)
 
 
 def _list(bad: list[BadLine], custom_id: str | None, err: RequestError, line_no: int) -> None:

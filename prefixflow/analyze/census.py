@@ -4,11 +4,12 @@ Each full page of a prompt is a node named by the hash chain of the tokens up to
 (64 bits of BLAKE2b; the parent's name is part of it). What prefixflow computes is every
 distinct node once, plus each request's own tail: a request reuses at most
 (prompt - 1) // page_size pages (its last token is always computed), and n samples of one
-prompt share one prefill.
+prompt share one prefill. A request that wants prompt logprobs computes its whole prompt.
 
 Memory is bounded by the distinct pages, not the requests: nodes are kept in sorted numpy
-arrays (name, parent, depth, count: 24 bytes a node) and merged in batches, so a million
-prompts sharing a system prompt take a few tens of MB. Pure Python with numpy, no torch.
+arrays (name, parent, depth, count: 24 bytes a node). New nodes are buffered, deduplicated
+into sorted runs, and the runs merged into the main arrays once they hold as many nodes as
+it does, so each node is merged O(log n) times. Pure Python with numpy, no torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_MERGE_EVERY = 1 << 20  # nodes buffered before a merge into the sorted arrays
+_MERGE_EVERY = 1 << 20  # nodes buffered before they become a sorted run
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SharedPrefix:
 
 @dataclass
 class CensusResult:
-    requests: int
+    requests: int  # prompts (a completions line may hold several)
     sequences: int  # n samples each
     prompt_tokens: int  # each request's prompt once, whatever its n
     distinct_tokens: int  # what prefixflow computes: each page-aligned prefix once, and tails
@@ -45,19 +46,46 @@ class CensusResult:
     top_prefixes: list[SharedPrefix]
 
 
+class _Nodes:
+    """Sorted arrays of nodes: name, parent, depth and count."""
+
+    def __init__(self, name, parent, depth, count) -> None:
+        self.name, self.parent, self.depth, self.count = name, parent, depth, count
+
+    @classmethod
+    def empty(cls) -> _Nodes:
+        return cls(*(np.empty(0, t) for t in (np.uint64, np.uint64, np.uint32, np.int64)))
+
+    def __len__(self) -> int:
+        return len(self.name)
+
+    @classmethod
+    def merged(cls, parts: list[_Nodes]) -> _Nodes:
+        name = np.concatenate([p.name for p in parts])
+        uniq, first, inverse = np.unique(name, return_index=True, return_inverse=True)
+        count = np.bincount(inverse, weights=np.concatenate([p.count for p in parts]))
+        return cls(
+            uniq,
+            np.concatenate([p.parent for p in parts])[first],
+            np.concatenate([p.depth for p in parts])[first],
+            count.astype(np.int64),
+        )
+
+
 class PrefixCensus:
     def __init__(self, page_size: int) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
         self.requests = self.sequences = self.prompt_tokens = self.tail_tokens = 0
         self.sampled_requests = self.n_sharing_tokens = 0
-        self._name = np.empty(0, np.uint64)  # sorted
-        self._parent = np.empty(0, np.uint64)
-        self._depth = np.empty(0, np.uint32)
-        self._count = np.empty(0, np.uint32)
-        self._new = (array("Q"), array("Q"), array("I"))  # name, parent, depth; unmerged
+        self._main = _Nodes.empty()
+        self._runs: list[_Nodes] = []
+        self._new = (array("Q"), array("Q"), array("I"))  # name, parent, depth; unsorted
 
-    def add(self, token_ids: list[int], n: int = 1) -> None:
-        """One request: its prompt's token ids and how many samples it asks for."""
+    def add(self, token_ids: list[int], n: int = 1, reuse: bool = True) -> None:
+        """One request: its prompt's token ids, how many samples it asks for, and whether
+        it may read cached pages (not when it wants prompt logprobs)."""
         bs = self.page_size
         self.requests += 1
         self.sequences += n
@@ -65,6 +93,9 @@ class PrefixCensus:
         if n > 1:
             self.sampled_requests += 1
             self.n_sharing_tokens += (n - 1) * len(token_ids)
+        if not reuse:
+            self.tail_tokens += len(token_ids)
+            return
         usable = max(len(token_ids) - 1, 0) // bs
         self.tail_tokens += len(token_ids) - usable * bs
         pages = np.asarray(token_ids[: usable * bs], dtype="<i8").reshape(usable, bs)
@@ -77,38 +108,36 @@ class PrefixCensus:
             depths.append(p + 1)
             prev = name
         if len(names) >= _MERGE_EVERY:
-            self._merge()
+            self._flush()
 
-    def _merge(self) -> None:
-        names, parents, depths = (
-            np.frombuffer(a, dtype=t)
-            for a, t in zip(self._new, (np.uint64, np.uint64, np.uint32), strict=True)
-        )
-        if not len(names):
-            return
-        uniq, first, counts = np.unique(names, return_index=True, return_counts=True)
-        at = np.searchsorted(self._name, uniq)
-        found = at < len(self._name)
-        found[found] = self._name[at[found]] == uniq[found]
-        np.add.at(self._count, at[found], counts[found].astype(np.uint32))
-        fresh = ~found
-        where = at[fresh]
-        self._name = np.insert(self._name, where, uniq[fresh])
-        self._parent = np.insert(self._parent, where, parents[first[fresh]])
-        self._depth = np.insert(self._depth, where, depths[first[fresh]])
-        self._count = np.insert(self._count, where, counts[fresh].astype(np.uint32))
-        self._new = (array("Q"), array("Q"), array("I"))
+    def _flush(self) -> None:
+        names, parents, depths = self._new
+        if names:
+            run = _Nodes(
+                np.frombuffer(names, np.uint64),
+                np.frombuffer(parents, np.uint64),
+                np.frombuffer(depths, np.uint32),
+                np.ones(len(names), np.int64),
+            )
+            self._runs.append(_Nodes.merged([run]))
+            self._new = (array("Q"), array("Q"), array("I"))
+        if sum(map(len, self._runs)) >= len(self._main):
+            self._main = _Nodes.merged([self._main, *self._runs])
+            self._runs = []
 
     def result(self, top: int = 10) -> CensusResult:
-        self._merge()
-        bs = self.page_size
-        shared = self._count >= 2
+        self._flush()
+        if self._runs:
+            self._main = _Nodes.merged([self._main, *self._runs])
+            self._runs = []
+        m, bs = self._main, self.page_size
+        shared = m.count >= 2
         # A shared prefix worth naming ends where its sharers part: no child page is
         # shared by all of them.
-        names, parents = self._name[shared], self._parent[shared]
-        counts, depths = self._count[shared], self._depth[shared]
+        names, parents = m.name[shared], m.parent[shared]
+        counts, depths = m.count[shared], m.depth[shared]
         index = {int(h): i for i, h in enumerate(names)}
-        child_max = np.zeros(len(names), np.uint32)
+        child_max = np.zeros(len(names), np.int64)
         for i, p in enumerate(parents):
             j = index.get(int(p))
             if j is not None:
@@ -128,7 +157,7 @@ class PrefixCensus:
             requests=self.requests,
             sequences=self.sequences,
             prompt_tokens=self.prompt_tokens,
-            distinct_tokens=len(self._name) * bs + self.tail_tokens,
+            distinct_tokens=len(m) * bs + self.tail_tokens,
             sampled_requests=self.sampled_requests,
             n_sharing_tokens=self.n_sharing_tokens,
             tree_depth=int(level.max()) if len(level) else 0,

@@ -49,12 +49,13 @@ def estimate(engine: Engine, analysis: BatchAnalysis) -> Estimate:
     def tokens(n: int) -> list[int]:
         return [rng.randrange(100, vocab) for _ in range(n)]
 
+    prefill = min(_PREFILL_TOKENS, engine.max_model_len - 2)
     run([tokens(64)], 2)  # warm-up: first calls allocate and pack
-    prefill_s = run([tokens(_PREFILL_TOKENS)], 1)
+    prefill_s = run([tokens(prefill)], 1)
     prompts = [tokens(16) for _ in range(batch)]
     start = run(prompts, 1)
     both = run([tokens(16) for _ in range(batch)], 1 + _DECODE_STEPS)
-    prefill_rate = _PREFILL_TOKENS / prefill_s
+    prefill_rate = prefill / prefill_s
     decode_rate = batch * _DECODE_STEPS / max(both - start, 1e-6)
     seconds = census.distinct_tokens / prefill_rate + analysis.output_tokens_max / decode_rate
     return Estimate(prefill_rate, decode_rate, batch, seconds)

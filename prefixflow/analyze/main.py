@@ -21,8 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ".gguf, or 'default' for the embedded one); without it only the default model's "
         "tokenizer is loaded",
     )
-    p.add_argument("--page-size", type=int, default=16, help="KV page size (default 16)")
+    p.add_argument("--page-size", type=_page_size, default=16, help="KV page size (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _page_size(text: str) -> int:
+    n = int(text)
+    if n < 1 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {text}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:

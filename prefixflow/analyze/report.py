@@ -16,6 +16,7 @@ def as_dict(a: BatchAnalysis, page_size: int, est: Estimate | None) -> dict:
         "page_size": page_size,
         "computed_fraction": c.distinct_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
         "output_tokens_max": a.output_tokens_max,
+        "lines_ok": a.lines_ok,
         "bad_lines": a.bad_lines,
         "bad_lines_listed": [asdict(b) for b in a.listed],
     }
@@ -30,7 +31,8 @@ def text(a: BatchAnalysis, source: str, est: Estimate | None) -> str:
     less = c.prompt_tokens / c.distinct_tokens if c.distinct_tokens else 1.0
     lines = [
         f"analyze: {source}",
-        f"  requests           {c.requests:,} ({c.sequences:,} sequences), {a.bad_lines:,} bad lines",
+        f"  requests           {a.lines_ok:,} ({c.requests:,} prompts, {c.sequences:,} "
+        f"sequences), {a.bad_lines:,} bad lines",
         f"  prompt tokens      {c.prompt_tokens:,}",
         f"  to compute         {c.distinct_tokens:,} distinct page-aligned prompt tokens "
         f"({share:.1%}: {less:.1f}x fewer)",

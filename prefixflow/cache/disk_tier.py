@@ -2,19 +2,19 @@
 
 A page is named by the hash chain of the token ids up to its end (`page_keys`), under a
 fingerprint of everything its bytes depend on (the weights, dtype, page size, KV layout;
-runner/kv_fingerprint.py), in `DIR/<fingerprint>/<key[:2]>/<key>.safetensors`. A different
-model, dtype or layout looks in another folder and never reads these pages.
+runner/kv_disk.py). A different model, dtype or layout looks in another folder and never
+reads these pages. cache/page_file.py has the file format and its checks.
 
-Each file is a safetensors file of one uint8 tensor (the page's bytes as the KV cache holds
-them) whose header also carries the fingerprint, the key and a CRC-32 of the bytes. Files
-are written to a temporary name and renamed into place (atomic on POSIX), so a reader sees
-a whole file or none; a torn file, a bad checksum, a foreign fingerprint or a wrong size
-is detected when read, counted, deleted, and the page is computed instead.
+Files are written to a temporary name and renamed into place (atomic on POSIX), so a
+reader sees a whole file or none; a torn file, a bad checksum, a foreign fingerprint or a
+wrong size is found when read, counted, deleted, and the page is computed instead.
 
 Several processes may share a folder: writes never overwrite a file in place, a file
 deleted while another process reads it stays readable until closed, and eviction races
 only delete a page twice. The folder is bounded by `max_bytes`, least recently used first
-(a read touches the file's modification time). Writes run on a background thread.
+(reads, and reads of the same page from RAM, touch the file). Each writer rescans the
+folder after writing a tenth of the bound, so processes writing at once overshoot it by at
+most a tenth each. Writes run on a background thread; a failing disk pauses saving.
 
 Pure Python with numpy: the scheduler uses it without torch.
 """
@@ -28,21 +28,22 @@ import queue
 import threading
 import time
 import weakref
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save as save_safetensors
+
+from prefixflow.cache import page_file
+from prefixflow.cache.page_file import BadPage
 
 logger = logging.getLogger("prefixflow")
 
-FORMAT = "prefixflow-kv-page"
-SUFFIX = ".safetensors"
 _EVICT_TO = 0.9  # after going over the bound, evict down to this fraction of it
+_RESCAN_EVERY = 0.1  # of the bound written by this process between scans of the folder
 _STALE_TMP_S = 3600.0  # a temporary file this old was left by a crashed writer
+_TOUCH_EVERY_S = 60.0  # a page read from RAM touches its file at most this often
+_PAUSE_S = 30.0  # saving pauses this long after a failed write
+_QUEUE_BYTES = 256 << 20  # pages waiting for the writer, at most
 
 
 def page_keys(token_ids: list[int], page_size: int, num_pages: int, salt: str) -> list[str]:
@@ -63,6 +64,9 @@ class DiskTierStats:
     pages_read: int = 0
     bad_files: int = 0  # torn, corrupt or foreign files found (and deleted)
     pages_evicted: int = 0
+    write_errors: int = 0
+    read_s: float = 0.0  # time spent reading and checking pages
+    write_s: float = 0.0  # time the writer thread spent writing them
 
 
 class DiskTier:
@@ -73,9 +77,10 @@ class DiskTier:
         self.fingerprint = ""
         self.stats = DiskTierStats()
         self._known: set[str] = set()  # keys this process wrote or saw on disk
-        self._bytes: int | None = None  # the folder's size, as last scanned plus own writes
-        self._queue: queue.Queue[tuple[str, str, np.ndarray] | None] = queue.Queue(maxsize=512)
-        self._failed = False
+        self._touched: dict[str, float] = {}
+        self._scanned: int | None = None  # the folder's size at the last scan
+        self._since_scan = 0  # bytes this process wrote since
+        self._paused_until = 0.0
         self._closed = False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -83,9 +88,13 @@ class DiskTier:
             raise ValueError(
                 f"kv_disk_cache: cannot create {self.root} ({e}); give a writable folder"
             ) from e
-        self._thread = threading.Thread(target=self._write_loop, name="kv-disk", daemon=True)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(8, _QUEUE_BYTES // page_nbytes))
+        # The thread holds the tier only weakly, so a dropped tier is collected, and its
+        # finalizer (or exit) finishes the pending writes.
+        self._thread = threading.Thread(
+            target=_write_loop, args=(weakref.ref(self), self._queue), name="kv-disk", daemon=True
+        )
         self._thread.start()
-        # Pending writes finish at exit too (the thread is a daemon so it never blocks exit).
         weakref.finalize(self, _stop, self._queue, self._thread)
 
     def set_fingerprint(self, fingerprint: str) -> None:
@@ -93,10 +102,7 @@ class DiskTier:
         self.flush()
         self.fingerprint = fingerprint
         self._known.clear()
-
-    @property
-    def folder(self) -> Path:
-        return self.root / self.fingerprint
+        self._touched.clear()
 
     def keys(self, token_ids: list[int], page_size: int, num_pages: int) -> list[str]:
         return page_keys(token_ids, page_size, num_pages, self.fingerprint)
@@ -117,161 +123,170 @@ class DiskTier:
             n += 1
         return n
 
+    def read(self, key: str) -> np.ndarray | None:
+        """The page's bytes, checked; None if there is no good file. A bad one is deleted;
+        one that cannot be opened (a failing disk) is left alone."""
+        path = self._path(key)
+        t0 = time.perf_counter()
+        try:
+            data = page_file.decode(path, self.fingerprint, key, self.page_nbytes)
+        except BadPage as e:
+            self.stats.bad_files += 1
+            self._known.discard(key)
+            logger.warning("KV disk cache: ignoring %s: %s; the page is computed instead", path, e)
+            _unlink(path)
+            return None
+        except OSError as e:
+            self._known.discard(key)
+            if not isinstance(e, FileNotFoundError):
+                logger.warning("KV disk cache: cannot read %s (%s); computing the page", path, e)
+            return None
+        self._known.add(key)
+        self._touched[key] = time.monotonic()
+        _touch(path)
+        self.stats.pages_read += 1
+        self.stats.read_s += time.perf_counter() - t0
+        return data
+
+    # ---- writing ----
     def wants(self, key: str) -> bool:
-        """True (once) for a page not on disk yet: the caller is to save() it."""
-        if self._failed or self._closed or self.has(key):
+        """Whether the caller should save() this page (read again from RAM): True once for
+        a page with no file; for one with a file, it is touched (recently used) instead."""
+        if self._closed or time.monotonic() < self._paused_until:
+            return False
+        if self.has(key):
+            now = time.monotonic()
+            if now - self._touched.get(key, -_TOUCH_EVERY_S) >= _TOUCH_EVERY_S:
+                self._touched[key] = now
+                self._queue.put(("touch", self.fingerprint, key, None))
             return False
         self._known.add(key)
         return True
 
-    def read(self, key: str) -> np.ndarray | None:
-        """The page's bytes, checked; None (and the file removed) if it is missing or bad."""
-        path = self._path(key)
-        try:
-            with safe_open(path, framework="numpy") as f:
-                meta = f.metadata() or {}
-                data = f.get_tensor("kv") if "kv" in f.keys() else None
-        except FileNotFoundError:
-            self._known.discard(key)
-            return None
-        except (SafetensorError, OSError, ValueError) as e:
-            return self._bad(key, path, f"unreadable ({e})")
-        problem = _check(meta, data, self.fingerprint, key, self.page_nbytes)
-        if problem:
-            return self._bad(key, path, problem)
-        try:
-            os.utime(path)  # recently used: evicted last
-        except OSError:
-            pass
-        self._known.add(key)
-        self.stats.pages_read += 1
-        return data
-
-    def _bad(self, key: str, path: Path, why: str) -> None:
-        self.stats.bad_files += 1
-        self._known.discard(key)
-        logger.warning("KV disk cache: ignoring %s: %s; the page is computed instead", path, why)
-        try:
-            path.unlink()
-        except OSError:
-            pass
-        return None
-
-    # ---- writing ----
     def save(self, key: str, data: np.ndarray) -> None:
         """Write a page (one wants() said to save) in the background."""
-        if self._failed or self._closed:
-            return
-        self._known.add(key)
-        self._queue.put((self.fingerprint, key, data))
+        if not self._closed:
+            self._queue.put(("write", self.fingerprint, key, data))
 
     def flush(self) -> None:
-        """Wait until every page handed to save() is written."""
-        self._queue.join()
+        """Wait until every page handed to save() is written (or failed)."""
+        if self._thread.is_alive():
+            self._queue.join()
 
     def close(self) -> None:
         self._closed = True
         _stop(self._queue, self._thread)
 
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                self._write(*item)
-            except OSError as e:
-                if not self._failed:
-                    logger.warning(
-                        "KV disk cache: cannot write to %s (%s); saving off", self.root, e
-                    )
-                self._failed = True
-            finally:
-                self._queue.task_done()
-
-    def _write(self, fingerprint: str, key: str, data: np.ndarray) -> None:
-        path = self._path(key, fingerprint)
+    def _do(self, op: str, fingerprint: str, key: str, data: np.ndarray | None) -> None:
+        path = page_file.page_path(self.root, fingerprint, key)
+        if op == "touch":
+            if not _touch(path):  # evicted meanwhile: save it again when next read
+                self._known.discard(key)
+            return
         if path.exists():
             return
-        meta = {
-            "format": FORMAT,
-            "fingerprint": fingerprint,
-            "key": key,
-            "nbytes": str(data.nbytes),
-            "crc32": str(zlib.crc32(data)),
-        }
-        blob = save_safetensors({"kv": data}, metadata=meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
+        blob = page_file.encode(fingerprint, key, data)
+        tmp = page_file.tmp_path(path, key, f"{os.getpid()}.{threading.get_ident()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        except OSError:
+            _unlink(tmp)
+            self._known.discard(key)
+            raise
         self.stats.pages_written += 1
-        if self._bytes is None:
-            self._bytes = self.size_on_disk()
-        else:
-            self._bytes += len(blob)
-        if self._bytes > self.max_bytes:
+        self._since_scan += len(blob)
+        if self._scanned is None or self._since_scan >= _RESCAN_EVERY * self.max_bytes:
+            self._scanned, self._since_scan = self.size_on_disk(), 0
+        if self._scanned + self._since_scan > self.max_bytes:
             self._evict()
+
+    def _failed(self, e: Exception) -> None:
+        self.stats.write_errors += 1
+        self._paused_until = time.monotonic() + _PAUSE_S
+        logger.warning(
+            "KV disk cache: cannot write to %s (%s); saving paused for %.0f s",
+            self.root,
+            e,
+            _PAUSE_S,
+        )
+        try:
+            self._evict()  # a full disk may have room again after evicting
+        except OSError:
+            pass
 
     # ---- the size bound ----
     def size_on_disk(self) -> int:
-        return sum(size for _, size, _ in self._files())
-
-    def _files(self) -> Iterator[tuple[Path, int, float]]:
-        """(path, size, last use) of every page file (of any fingerprint) and temporary one."""
-        for dirpath, _, names in os.walk(self.root):
-            for name in names:
-                if not (name.endswith(SUFFIX) or name.endswith(".tmp")):
-                    continue
-                path = Path(dirpath, name)
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue  # evicted by another process meanwhile
-                yield path, st.st_size, st.st_mtime
+        return sum(size for _, size, _ in page_file.tier_files(self.root))
 
     def _evict(self) -> None:
         """Delete least recently used files until the folder is under the bound again."""
-        files = sorted(self._files(), key=lambda f: f[2])
+        files = sorted(page_file.tier_files(self.root), key=lambda f: f[2])
         total = sum(size for _, size, _ in files)
         target = int(self.max_bytes * _EVICT_TO)
         now = time.time()
         for path, size, mtime in files:
             if total <= target:
                 break
-            if path.suffix == ".tmp" and now - mtime < _STALE_TMP_S:
+            is_tmp = path.suffix == ".tmp"
+            if is_tmp and now - mtime < _STALE_TMP_S:
                 continue  # another process is writing it
+            if _unlink(path):  # (or another process did)
+                self.stats.pages_evicted += not is_tmp
+                self._known.discard(path.name.removesuffix(page_file.SUFFIX))
+                total -= size
+        self._scanned, self._since_scan = total, 0
+
+    def _path(self, key: str) -> Path:
+        return page_file.page_path(self.root, self.fingerprint, key)
+
+
+def _write_loop(ref: weakref.ref, q: queue.Queue) -> None:
+    while True:
+        item = q.get()
+        try:
+            if item is None:
+                return
+            tier = ref()
+            if tier is None:
+                continue
+            t0 = time.perf_counter()
             try:
-                path.unlink()
-                self.stats.pages_evicted += path.suffix == SUFFIX
-            except OSError:
-                pass
-            total -= size
-            self._known.discard(path.name.removesuffix(SUFFIX))
-        self._bytes = total
+                tier._do(*item)
+            except Exception as e:  # the thread must live on: flush() waits for it
+                try:
+                    tier._failed(e)
+                except Exception:
+                    pass
+            tier.stats.write_s += time.perf_counter() - t0
+            del tier
+        finally:
+            q.task_done()
 
-    def _path(self, key: str, fingerprint: str | None = None) -> Path:
-        return self.root / (fingerprint or self.fingerprint) / key[:2] / f"{key}{SUFFIX}"
+
+def _touch(path: Path) -> bool:
+    try:
+        os.utime(path)
+        return True
+    except OSError:
+        return False
 
 
-def _check(meta: dict, data: np.ndarray | None, fingerprint: str, key: str, nbytes: int) -> str:
-    """What is wrong with a page file's content, or "" if nothing."""
-    if meta.get("format") != FORMAT:
-        return "not a prefixflow KV page"
-    if meta.get("fingerprint") != fingerprint:
-        return "written for another model, dtype or layout"
-    if meta.get("key") != key:
-        return "holds another prefix"
-    if data is None or data.dtype != np.uint8 or data.nbytes != nbytes:
-        return f"holds {0 if data is None else data.nbytes} bytes, a page has {nbytes}"
-    if meta.get("crc32") != str(zlib.crc32(data)):
-        return "checksum mismatch"
-    return ""
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return True  # gone already: another process evicted it
+    except OSError:
+        return False
 
 
 def _stop(q: queue.Queue, thread: threading.Thread) -> None:
-    """Finish pending writes and end the writer thread (at close, or at exit)."""
+    """Finish pending writes and end the writer thread (at close, collection or exit)."""
     if thread.is_alive():
         q.put(None)
-        thread.join()
+        if thread is not threading.current_thread():
+            thread.join()

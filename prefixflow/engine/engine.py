@@ -11,7 +11,7 @@ import torch
 from prefixflow.attention.registry import build_backend
 from prefixflow.cache.disk_tier import DiskTier
 from prefixflow.cache.page_pool import PagePool
-from prefixflow.config import EngineConfig, parse_memory
+from prefixflow.config import EngineConfig, parse_disk_size
 from prefixflow.engine.output_processor import OutputProcessor
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.engine.weight_update import Weights, check_in_flight, frozen_copy, load_update
@@ -46,8 +46,8 @@ class EngineStats:
     output_tokens: int = 0
     computed_tokens: int = 0  # every token run through the model, decodes included
     prompt_computed_tokens: int = 0  # prompt tokens run through the model (not reused)
-    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache in RAM instead
-    disk_prompt_tokens: int = 0  # prompt tokens read from the KV disk tier instead
+    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache (RAM or disk)
+    disk_prompt_tokens: int = 0  # of those, read from the KV disk tier
     recomputed_tokens: int = 0  # computed again after their request was preempted
     preemptions: int = 0
     steps: int = 0
@@ -99,7 +99,7 @@ class Engine:
         if config.kv_disk_cache is not None:
             page_bytes = bytes_per_page(hf_config, bs, self.dtype)
             self.disk = DiskTier(
-                config.kv_disk_cache, parse_memory(config.kv_disk_cache_size), page_bytes
+                config.kv_disk_cache, parse_disk_size(config.kv_disk_cache_size), page_bytes
             )
             self.disk.set_fingerprint(self._kv_fingerprint())
         self.scheduler = Scheduler(config.scheduler, self.pool, self.disk)
@@ -319,9 +319,7 @@ class Engine:
         st.draft_tokens = sc.num_draft_tokens
         st.accepted_tokens = sc.num_accepted_tokens
         st.kv_utilisation_sum += self.pool.num_used / self.pool.num_pages
-        st.cached_prompt_tokens += sum(
-            o.num_cached_tokens - o.num_disk_cached_tokens for o in finished
-        )
+        st.cached_prompt_tokens += sum(o.num_cached_tokens for o in finished)
         st.disk_prompt_tokens += sum(o.num_disk_cached_tokens for o in finished)
         return finished
 

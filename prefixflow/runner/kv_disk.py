@@ -4,7 +4,9 @@ moving a page's bytes between the KV cache and the files."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -13,7 +15,14 @@ import torch
 LAYOUT_VERSION = 1
 
 # Config fields that change a page's keys or values beyond what the weights show.
-_CONFIG_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps", "head_dim", "hidden_act")
+_CONFIG_FIELDS = (
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",  # some rope scalings depend on it
+    "rms_norm_eps",
+    "head_dim",
+    "hidden_act",
+)
 
 
 def kv_fingerprint(
@@ -27,12 +36,19 @@ def kv_fingerprint(
     saved under one fingerprint are only ever read by an engine with the same one."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"layout {LAYOUT_VERSION} {dtype} page {page_size} shape {page_shape}".encode())
-    for name in _CONFIG_FIELDS:
-        h.update(f"{name}={getattr(hf_config, name, None)!r}".encode())
-    for name, t in weights:
-        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
-        h.update(_bytes(t.detach()))
+    config = {name: getattr(hf_config, name, None) for name in _CONFIG_FIELDS}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    named = [(name, t.detach()) for name, t in weights]
+    # hashlib lets go of the GIL on large buffers: the tensors hash on every core at once.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        digests = pool.map(_digest, [t for _, t in named])
+        for (name, t), digest in zip(named, digests, strict=True):
+            h.update(f"{name} {tuple(t.shape)} {t.dtype} ".encode() + digest)
     return h.hexdigest()
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(_bytes(t), digest_size=16).digest()
 
 
 def load_pages(kv: torch.Tensor, loads: list[tuple[int, np.ndarray]]) -> None:

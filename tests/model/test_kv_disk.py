@@ -86,6 +86,8 @@ def test_analyze_counts_what_a_run_computes(tmp_path, llm_f32):
         for q, question in enumerate(QUESTIONS[:4]):
             body = {"prompt": f"{doc}\nQ: {question}\nA:", "max_tokens": 3, "n": 1 + (q == 0)}
             lines.append({"custom_id": f"{d}-{q}", "url": "/v1/completions", "body": body})
+    two = [f"Read this.\n{PARAGRAPHS[0] * 3}\nQ: {q}\nA:" for q in QUESTIONS[4:6]]
+    lines.append({"custom_id": "two", "url": "/v1/completions", "body": {"prompt": two}})
     lines.append({"custom_id": "bad", "url": "/v1/completions", "body": {"prompt": ""}})
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{not json\n")
@@ -96,20 +98,23 @@ def test_analyze_counts_what_a_run_computes(tmp_path, llm_f32):
     eng.scheduler.cache.clear()
     s = run_batch(path, tmp_path / "out.jsonl", eng, progress=False)
     assert a.bad_lines == s.requests_failed == 2
-    assert [b.line_no for b in a.listed] == [13, 14]
-    assert a.census.requests == s.requests_ok == 12 and a.census.sequences == 15
+    assert [b.line_no for b in a.listed] == [14, 15]
+    assert a.lines_ok == s.requests_ok == 13
+    assert a.census.requests == 14 and a.census.sequences == 17
     assert a.census.prompt_tokens == s.prompt_tokens
-    assert abs(a.census.distinct_tokens - s.prompt_tokens_computed) <= 16 * 12
+    assert abs(a.census.distinct_tokens - s.prompt_tokens_computed) <= 16 * 14
     assert a.census.distinct_tokens < a.census.prompt_tokens / 2
     assert a.census.tree_depth >= 1
     shared = {(p.tokens // 16, p.sharers) for p in a.census.top_prefixes}
     assert any(sharers == 4 for _, sharers in shared)  # each document, by its 4 questions
     summary = text(a, "in.jsonl", None)
     assert (
-        f"{a.census.distinct_tokens:,} distinct" in summary and "line 14: invalid JSON" in summary
+        f"{a.census.distinct_tokens:,} distinct" in summary and "line 15: invalid JSON" in summary
     )
     assert json.loads(json.dumps(as_dict(a, 16, None)))["bad_lines"] == 2
     write_chart(tmp_path / "a.png", a)
     assert (tmp_path / "a.png").stat().st_size > 1000
-    est = estimate(eng, a)  # measured on this machine: the right order of magnitude
-    assert est.batch == 15 and 0.2 * s.wall_s < est.seconds < 5 * s.wall_s
+    est = estimate(eng, a)  # rates measured here, applied to the batch's work
+    assert est.batch == 17 and est.prefill_tok_s > 0 and est.decode_tok_s > 0
+    work = a.census.distinct_tokens / est.prefill_tok_s + a.output_tokens_max / est.decode_tok_s
+    assert est.seconds == pytest.approx(work) and 0.1 * s.wall_s < est.seconds < 10 * s.wall_s

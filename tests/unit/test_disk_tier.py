@@ -1,18 +1,24 @@
-"""The KV disk tier on its own (files, checks, the size bound, two processes) and under the
-scheduler with the page-table runner, whose pages hold token ids: a page read from disk
-that is not the prefix it claims to be shows up as a wrong context."""
+"""The KV disk tier on its own (files, checks, the size bound, failing writes, processes
+sharing a folder) and under the scheduler with the page-table runner, whose pages hold
+token ids: a page read from disk that is not the prefix it claims to be shows up as a
+wrong context."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import random
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
+from prefixflow.cache import disk_tier as disk_tier_module
+from prefixflow.cache import page_file
 from prefixflow.cache.disk_tier import DiskTier, page_keys
+from prefixflow.cache.page_file import BadPage, decode, encode
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.scheduler import Scheduler
@@ -21,11 +27,11 @@ from prefixflow.sampling_params import SamplingParams
 from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens
 
 NBYTES = 4096
+FILE = NBYTES + 400  # a page file: the page and the safetensors header
+A, B = "a" * 32, "b" * 32  # fingerprints of two models
 
 
-def tier(
-    root: Path, max_bytes: int = 1 << 30, fingerprint: str = "model-a", nbytes: int = NBYTES
-) -> DiskTier:
+def tier(root: Path, max_bytes: int = 1 << 30, fingerprint: str = A, nbytes: int = NBYTES):
     t = DiskTier(root, max_bytes, nbytes)
     t.set_fingerprint(fingerprint)
     return t
@@ -55,60 +61,65 @@ def test_pages_come_back_as_written_and_missing_ones_are_none(tmp_path):
     assert np.array_equal(again.read(keys[0]), page(0))
     assert again.read(keys[1]) is None
     assert again.count_present(keys) == 1
-    assert tier(tmp_path, fingerprint="model-b").count_present(keys) == 0
+    assert tier(tmp_path, fingerprint=B).count_present(keys) == 0
 
 
-def _corrupt_each_way(path: Path, tmp_path: Path, key: str) -> list[str]:
-    """Five bad copies of a good page file at `path`; returns what each one is."""
-    good = path.read_bytes()
-    cases = []
-    for what, make in [
-        ("truncated", lambda: path.write_bytes(good[: len(good) // 2])),
-        (
-            "a byte flipped",
-            lambda: path.write_bytes(good[:-10] + bytes([good[-10] ^ 1]) + good[-9:]),
-        ),
-        ("garbage", lambda: path.write_bytes(b"not a safetensors file")),
-        (
-            "another model's",
-            lambda: save_file(
-                {"kv": page(0)},
-                path,
-                {
-                    "format": "prefixflow-kv-page",
-                    "fingerprint": "model-b",
-                    "key": key,
-                    "crc32": "0",
-                },
-            ),
-        ),
-        ("wrong size", lambda: save_file({"kv": page(0)[:100]}, path)),
-    ]:
-        make()
-        cases.append(what)
-        yield what
+def _bf16_file(key: str) -> bytes:
+    """A well-formed safetensors file whose tensor is bfloat16, not bytes."""
+    meta = {"format": page_file.FORMAT, "fingerprint": A, "key": key, "nbytes": str(NBYTES)}
+    header = {"kv": {"dtype": "BF16", "shape": [NBYTES // 2], "data_offsets": [0, NBYTES]}}
+    head = json.dumps({**header, "__metadata__": meta}).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + page(0).tobytes()
+
+
+def test_each_check_refuses_a_file_that_is_right_in_everything_else(tmp_path):
+    key, other = page_keys(list(range(8)), 4, 2, A)
+    good = encode(A, key, page(0))
+    flipped = bytearray(good)
+    flipped[-10] ^= 1
+    cases = {
+        "torn": (good[: len(good) // 2], "unreadable"),
+        "a bit flipped": (bytes(flipped), "checksum"),
+        "garbage": (b"not a safetensors file", "unreadable"),
+        "another model's": (encode(B, key, page(0)), "another model"),
+        "another prefix's": (encode(A, other, page(0)), "another prefix"),
+        "the wrong size": (encode(A, key, page(0)[:100]), "bytes"),
+        "bfloat16": (_bf16_file(key), "unreadable"),
+    }
+    path = tmp_path / "page.safetensors"
+    for blob, reason in cases.values():
+        path.write_bytes(blob)
+        with pytest.raises(BadPage, match=reason):
+            decode(path, A, key, NBYTES)
     path.write_bytes(good)
+    assert np.array_equal(decode(path, A, key, NBYTES), page(0))
+
+    t = tier(tmp_path / "tier")
+    for what, (blob, _) in cases.items():
+        target = t._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(blob)
+        assert t.read(key) is None, what
+        assert not target.exists(), what  # deleted: the next write replaces it
+    assert t.stats.bad_files == len(cases)
 
 
-def test_torn_corrupt_or_foreign_files_are_refused_and_removed(tmp_path):
+def test_a_file_that_cannot_be_opened_is_a_miss_and_stays(tmp_path):
     t = tier(tmp_path)
-    (key,) = page_keys(list(range(4)), 4, 1, t.fingerprint)
-    t.save(key, page(0))
-    t.flush()
-    path = next(tmp_path.rglob("*.safetensors"))
-    bad = 0
-    for what in _corrupt_each_way(path, tmp_path, key):
-        reader = tier(tmp_path)
-        assert reader.read(key) is None, what
-        assert not path.exists(), what  # deleted: the next write replaces it
-        bad += reader.stats.bad_files
-    assert bad == 5
-    assert np.array_equal(tier(tmp_path).read(key), page(0))
+    (key,) = page_keys(list(range(4)), 4, 1, A)
+    t._path(key).mkdir(parents=True)  # opening it fails as a flaky disk would
+    assert t.read(key) is None
+    assert t._path(key).exists() and t.stats.bad_files == 0
 
 
 def test_the_folder_stays_under_its_bound_dropping_least_recently_used(tmp_path):
-    file_size = NBYTES + 400  # the page and the safetensors header
-    t = tier(tmp_path, max_bytes=10 * file_size)
+    foreign = [tmp_path / "model.safetensors", tmp_path / "notes.tmp", tmp_path / A / "README"]
+    for f in foreign:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x" * 20 * FILE)
+        os.utime(f, (0, 0))  # older than anything: first to go, were they the tier's
+    t = tier(tmp_path, max_bytes=10 * FILE)
     keys = page_keys(list(range(4 * 40)), 4, 40, t.fingerprint)
     for i in range(3):
         t.save(keys[i], page(i))
@@ -117,31 +128,86 @@ def test_the_folder_stays_under_its_bound_dropping_least_recently_used(tmp_path)
         assert t.read(keys[0]) is not None  # in use all along: kept
         t.save(keys[i], page(i))
         t.flush()
-        assert t.size_on_disk() <= 10 * file_size
+        assert t.size_on_disk() <= 10 * FILE
     assert t.stats.pages_evicted >= 25
     assert t.read(keys[0]) is not None and t.read(keys[1]) is None
+    assert all(f.exists() for f in foreign)  # never the tier's to delete
 
 
-def _hammer(root: str, seed: int, keys: list[str], out) -> None:
-    t = tier(Path(root), max_bytes=12 * (NBYTES + 400))
-    rng = random.Random(seed)
-    wrong = 0
-    for _ in range(300):
+def test_a_page_read_from_ram_keeps_its_file_recently_used(tmp_path):
+    t = tier(tmp_path)
+    (key,) = page_keys(list(range(4)), 4, 1, A)
+    t.save(key, page(0))
+    t.flush()
+    os.utime(t._path(key), (0, 0))
+    other = tier(tmp_path)
+    assert not other.wants(key)  # on disk: nothing to save, but it is in use
+    other.flush()
+    assert t._path(key).stat().st_mtime > 1e9
+
+
+def test_a_failing_disk_pauses_saving_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    t = tier(tmp_path)
+    keys = page_keys(list(range(12)), 4, 3, A)
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_tier_module.os, "replace", full)
+    assert t.wants(keys[0])
+    t.save(keys[0], page(0))
+    t.flush()  # returns: the writer lives on
+    assert t.stats.write_errors == 1 and not list(tmp_path.rglob("*.tmp"))
+    assert not t.wants(keys[1])  # paused
+    monkeypatch.undo()
+    monkeypatch.setattr(disk_tier_module.page_file, "encode", lambda *a: 1 / 0)
+    t._paused_until = 0
+    t.save(keys[1], page(1))
+    t.flush()  # any error, not only OSError
+    assert t.stats.write_errors == 2 and t._thread.is_alive()
+
+
+def test_writers_in_one_folder_overshoot_the_bound_by_a_tenth_each_at_most(tmp_path):
+    tiers = [tier(tmp_path, max_bytes=40 * FILE) for _ in range(3)]
+    keys = page_keys(list(range(4 * 150)), 4, 150, A)
+    for i, key in enumerate(keys):
+        tiers[i % 3].save(key, page(i))
+    for t in tiers:
+        t.flush()
+    assert tiers[0].size_on_disk() <= 40 * FILE * 1.3
+
+
+def _hammer(root: str, me: int, keys: list[str], barrier, out) -> None:
+    """Write my half of the pages, then read all of them in a random order while the other
+    process does the same, writing back any of mine that went missing."""
+    t = tier(Path(root))
+    mine = [i for i in range(len(keys)) if i % 2 == me]
+    for i in mine:
+        t.save(keys[i], page(i))
+    t.flush()
+    barrier.wait(timeout=60)
+    rng = random.Random(me)
+    wrong = theirs = 0
+    for _ in range(200):
         i = rng.randrange(len(keys))
         data = t.read(keys[i])
         if data is None:
             t.save(keys[i], page(i))
         elif not np.array_equal(data, page(i)):
             wrong += 1
+        else:
+            theirs += i % 2 != me
     t.flush()
-    out.put((wrong, t.stats.pages_read, t.stats.bad_files))
+    out.put((wrong, theirs, t.stats.bad_files))
 
 
-def test_two_processes_sharing_a_folder_only_ever_read_whole_right_pages(tmp_path):
-    keys = page_keys(list(range(4 * 30)), 4, 30, "model-a")
+def test_two_processes_sharing_a_folder_read_each_others_pages_whole(tmp_path):
+    keys = page_keys(list(range(4 * 30)), 4, 30, A)
     ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), s, keys, out)) for s in (1, 2)]
+    out, barrier = ctx.Queue(), ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_hammer, args=(str(tmp_path), me, keys, barrier, out)) for me in (0, 1)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]
@@ -149,14 +215,14 @@ def test_two_processes_sharing_a_folder_only_ever_read_whole_right_pages(tmp_pat
         p.join(timeout=60)
         assert p.exitcode == 0
     assert [wrong for wrong, _, _ in results] == [0, 0]
-    assert all(read > 0 for _, read, _ in results)  # each read pages the other wrote
+    assert all(theirs > 0 for _, theirs, _ in results)  # pages the other process wrote
     assert [bad for _, _, bad in results] == [0, 0]  # never a half-written file
 
 
 # ---- under the scheduler ----
 
 
-def batch(seed: int, bs: int) -> list[tuple[str, list[int], int]]:
+def batch(seed: int, bs: int) -> list[tuple[str, list[int], int, int]]:
     """A system prompt, documents under it and questions under each document."""
     rng = random.Random(seed)
     system = [rng.randrange(1, 500) for _ in range(5 * bs + 3)]
@@ -165,61 +231,85 @@ def batch(seed: int, bs: int) -> list[tuple[str, list[int], int]]:
         doc = [rng.randrange(1, 500) for _ in range(rng.randint(2 * bs, 4 * bs))]
         for q in range(4):
             question = [rng.randrange(1, 500) for _ in range(rng.randint(1, 2 * bs))]
-            out.append((f"d{d}q{q}", system + doc + question, rng.randint(1, 6)))
+            out.append((f"d{d}q{q}", system + doc + question, rng.randint(1, 6), 1 + 2 * (q == 0)))
     rng.shuffle(out)
     return out
 
 
-def run(requests, disk: DiskTier | None, bs: int = 4, num_pages: int = 256):
+def run(
+    requests, disk: DiskTier | None, bs: int = 4, num_pages: int = 256, admission="past_future"
+):
     pool = PagePool(num_pages, bs)
-    config = SchedulerConfig(max_num_batched_tokens=32, watermark=0.0)
+    config = SchedulerConfig(max_num_batched_tokens=32, watermark=0.0, admission=admission)
     sched = Scheduler(config, pool, disk)
     runner = PageTableRunner(pool)
-    reqs = []
-    for rid, prompt, max_tokens in requests:
-        req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens))
-        runner.track(req)
-        sched.add(req)
-        reqs.append(req)
+    reqs, leaders = [], []
+    for rid, prompt, max_tokens, n in requests:
+        samples = [
+            Request(rid if n == 1 else f"{rid}#{i}", prompt, SamplingParams(max_tokens=max_tokens))
+            for i in range(n)
+        ]
+        for r in samples:
+            runner.track(r)
+        sched.add(samples[0], samples[1:])
+        reqs += samples
+        leaders.append(samples[0])  # n samples read the prompt once
     while sched.has_unfinished():
         out = sched.schedule()
         result = runner.execute(out)
         for key, data in result.saved_pages:
             disk.save(key, data)
         sched.update(out, result)
+    assert pool.num_free == pool.num_pages  # every page given back, read from disk or not
     if disk is not None:
         disk.flush()
     outputs = {r.request_id: r.output_token_ids for r in reqs}
-    return outputs, sched, sum(r.num_disk_tokens for r in reqs)
+    return outputs, sched, sum(r.num_disk_tokens for r in leaders)
+
+
+def nbytes(bs: int = 4) -> int:
+    return bs * 8  # the page-table runner's page: its token ids as int64
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_a_second_run_reads_the_shared_prefixes_from_disk_with_the_same_outputs(tmp_path, seed):
     bs = 4
     requests = batch(seed, bs)
-    expected, cold, _ = run(requests, None)
-    first, sched1, from_disk = run(requests, tier(tmp_path, 1 << 30, "m", 4 * 8))
+    expected, _, _ = run(requests, None)
+    first, sched1, from_disk = run(requests, tier(tmp_path, nbytes=nbytes()))
     assert first == expected and from_disk == 0
-    second, sched2, from_disk = run(requests, tier(tmp_path, 1 << 30, "m", 4 * 8))
+    second, sched2, from_disk = run(requests, tier(tmp_path, nbytes=nbytes()))
     assert second == expected
     # Every prefix shared by two requests was saved by the first run: the second computes
     # only what no other request shares (each request's own tail).
     assert from_disk > 0
     assert sched2.num_prompt_computed_tokens + from_disk == sched1.num_prompt_computed_tokens
-    prompts = [p for _, p, _ in requests]
-    assert sched1.num_prompt_computed_tokens == ideal_prompt_tokens(prompts, bs)
+    assert sched1.num_prompt_computed_tokens == ideal_prompt_tokens(
+        [p for _, p, _, _ in requests], bs
+    )
+    # Another model (a weight update changes the fingerprint) reads none of it.
+    assert run(requests, tier(tmp_path, fingerprint=B, nbytes=nbytes()))[2] == 0
+
+
+def test_preemption_reads_from_disk_again_with_the_same_outputs(tmp_path):
+    requests = [(rid, prompt, 3 * m, n) for rid, prompt, m, n in batch(1, 4)]
+    expected, _, _ = run(requests, None)
+    run(requests, tier(tmp_path, nbytes=nbytes()))
+    small = {"num_pages": 24, "admission": "aggressive"}
+    again, sched, from_disk = run(requests, tier(tmp_path, nbytes=nbytes()), **small)
+    assert again == expected and from_disk > 0 and sched.num_preemptions > 0
 
 
 def test_a_page_that_fails_its_checks_is_computed_instead(tmp_path):
     requests = batch(0, 4)
-    expected, _, _ = run(requests, tier(tmp_path, 1 << 30, "m", 4 * 8))
+    expected, _, _ = run(requests, tier(tmp_path, nbytes=nbytes()))
     files = sorted(tmp_path.rglob("*.safetensors"))
     for path in files[::3]:  # a third of the pages, in the middle of chains too
         path.write_bytes(path.read_bytes()[:-7])
-    disk = tier(tmp_path, 1 << 30, "m", 4 * 8)
+    disk = tier(tmp_path, nbytes=nbytes())
     again, _, from_disk = run(requests, disk)
     assert again == expected
     assert disk.stats.bad_files > 0 and from_disk > 0
     # The bad ones it met were computed and saved anew: a third run reads more from disk.
-    third, _, third_from_disk = run(requests, tier(tmp_path, 1 << 30, "m", 4 * 8))
+    third, _, third_from_disk = run(requests, tier(tmp_path, nbytes=nbytes()))
     assert third == expected and third_from_disk > from_disk

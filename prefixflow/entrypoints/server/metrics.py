@@ -35,12 +35,12 @@ class _EngineCollector:
         yield CounterMetricFamily("prefixflow_prompt_tokens", "Prompt tokens", st.prompt_tokens)
         yield CounterMetricFamily(
             "prefixflow_prompt_tokens_cached",
-            "Prompt tokens read from the prefix cache in memory",
+            "Prompt tokens read from the prefix cache (memory or disk)",
             st.cached_prompt_tokens,
         )
         yield CounterMetricFamily(
             "prefixflow_prompt_tokens_from_disk",
-            "Prompt tokens read from the KV disk tier",
+            "Of the cached prompt tokens, those read from the KV disk tier",
             st.disk_prompt_tokens,
         )
         yield CounterMetricFamily(
@@ -83,8 +83,7 @@ class _EngineCollector:
             "KV pages in use / all pages",
             pool.num_used / pool.num_pages,
         )
-        reused = st.cached_prompt_tokens + st.disk_prompt_tokens
-        reuse = reused / st.prompt_tokens if st.prompt_tokens else 0.0
+        reuse = st.cached_prompt_tokens / st.prompt_tokens if st.prompt_tokens else 0.0
         yield GaugeMetricFamily(
             "prefixflow_prefix_reuse",
             "Prompt tokens read from the cache (memory or disk) / all prompt tokens",
