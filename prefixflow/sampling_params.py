@@ -40,6 +40,14 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True  # as in vLLM: fast tokenizers ignore it
+    # Penalties and biases, applied to the logits before sampling (sample/logits_process.py):
+    # presence and frequency count the output so far, repetition the prompt and the output.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +56,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         self._validate()
 
     def _validate(self) -> None:
@@ -113,10 +123,46 @@ class SamplingParams:
             "stop_token_ids",
             "stop_token_ids must be a list of non-negative integers.",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(-2.0 <= value <= 2.0, name, f"{name} must be in [-2, 2], got {value}.")
+        check(
+            0.0 < self.repetition_penalty < float("inf"),
+            "repetition_penalty",
+            f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}.",
+        )
+        check(
+            all(t >= 0 and -100.0 <= b <= 100.0 for t, b in (self.logit_bias or {}).items()),
+            "logit_bias",
+            "logit_bias maps token ids (>= 0) to biases in [-100, 100].",
+        )
+        check(
+            self.truncate_prompt_tokens is None
+            or (is_int(self.truncate_prompt_tokens) and self.truncate_prompt_tokens >= 1),
+            "truncate_prompt_tokens",
+            f"truncate_prompt_tokens must be an integer >= 1, got {self.truncate_prompt_tokens!r}.",
+        )
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def reads_context(self) -> bool:
+        """Its logits are adjusted by what it generated so far (penalties)."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or biases change this request's logits before sampling."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
 
     def for_sample(self, index: int) -> SamplingParams:
         """The params of the index-th of n samples: n=1, and a seed offset so samples differ."""

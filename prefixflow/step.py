@@ -43,6 +43,10 @@ class ScheduledSeq:
     prompt_logprob_start: int = 0
     prompt_logprob_targets: list[int] = field(default_factory=list)
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
+    # Penalties and structured outputs read the whole sequence so far (prompt then output):
+    # the scheduler's own list, only for requests that need it, read-only here.
+    context_token_ids: list[int] | None = None
+    num_prompt_tokens: int = 0
     masked_token_ids: frozenset[int] = frozenset()  # EOS/stop ids banned until min_tokens
     # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
     # they compute nothing themselves (empty token_ids).

@@ -33,6 +33,13 @@ def check_request(
             "prompt",
             errors.INVALID_TOKEN_ID,
         )
+    bias = [t for t in params.logit_bias or {} if t >= vocab_size]
+    if bias:
+        raise RequestError(
+            f"logit_bias token ids must be in [0, {vocab_size}); got {bias[:3]}",
+            "logit_bias",
+            errors.INVALID_TOKEN_ID,
+        )
     n = len(prompt_ids)
     if n >= max_model_len:
         raise RequestError(

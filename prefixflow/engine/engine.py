@@ -149,6 +149,9 @@ class Engine:
             text, ids = prompt, (self.codec.encode(prompt) if prompt else [])
         else:
             text, ids = prompt_text, list(prompt)
+        k = params.truncate_prompt_tokens
+        if k is not None and len(ids) > k:  # vLLM's: keep the last k tokens
+            text, ids = None, ids[-k:]
         check_request(text, ids, params, self.max_model_len, self.hf_config.vocab_size)
         children = []
         for i in range(params.n):

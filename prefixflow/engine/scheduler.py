@@ -315,6 +315,8 @@ class Scheduler:
             )
             if behind != 1 or req.num_output_tokens == 0 or req.fork_siblings or room < 1:
                 continue
+            if req.sampling_params.reads_context:  # its logits depend on each draft before
+                continue
             if spec.method == "draft_model":
                 found[req.request_id] = room
                 continue
@@ -508,6 +510,8 @@ class Scheduler:
                     sample=True,
                     params=s.sampling_params,
                     masked_token_ids=masked_token_ids(s),
+                    context_token_ids=s.token_ids if s.sampling_params.reads_context else None,
+                    num_prompt_tokens=s.num_prompt_tokens,
                 )
                 for s in req.fork_siblings
             ]
@@ -534,6 +538,10 @@ class Scheduler:
             prompt_logprob_start=lp_start,
             prompt_logprob_targets=lp_targets,
             num_output_tokens=req.num_output_tokens,
+            context_token_ids=req.token_ids
+            if sample and req.sampling_params.reads_context
+            else None,
+            num_prompt_tokens=req.num_prompt_tokens,
             masked_token_ids=masked_token_ids(req),
             forks=forks,
         )

@@ -29,10 +29,7 @@ from prefixflow.entrypoints.batch_file import (
 )
 from prefixflow.entrypoints.batch_resume import DoneLines, read_done
 from prefixflow.entrypoints.openai.serving import (
-    COMPLETIONS,
     PreparedRequest,
-    chat_body,
-    completion_body,
     prepare,
 )
 from prefixflow.errors import DUPLICATE_CUSTOM_ID, RequestError
@@ -270,13 +267,7 @@ class BatchRunner:
         if len(pending.outputs) < len(pending.request_ids):
             return
         outputs = [pending.outputs[r] for r in pending.request_ids]
-        p = pending.prepared
-        name = self.engine.model_name
-        k = p.params.logprobs or 0
-        if p.url == COMPLETIONS:
-            body = completion_body(name, outputs, self.engine.codec, k)
-        else:
-            body = chat_body(name, outputs, self.engine.codec, k)
+        body = pending.prepared.body(self.engine.model_name, outputs, self.engine.codec)
         del self._pending[pending.custom_id]
         s = self.summary
         s.requests_ok += 1

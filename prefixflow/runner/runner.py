@@ -13,6 +13,7 @@ from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.kv_disk import load_pages, read_pages
 from prefixflow.runner.prompt_logprobs import prompt_logprobs
 from prefixflow.runner.step_inputs import forward_step
+from prefixflow.sample.logits_process import adjusted_logits
 from prefixflow.sample.sampler import Sampler
 from prefixflow.spec import verify
 from prefixflow.spec.draft_model import DraftModelProposer
@@ -98,7 +99,8 @@ class ModelRunner:
         if forks:  # the other samples of a prompt draw from its row of logits
             logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
             row_seqs = row_seqs + [f for _, f in forks]
-        tokens = self.sampler(logits, row_seqs)  # one SampledToken per row
+        # Penalties and biases change what is drawn, not the logprobs reported (vLLM's).
+        tokens = self.sampler(adjusted_logits(logits, row_seqs), row_seqs, raw=logits)
         at = 0
         for s in to_sample:
             k = len(s.draft_token_ids)

@@ -51,8 +51,12 @@ class Sampler:
         self._buf = torch.empty(0, dtype=torch.float32)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> list[SampledToken]:
-        """logits: (S, V) in the model's dtype, one row per sequence in seqs (not modified)."""
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[ScheduledSeq], raw: torch.Tensor | None = None
+    ) -> list[SampledToken]:
+        """logits: (S, V), one row per sequence in seqs (not modified); raw: the model's
+        logits before penalties and biases, for logprobs (default: logits)."""
+        raw = logits if raw is None else raw
         want_logprobs = [s.params.logprobs is not None for s in seqs]
         plain_greedy = (
             self.greedy_fast_path
@@ -69,7 +73,7 @@ class Sampler:
         lp_rows = [i for i, w in enumerate(want_logprobs) if w]
         if lp_rows:
             # Raw model log-probabilities, before any masking or temperature (vLLM's default).
-            lp = torch.log_softmax(logits[torch.tensor(lp_rows)].float(), dim=-1)
+            lp = torch.log_softmax(raw[torch.tensor(lp_rows)].float(), dim=-1)
             raw_logprobs = {i: lp[j] for j, i in enumerate(lp_rows)}
 
         greedy = _Rows([i for i, s in enumerate(seqs) if s.params.greedy])

@@ -38,6 +38,13 @@ FIELDS = [
     "chat_template",
     "max_completion_tokens",
     "role",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "truncate_prompt_tokens",
+    "best_of",
+    "user",
 ]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -29,9 +29,9 @@ class _SamplingFields(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    user: str | None = None  # informational
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM extensions
     top_k: int | None = None
@@ -41,16 +41,17 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    repetition_penalty: float | None = None
+    truncate_prompt_tokens: int | None = None
 
-    @model_validator(mode="after")
-    def _unsupported(self):
-        if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
-            raise ValueError(
-                "presence_penalty and frequency_penalty are not supported; leave them at 0"
-            )
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported; remove it")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return v
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams; raises ValueError with what to fix."""
@@ -69,6 +70,12 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
 
 
@@ -76,24 +83,26 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion (and its logprobs, with logprobs)
     suffix: str | None = None
     best_of: int | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported; remove it or set it to false")
-        return v
 
     @model_validator(mode="after")
     def _check(self):
         if self.suffix:
             raise ValueError("suffix is not supported; remove it")
         if self.best_of not in (None, self.n):
-            raise ValueError("best_of is not supported; remove it")
+            raise ValueError("best_of other than n is not supported; remove it or set it to n")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be >= 1 (0 only with echo: score the prompt)")
         return self
+
+    def completion_sampling_params(self) -> SamplingParams:
+        """echo with max_tokens 0 scores the prompt: one token is drawn and not returned."""
+        params = self.sampling_params(self.max_tokens or 1, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        return params
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

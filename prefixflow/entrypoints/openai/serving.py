@@ -30,6 +30,15 @@ class PreparedRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
+    echo: bool = False  # completions: the prompt before each completion
+    generate: bool = True  # False: echo with max_tokens 0 (score the prompt, return no tokens)
+
+    def body(self, model: str, outputs: list[RequestOutput], codec: TextCodec) -> dict:
+        """The OpenAI response body of this request's finished outputs."""
+        k = self.params.logprobs or 0
+        if self.url == COMPLETIONS:
+            return completion_body(model, outputs, codec, k, self.echo, self.generate)
+        return chat_body(model, outputs, codec, k)
 
 
 def describe_validation_error(e: ValidationError) -> RequestError:
@@ -66,7 +75,9 @@ def prepare(url: str, body: object, codec: TextCodec) -> PreparedRequest:
                 (p, codec.encode(p) if p else []) if isinstance(p, str) else (None, list(p))
                 for p in req.prompts()
             ]
-            params = req.sampling_params(req.max_tokens, req.logprobs)
+            params = req.completion_sampling_params()
+            if req.echo and req.stream:
+                raise RequestError("echo is not supported with stream; ask without stream", "echo")
         else:
             req = ChatCompletionRequest.model_validate(body)
             messages = [m.as_template_dict() for m in req.messages]
@@ -77,6 +88,7 @@ def prepare(url: str, body: object, codec: TextCodec) -> PreparedRequest:
             )
             params = req.sampling_params(req.max_new_tokens(), req.num_logprobs())
             prompts = [(text, ids)]
+
     except ValidationError as e:
         raise describe_validation_error(e) from e
     except RequestError:
@@ -84,8 +96,15 @@ def prepare(url: str, body: object, codec: TextCodec) -> PreparedRequest:
     except ValueError as e:  # the chat template refused the messages
         raise RequestError(str(e), "messages" if url == CHAT_COMPLETIONS else None) from e
     options = req.stream_options or {}
+    echo = url == COMPLETIONS and req.echo
     return PreparedRequest(
-        url, prompts, params, req.stream, bool(options.get("include_usage", False))
+        url,
+        prompts,
+        params,
+        req.stream,
+        bool(options.get("include_usage", False)),
+        echo=echo,
+        generate=not (echo and req.max_tokens == 0),
     )
 
 
@@ -103,22 +122,41 @@ def _usage(outputs: list[RequestOutput]) -> dict:
 
 def _choices(outputs: list[RequestOutput]) -> list[tuple[int, CompletionOutput]]:
     """OpenAI numbers choices prompt by prompt, then sample by sample."""
+    return [(i, c) for i, c, _ in _choices_of(outputs)]
+
+
+def _choices_of(
+    outputs: list[RequestOutput],
+) -> list[tuple[int, CompletionOutput, RequestOutput]]:
     out, i = [], 0
     for o in outputs:
         for c in o.outputs:
-            out.append((i, c))
+            out.append((i, c, o))
             i += 1
     return out
 
 
 def completion_body(
-    model: str, outputs: list[RequestOutput], codec: TextCodec, top_logprobs: int
+    model: str,
+    outputs: list[RequestOutput],
+    codec: TextCodec,
+    top_logprobs: int,
+    echo: bool = False,
+    generate: bool = True,
 ) -> dict:
+    """echo puts the prompt (and its logprobs, if asked for) before each completion;
+    without generate, the completion itself is left out (echo with max_tokens 0)."""
     choices = []
-    for i, c in _choices(outputs):
+    for i, c, o in _choices_of(outputs):
+        ids, entries, text = (c.token_ids, c.logprobs, c.text) if generate else ([], [], "")
+        if echo:
+            prompt = o.prompt if o.prompt is not None else codec.decode(o.prompt_token_ids, False)
+            ids, text = o.prompt_token_ids + ids, prompt + text
+            if entries is not None:
+                entries = (o.prompt_logprobs or [None] * len(o.prompt_token_ids)) + entries
         lp = None
         if c.logprobs is not None:
-            tokens = [codec.piece(t) for t in c.token_ids]
+            tokens = [codec.piece(t) for t in ids]
             offsets, pos = [], 0
             for t in tokens:
                 offsets.append(pos)
@@ -126,15 +164,23 @@ def completion_body(
             lp = {
                 "tokens": tokens,
                 "token_logprobs": [
-                    e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True)
+                    None if e is None else e[t].logprob for t, e in zip(ids, entries, strict=True)
                 ],
                 "top_logprobs": [
-                    {v.decoded_token: v.logprob for v in _top(e, top_logprobs)} for e in c.logprobs
+                    None
+                    if e is None
+                    else {v.decoded_token: v.logprob for v in _top(e, top_logprobs)}
+                    for e in entries
                 ],
                 "text_offset": offsets,
             }
-        choices.append(_choice(i, c, lp, text=c.text))
-    return _body("cmpl", "text_completion", model, choices, outputs)
+        choices.append(_choice(i, c, lp, text=text))
+    body = _body("cmpl", "text_completion", model, choices, outputs)
+    if not generate:
+        u = body["usage"]
+        u["total_tokens"] -= u["completion_tokens"]
+        u["completion_tokens"] = 0
+    return body
 
 
 def chat_body(

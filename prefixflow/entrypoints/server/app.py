@@ -24,8 +24,7 @@ from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.openai.serving import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
-    chat_body,
-    completion_body,
+    PreparedRequest,
     prepare,
 )
 from prefixflow.entrypoints.server.metrics import ServerCounters, metrics_registry, render
@@ -166,7 +165,7 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 media_type="text/event-stream",
                 background=BackgroundTask(_cancel, rids),
             )
-        return await _respond(request, rids, url, prepared.params.logprobs or 0)
+        return await _respond(request, rids, prepared)
 
     def _cancel(rids: list[str]) -> None:
         for rid in rids:
@@ -178,7 +177,7 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             last = out
         return last
 
-    async def _respond(request: Request, rids: list[str], url: str, k: int) -> Response:
+    async def _respond(request: Request, rids: list[str], prepared: PreparedRequest) -> Response:
         work = asyncio.gather(*(_final(r) for r in rids))
         watch = asyncio.ensure_future(_wait_disconnect(request))
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -193,8 +192,7 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         except EngineDeadError as e:
             return error_response(503, str(e), code="engine_failed")
         counters.requests_ok += 1
-        builder = completion_body if url == COMPLETIONS else chat_body
-        return JSONResponse(builder(engine.model_name, outputs, engine.codec, k))
+        return JSONResponse(prepared.body(engine.model_name, outputs, engine.codec))
 
     async def _events(rids: list[str], state: StreamState):
         merged: asyncio.Queue = asyncio.Queue()

@@ -1,0 +1,100 @@
+"""The official openai client, with every field OpenAI or vLLM clients commonly send: each
+is accepted and means what it means there."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from openai import OpenAI
+
+from prefixflow.config import EngineConfig
+from prefixflow.engine.engine import Engine
+from prefixflow.entrypoints.server.app import build_app
+
+pytestmark = pytest.mark.slow
+
+VLLM_EXTRAS = {
+    "repetition_penalty": 1.0,  # what `vllm bench serve` always sends
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "stop_token_ids": [],
+    "min_tokens": 0,
+    "ignore_eos": True,
+}
+
+
+@pytest.fixture(scope="module")
+def oc():
+    engine = Engine(EngineConfig(dtype="float32", kv_cache_memory="64MiB", max_model_len=256))
+    with TestClient(build_app(engine)) as c:
+        yield OpenAI(base_url="http://testserver/v1", api_key="none", http_client=c)
+
+
+def test_completions_with_every_field(oc):
+    common = {"model": "m", "prompt": "The capital of France is", "temperature": 0}
+    r = oc.completions.create(
+        **common,
+        max_tokens=5,
+        presence_penalty=0.3,
+        frequency_penalty=0.3,
+        logit_bias={"28": 1.0},
+        seed=7,
+        n=2,
+        best_of=2,
+        user="someone",
+        logprobs=2,
+        extra_body={**VLLM_EXTRAS, "truncate_prompt_tokens": 4},
+    )
+    assert len(r.choices) == 2 and r.usage.prompt_tokens == 4  # truncated to the last 4
+    assert r.usage.completion_tokens == 10 and len(r.choices[0].logprobs.tokens) == 5
+
+    forced = oc.completions.create(**common, max_tokens=3, logit_bias={"28": 100}, logprobs=0)
+    assert forced.choices[0].logprobs.tokens == [","] * 3
+
+    echo = oc.completions.create(**common, max_tokens=2, echo=True, logprobs=1)
+    c = echo.choices[0]
+    n_prompt = echo.usage.prompt_tokens
+    assert c.text.startswith(common["prompt"]) and len(c.text) > len(common["prompt"])
+    assert len(c.logprobs.tokens) == n_prompt + 2
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in c.logprobs.token_logprobs[1:])
+
+    # echo with max_tokens 0 scores the prompt, as evaluation harnesses do.
+    score = oc.completions.create(**common, max_tokens=0, echo=True, logprobs=0)
+    s = score.choices[0]
+    assert s.text == common["prompt"] and score.usage.completion_tokens == 0
+    assert s.logprobs.token_logprobs[1:] == c.logprobs.token_logprobs[1:n_prompt]
+
+
+def test_chat_with_every_field(oc):
+    r = oc.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Name a colour."}],
+        temperature=0,
+        max_completion_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        presence_penalty=0.1,
+        frequency_penalty=0.1,
+        logit_bias={"28": 0.5},
+        seed=1,
+        n=1,
+        user="someone",
+        extra_body=VLLM_EXTRAS,
+    )
+    assert r.usage.completion_tokens == 3
+    assert [len(t.top_logprobs) for t in r.choices[0].logprobs.content] == [2, 2, 2]
+
+
+def test_what_cannot_be_honoured_is_refused_by_name(oc):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        oc.completions.create(model="m", prompt="Hi", suffix="!")
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        oc.completions.create(model="m", prompt="Hi", n=1, best_of=3)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        oc.completions.create(model="m", prompt="Hi", logit_bias={"99999999": 1})
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        oc.completions.create(model="m", prompt="Hi", extra_body={"repetition_penalty": 0})
