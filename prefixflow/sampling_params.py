@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from prefixflow.errors import INVALID_VALUE, RequestError
+from prefixflow.structured.spec import StructuredOutputs
 
 # Below this a temperature means greedy decoding, as in vLLM.
 _GREEDY_EPS = 1e-5
@@ -48,6 +49,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    # Output constrained to a JSON schema, regex, choice or grammar (structured/spec.py);
+    # a dict of vLLM's StructuredOutputsParams fields is taken too.
+    structured_outputs: StructuredOutputs | dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +62,7 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+        self.structured_outputs = StructuredOutputs.of(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -149,9 +154,12 @@ class SamplingParams:
 
     @property
     def reads_context(self) -> bool:
-        """Its logits are adjusted by what it generated so far (penalties)."""
+        """Its logits are adjusted by what it generated so far (penalties, a grammar)."""
         return bool(
-            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.structured_outputs is not None
         )
 
     @property
@@ -162,6 +170,7 @@ class SamplingParams:
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
             or self.logit_bias
+            or self.structured_outputs is not None
         )
 
     def for_sample(self, index: int) -> SamplingParams:

@@ -33,6 +33,8 @@ from prefixflow.runner.kv_disk import kv_fingerprint
 from prefixflow.runner.runner import ModelRunner, attention_shape
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.spec.draft_model import DraftModelProposer
+from prefixflow.structured.compiler import GrammarCompiler
+from prefixflow.structured.masks import StructuredMasks
 from prefixflow.tokenizer import TextCodec
 from prefixflow.utils.hardware import resolve_dtype
 from prefixflow.validation import check_request
@@ -153,6 +155,8 @@ class Engine:
         if k is not None and len(ids) > k:  # vLLM's: keep the last k tokens
             text, ids = None, ids[-k:]
         check_request(text, ids, params, self.max_model_len, self.hf_config.vocab_size)
+        if params.structured_outputs is not None:
+            self._structured().grammar(params.structured_outputs)  # 400 if it is invalid
         children = []
         for i in range(params.n):
             req = self._sample(request_id, ids, params, i)
@@ -255,6 +259,15 @@ class Engine:
             in_flight,
         )
         return outs
+
+    def _structured(self) -> GrammarCompiler:
+        """The grammar compiler, built on first use (it converts the tokenizer once)."""
+        if self.runner.structured is None:
+            compiler = GrammarCompiler(
+                self.codec.tokenizer, self.hf_config.vocab_size, self.eos_token_ids
+            )
+            self.runner.structured = StructuredMasks(compiler)
+        return self.runner.structured.compiler
 
     def _kv_fingerprint(self) -> str:
         bs = self.config.page_size

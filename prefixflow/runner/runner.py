@@ -18,6 +18,7 @@ from prefixflow.sample.sampler import Sampler
 from prefixflow.spec import verify
 from prefixflow.spec.draft_model import DraftModelProposer
 from prefixflow.step import PageTables, RunnerOutput, ScheduledSeq, SchedulerOutput
+from prefixflow.structured.masks import StructuredMasks
 
 
 class ModelRunner:
@@ -41,6 +42,7 @@ class ModelRunner:
             use_kernel=config.sampling_kernel,
         )
         self.drafter = drafter
+        self.structured: StructuredMasks | None = None  # set by the engine on first use
         # Caches indexed by the same page ids: the target's, and the draft model's.
         self._caches = [kv_cache] + ([drafter.kv_cache] if drafter else [])
         self._pages_zeroed = 0
@@ -71,6 +73,8 @@ class ModelRunner:
             for c in self._caches:
                 c[:, :, list(dst)] = c[:, :, list(src)]
         self.tables.apply(sched)
+        if self.structured is not None:
+            self.structured.forget(sched.forget_request_ids)
         seqs = sched.seqs
         if self.drafter is not None:
             self.drafter.forget(sched.forget_request_ids)
@@ -100,7 +104,8 @@ class ModelRunner:
             logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
             row_seqs = row_seqs + [f for _, f in forks]
         # Penalties and biases change what is drawn, not the logprobs reported (vLLM's).
-        tokens = self.sampler(adjusted_logits(logits, row_seqs), row_seqs, raw=logits)
+        adjusted = adjusted_logits(logits, row_seqs, self.structured)
+        tokens = self.sampler(adjusted, row_seqs, raw=logits)
         at = 0
         for s in to_sample:
             k = len(s.draft_token_ids)

@@ -1,6 +1,7 @@
 """What a request asks to change in its logits before sampling, for a whole step at once:
 logit_bias, then vLLM's penalties (repetition over the prompt and the output so far,
-frequency and presence over the output), in vLLM's order.
+frequency and presence over the output), in vLLM's order, then the grammar of a
+structured output.
 
 The rows that ask for any of them get a float32 copy; the others are left alone, so a step
 without them costs nothing. The model's raw logits stay untouched: logprobs are reported
@@ -9,13 +10,21 @@ from them, as vLLM does by default.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from prefixflow.step import ScheduledSeq
 
+if TYPE_CHECKING:
+    from prefixflow.structured.masks import StructuredMasks
 
-def adjusted_logits(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
-    """logits (S, V), one row per seq; the same tensor if no row adjusts anything."""
+
+def adjusted_logits(
+    logits: torch.Tensor, seqs: list[ScheduledSeq], masks: StructuredMasks | None = None
+) -> torch.Tensor:
+    """logits (S, V), one row per seq; the same tensor if no row adjusts anything. masks:
+    the structured rows' grammars (needed when a row has structured_outputs)."""
     rows = [i for i, s in enumerate(seqs) if s.params.adjusts_logits]
     if not rows:
         return logits
@@ -29,6 +38,8 @@ def adjusted_logits(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Ten
     if penalised:
         _penalties(x, [sub[j] for j in penalised], torch.tensor(penalised), V)
     out[index] = x
+    if masks is not None:
+        masks.apply(out, seqs)  # last: what the grammar forbids stays forbidden
     return out
 
 

@@ -98,3 +98,42 @@ def test_what_cannot_be_honoured_is_refused_by_name(oc):
         oc.completions.create(model="m", prompt="Hi", logit_bias={"99999999": 1})
     with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
         oc.completions.create(model="m", prompt="Hi", extra_body={"repetition_penalty": 0})
+
+
+def test_structured_outputs_through_the_client(oc):
+    import json
+
+    import openai
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    r = oc.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Is water wet? Answer in JSON."}],
+        max_tokens=20,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")
+    r = oc.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Give a JSON object with a person's name and age."}],
+        max_tokens=100,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = oc.completions.create(
+        model="m", prompt="Pick:", max_tokens=5, extra_body={"guided_choice": ["up", "down"]}
+    )
+    assert r.choices[0].text in ("up", "down")
+    with pytest.raises(openai.BadRequestError, match="structured"):
+        oc.completions.create(model="m", prompt="x", extra_body={"guided_regex": "(open"})
+    with pytest.raises(openai.BadRequestError, match="one structured output"):
+        oc.completions.create(
+            model="m", prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]}
+        )

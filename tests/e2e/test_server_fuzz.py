@@ -45,6 +45,11 @@ FIELDS = [
     "truncate_prompt_tokens",
     "best_of",
     "user",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "structured_outputs",
 ]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -44,6 +44,40 @@ class _SamplingFields(_Strict):
     spaces_between_special_tokens: bool = True
     repetition_penalty: float | None = None
     truncate_prompt_tokens: int | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its
+    # older guided_* fields; at most one of them.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> dict[str, Any] | None:
+        given = {
+            name: value
+            for name, value in [
+                ("response_format", _from_response_format(self.response_format)),
+                ("structured_outputs", self.structured_outputs),
+                ("guided_json", None if self.guided_json is None else {"json": self.guided_json}),
+                (
+                    "guided_regex",
+                    None if self.guided_regex is None else {"regex": self.guided_regex},
+                ),
+                (
+                    "guided_choice",
+                    None if self.guided_choice is None else {"choice": self.guided_choice},
+                ),
+                (
+                    "guided_grammar",
+                    None if self.guided_grammar is None else {"grammar": self.guided_grammar},
+                ),
+            ]
+            if value is not None
+        }
+        if len(given) > 1:
+            raise RequestError(f"give one structured output, not {sorted(given)}", sorted(given)[1])
+        return next(iter(given.values()), None)
 
     @field_validator("logit_bias")
     @classmethod
@@ -76,7 +110,29 @@ class _SamplingFields(_Strict):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            structured_outputs=self.structured(),
         )
+
+
+def _from_response_format(rf: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's response_format as structured_outputs fields (None for plain text)."""
+    if rf is None or rf.get("type") == "text":
+        return None
+    if rf.get("type") == "json_object":
+        return {"json_object": True}
+    if rf.get("type") == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise RequestError(
+                "response_format.json_schema must be an object with a schema",
+                "response_format",
+            )
+        return {"json": spec["schema"]}
+    raise RequestError(
+        f"response_format type {rf.get('type')!r} is not supported; use text, json_object "
+        "or json_schema",
+        "response_format",
+    )
 
 
 class CompletionRequest(_SamplingFields):

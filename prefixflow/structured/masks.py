@@ -1,0 +1,63 @@
+"""Each structured sequence's matcher, and its allowed tokens masked into a step's logits.
+
+A matcher follows its sequence's output: before each draw it consumes the tokens the
+sequence gained since (read from the context the scheduler sends), so it needs no word
+from the scheduler about what was kept; a sequence preempted or resumed from a partial
+output gets a new matcher that replays its output. The masks of the step's structured rows
+are computed by llguidance on its own threads, then applied at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import llguidance
+import numpy as np
+import torch
+
+from prefixflow.step import ScheduledSeq
+from prefixflow.structured.compiler import GrammarCompiler
+
+logger = logging.getLogger("prefixflow")
+
+
+class StructuredMasks:
+    def __init__(self, compiler: GrammarCompiler) -> None:
+        self.compiler = compiler
+        self._executor = llguidance.LLExecutor(max(1, torch.get_num_threads()))
+        self._matchers: dict[str, tuple[llguidance.LLMatcher, int]] = {}  # id -> (m, consumed)
+
+    def forget(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._matchers.pop(rid, None)
+
+    def apply(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> None:
+        """Set to -inf, in place, every token each structured row's grammar forbids next."""
+        rows = [i for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
+        if not rows:
+            return
+        V = logits.shape[1]
+        words = (V + 31) // 32
+        bits = np.zeros((len(rows), words), dtype=np.int32)
+        jobs = []
+        for j, i in enumerate(rows):
+            jobs.append((self._advanced(seqs[i]), j))
+        self._executor.unsafe_compute_mask_ptr(jobs, bits.ctypes.data, words * 4, len(rows))
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :V]
+        allowed = torch.from_numpy(allowed.astype(bool))
+        for j, i in enumerate(rows):
+            if not allowed[j].any():  # a finished or failed matcher: leave the row be
+                logger.warning("structured output of %s allows no token", seqs[i].request_id)
+                continue
+            logits[i].masked_fill_(~allowed[j], float("-inf"))
+
+    def _advanced(self, s: ScheduledSeq) -> llguidance.LLMatcher:
+        """s's matcher, having consumed its output so far."""
+        output = (s.context_token_ids or [])[s.num_prompt_tokens :]
+        m, consumed = self._matchers.get(s.request_id, (None, 0))
+        if m is None or consumed > len(output):
+            m, consumed = self.compiler.matcher(s.params.structured_outputs), 0
+        if consumed < len(output):
+            m.consume_tokens(output[consumed:])
+        self._matchers[s.request_id] = (m, len(output))
+        return m
