@@ -9,9 +9,35 @@ and the server alike; nothing is shortened silently. A request without `max_toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from prefixflow import errors
 from prefixflow.errors import RequestError
 from prefixflow.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from prefixflow.structured.compiler import GrammarCompiler
+
+
+def checked_prompt(
+    text: str | None,
+    ids: list[int],
+    params: SamplingParams,
+    max_model_len: int,
+    vocab_size: int,
+    grammars: Callable[[], GrammarCompiler],
+) -> tuple[str | None, list[int]]:
+    """The prompt as it will run (truncate_prompt_tokens: its last k tokens, vLLM's), after
+    check_request and, for a structured output, compiling its grammar (cached by
+    `grammars()`). Raises RequestError (nothing queued)."""
+    k = params.truncate_prompt_tokens
+    if k is not None and len(ids) > k:
+        text, ids = None, ids[-k:]
+    check_request(text, ids, params, max_model_len, vocab_size)
+    if params.structured_outputs is not None:
+        grammars().grammar(params.structured_outputs)
+    return text, ids
 
 
 def check_request(

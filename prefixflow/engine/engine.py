@@ -37,7 +37,7 @@ from prefixflow.structured.compiler import GrammarCompiler
 from prefixflow.structured.masks import StructuredMasks
 from prefixflow.tokenizer import TextCodec
 from prefixflow.utils.hardware import resolve_dtype
-from prefixflow.validation import check_request
+from prefixflow.validation import check_request, checked_prompt
 
 logger = logging.getLogger("prefixflow")
 
@@ -151,12 +151,9 @@ class Engine:
             text, ids = prompt, (self.codec.encode(prompt) if prompt else [])
         else:
             text, ids = prompt_text, list(prompt)
-        k = params.truncate_prompt_tokens
-        if k is not None and len(ids) > k:  # vLLM's: keep the last k tokens
-            text, ids = None, ids[-k:]
-        check_request(text, ids, params, self.max_model_len, self.hf_config.vocab_size)
-        if params.structured_outputs is not None:
-            self._structured().grammar(params.structured_outputs)  # 400 if it is invalid
+        text, ids = checked_prompt(
+            text, ids, params, self.max_model_len, self.hf_config.vocab_size, self._structured
+        )
         children = []
         for i in range(params.n):
             req = self._sample(request_id, ids, params, i)
@@ -264,7 +261,7 @@ class Engine:
         """The grammar compiler, built on first use (it converts the tokenizer once)."""
         if self.runner.structured is None:
             compiler = GrammarCompiler(
-                self.codec.tokenizer, self.hf_config.vocab_size, self.eos_token_ids
+                self.codec.tokenizer, self.hf_config.vocab_size, sorted(self.eos_token_ids)
             )
             self.runner.structured = StructuredMasks(compiler)
         return self.runner.structured.compiler

@@ -17,13 +17,20 @@ from dataclasses import dataclass, fields
 from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import EngineStats
 from prefixflow.errors import KV_CACHE_TOO_SMALL, RequestError
-from prefixflow.model.loader import load_hf_config, load_tokenizer, max_model_len, resolve_model
+from prefixflow.model.loader import (
+    eos_token_ids,
+    load_hf_config,
+    load_tokenizer,
+    max_model_len,
+    resolve_model,
+)
 from prefixflow.ray.replica import Replica
 from prefixflow.ray.router import PrefixRouter
 from prefixflow.request import Request, RequestOutput
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.structured.compiler import GrammarCompiler
 from prefixflow.tokenizer import TextCodec
-from prefixflow.validation import check_request
+from prefixflow.validation import checked_prompt
 
 logger = logging.getLogger("prefixflow")
 
@@ -52,6 +59,8 @@ class ReplicaPool:
         self.model_name = src.name
         self.codec = TextCodec(load_tokenizer(src))
         hf_config = load_hf_config(src)
+        self._eos = sorted(eos_token_ids(src, hf_config, self.codec.tokenizer))
+        self._compiler: GrammarCompiler | None = None
         self.vocab_size = hf_config.vocab_size
         self.max_model_len = max_model_len(hf_config)
         if config.max_model_len is not None:
@@ -99,8 +108,9 @@ class ReplicaPool:
         params: SamplingParams,
         prompt_text: str | None = None,
     ) -> None:
-        ids = list(prompt)
-        check_request(prompt_text, ids, params, self.max_model_len, self.vocab_size)
+        prompt_text, ids = checked_prompt(
+            prompt_text, list(prompt), params, self.max_model_len, self.vocab_size, self._grammars
+        )
         probe = Request(request_id, ids, params, max_model_len=self.max_model_len)
         peak = probe.num_prompt_tokens + max(probe.max_output_tokens - 1, 0)
         if peak > self._kv_tokens:
@@ -111,6 +121,12 @@ class ReplicaPool:
                 KV_CACHE_TOO_SMALL,
             )
         self._queue(_Queued(request_id, ids, params, prompt_text))
+
+    def _grammars(self) -> GrammarCompiler:
+        """Structured outputs are checked here, so a bad one fails its line alone."""
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(self.codec.tokenizer, self.vocab_size, self._eos)
+        return self._compiler
 
     def abort(self, request_id: str) -> None:
         for r, queued in enumerate(self._queued):
