@@ -48,7 +48,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
-    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    # Keep only the prompt's last k tokens (-1: as many as the model holds, less one).
+    truncate_prompt_tokens: int | None = None
     # Output constrained to a JSON schema, regex, choice or grammar (structured/spec.py);
     # a dict of vLLM's StructuredOutputsParams fields is taken too.
     structured_outputs: StructuredOutputs | dict | None = None
@@ -60,8 +61,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        if self.logit_bias:
-            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+        if self.logit_bias:  # clamped to [-100, 100], as vLLM and OpenAI do
+            self.logit_bias = {
+                int(t): min(100.0, max(-100.0, float(b))) for t, b in self.logit_bias.items()
+            }
         self.structured_outputs = StructuredOutputs.of(self.structured_outputs)
         self._validate()
 
@@ -137,15 +140,20 @@ class SamplingParams:
             f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}.",
         )
         check(
-            all(t >= 0 and -100.0 <= b <= 100.0 for t, b in (self.logit_bias or {}).items()),
+            all(t >= 0 for t in self.logit_bias or {}),
             "logit_bias",
-            "logit_bias maps token ids (>= 0) to biases in [-100, 100].",
+            "logit_bias maps token ids (>= 0) to biases.",
         )
         check(
             self.truncate_prompt_tokens is None
-            or (is_int(self.truncate_prompt_tokens) and self.truncate_prompt_tokens >= 1),
+            or (
+                is_int(self.truncate_prompt_tokens)
+                and self.truncate_prompt_tokens not in (0,)
+                and self.truncate_prompt_tokens >= -1
+            ),
             "truncate_prompt_tokens",
-            f"truncate_prompt_tokens must be an integer >= 1, got {self.truncate_prompt_tokens!r}.",
+            "truncate_prompt_tokens must be an integer >= 1, or -1 (the model's length), "
+            f"got {self.truncate_prompt_tokens!r}.",
         )
 
     @property
@@ -170,7 +178,6 @@ class SamplingParams:
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
             or self.logit_bias
-            or self.structured_outputs is not None
         )
 
     def for_sample(self, index: int) -> SamplingParams:

@@ -18,10 +18,10 @@ class TextCodec:
         self.tokenizer = tokenizer
         self._piece_cache: dict[int, str] = {}
         self.vocab_size = len(tokenizer)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # also taken by whoever else reads the tokenizer
 
     def encode(self, text: str) -> list[int]:
-        with self._lock:
+        with self.lock:
             return self.tokenizer(text).input_ids
 
     def apply_chat_template(
@@ -35,7 +35,7 @@ class TextCodec:
         from jinja2 import TemplateError
 
         try:
-            with self._lock:
+            with self.lock:
                 return self.tokenizer.apply_chat_template(
                     [_flatten(m) for m in messages],
                     tokenize=False,
@@ -50,18 +50,18 @@ class TextCodec:
     def encode_chat(self, messages: list[dict], **kwargs) -> tuple[str, list[int]]:
         """The templated prompt and its ids. The template already holds any special tokens."""
         text = self.apply_chat_template(messages, **kwargs)
-        with self._lock:
+        with self.lock:
             return text, self.tokenizer(text, add_special_tokens=False).input_ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        with self._lock:
+        with self.lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def piece(self, token_id: int) -> str:
         """The text of one token alone (for logprobs), cached."""
         s = self._piece_cache.get(token_id)
         if s is None:
-            with self._lock:
+            with self.lock:
                 s = self.tokenizer.decode([token_id])
             self._piece_cache[token_id] = s
         return s

@@ -32,11 +32,13 @@ def checked_prompt(
     check_request and, for a structured output, compiling its grammar (cached by
     `grammars()`). Raises RequestError (nothing queued)."""
     k = params.truncate_prompt_tokens
+    if k == -1:
+        k = max_model_len - 1  # room for one output token
     if k is not None and len(ids) > k:
         text, ids = None, ids[-k:]
     check_request(text, ids, params, max_model_len, vocab_size)
     if params.structured_outputs is not None:
-        grammars().grammar(params.structured_outputs)
+        grammars().check(params.structured_outputs)
     return text, ids
 
 

@@ -11,8 +11,9 @@ from prefixflow.analyze.census import CensusResult, PrefixCensus
 from prefixflow.entrypoints.batch_file import custom_id_of, error_line, parse_line
 from prefixflow.entrypoints.openai.serving import prepare
 from prefixflow.errors import RequestError
+from prefixflow.structured.compiler import GrammarCompiler
 from prefixflow.tokenizer import TextCodec
-from prefixflow.validation import check_request
+from prefixflow.validation import checked_prompt
 
 MAX_LISTED = 20  # bad lines listed in full; the rest are counted
 
@@ -41,8 +42,17 @@ def analyze_batch(
     max_model_len: int,
     vocab_size: int,
     progress: Iterator | None = None,
+    eos_token_ids: list[int] | None = None,
 ) -> BatchAnalysis:
     census = PrefixCensus(page_size)
+    compiler: list[GrammarCompiler] = []
+
+    def grammars() -> GrammarCompiler:  # structured outputs are checked as run-batch does
+        if not compiler:
+            eos = eos_token_ids or [codec.tokenizer.eos_token_id]
+            compiler.append(GrammarCompiler(codec, vocab_size, eos))
+        return compiler[0]
+
     seen: set[str] = set()
     out_max = lines_ok = 0
     bad: list[BadLine] = []
@@ -68,15 +78,17 @@ def analyze_batch(
                 custom_id = item.custom_id
                 prepared = prepare(item.url, item.body, codec)
                 params = prepared.params
-                for text, ids in prepared.prompts:
-                    check_request(text, ids, params, max_model_len, vocab_size)
+                prompts = [
+                    checked_prompt(text, ids, params, max_model_len, vocab_size, grammars)
+                    for text, ids in prepared.prompts
+                ]
             except ValueError as e:
                 num_bad += 1
                 err = e if isinstance(e, RequestError) else RequestError(str(e))
                 _list(bad, custom_id or custom_id_of(raw), err, line_no)
                 continue
             lines_ok += 1
-            for _, ids in prepared.prompts:
+            for _, ids in prompts:
                 census.add(ids, params.n, reuse=params.prompt_logprobs is None)
                 limit = params.max_tokens or max_model_len - len(ids)
                 out_max += limit * params.n

@@ -36,7 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from prefixflow.analyze.batch import analyze_batch
     from prefixflow.analyze.report import as_dict, text, write_chart
     from prefixflow.entrypoints.run_batch import count_lines
-    from prefixflow.model.loader import load_hf_config, load_tokenizer, max_model_len, resolve_model
+    from prefixflow.model.loader import (
+        eos_token_ids,
+        load_hf_config,
+        load_tokenizer,
+        max_model_len,
+        resolve_model,
+    )
     from prefixflow.tokenizer import TextCodec
 
     path = Path(args.input)
@@ -54,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     total = None if args.no_progress else count_lines(path)
     bar = tqdm(total=total, desc="analyze", unit="line", disable=args.no_progress, file=sys.stderr)
     with bar:
+        eos = sorted(eos_token_ids(src, cfg, codec.tokenizer))
         analysis = analyze_batch(
-            path, codec, args.page_size, max_model_len(cfg), cfg.vocab_size, bar
+            path, codec, args.page_size, max_model_len(cfg), cfg.vocab_size, bar, eos
         )
     est = None
     if args.model is not None:

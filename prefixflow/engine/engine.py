@@ -37,7 +37,7 @@ from prefixflow.structured.compiler import GrammarCompiler
 from prefixflow.structured.masks import StructuredMasks
 from prefixflow.tokenizer import TextCodec
 from prefixflow.utils.hardware import resolve_dtype
-from prefixflow.validation import check_request, checked_prompt
+from prefixflow.validation import checked_prompt
 
 logger = logging.getLogger("prefixflow")
 
@@ -182,8 +182,14 @@ class Engine:
         params = prev.sampling_params
         if params is None or prev.finished:
             raise RequestError("continue_from takes a partial output (finish_reason 'partial')")
-        ids = list(prev.prompt_token_ids)
-        check_request(prev.prompt, ids, params, self.max_model_len, self.hf_config.vocab_size)
+        _, ids = checked_prompt(
+            prev.prompt,
+            list(prev.prompt_token_ids),
+            params,
+            self.max_model_len,
+            self.hf_config.vocab_size,
+            self._structured,
+        )
         samples: list[Request | CompletionOutput] = []
         for i, before in enumerate(prev.outputs):
             if before.finish_reason != FinishReason.PARTIAL:
@@ -261,7 +267,7 @@ class Engine:
         """The grammar compiler, built on first use (it converts the tokenizer once)."""
         if self.runner.structured is None:
             compiler = GrammarCompiler(
-                self.codec.tokenizer, self.hf_config.vocab_size, sorted(self.eos_token_ids)
+                self.codec, self.hf_config.vocab_size, sorted(self.eos_token_ids)
             )
             self.runner.structured = StructuredMasks(compiler)
         return self.runner.structured.compiler

@@ -125,7 +125,7 @@ class ReplicaPool:
     def _grammars(self) -> GrammarCompiler:
         """Structured outputs are checked here, so a bad one fails its line alone."""
         if self._compiler is None:
-            self._compiler = GrammarCompiler(self.codec.tokenizer, self.vocab_size, self._eos)
+            self._compiler = GrammarCompiler(self.codec, self.vocab_size, self._eos)
         return self._compiler
 
     def abort(self, request_id: str) -> None:

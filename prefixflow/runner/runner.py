@@ -104,8 +104,11 @@ class ModelRunner:
             logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
             row_seqs = row_seqs + [f for _, f in forks]
         # Penalties and biases change what is drawn, not the logprobs reported (vLLM's).
-        adjusted = adjusted_logits(logits, row_seqs, self.structured)
-        tokens = self.sampler(adjusted, row_seqs, raw=logits)
+        if self.structured is not None:  # first, as vLLM: its logprobs see the grammar
+            logits = self.structured.apply(logits, row_seqs)
+        elif any(s.params.structured_outputs is not None for s in row_seqs):
+            raise RuntimeError("a structured output reached the runner without its grammars")
+        tokens = self.sampler(adjusted_logits(logits, row_seqs), row_seqs, raw=logits)
         at = 0
         for s in to_sample:
             k = len(s.draft_token_ids)

@@ -1,7 +1,7 @@
 """What a request asks to change in its logits before sampling, for a whole step at once:
 logit_bias, then vLLM's penalties (repetition over the prompt and the output so far,
-frequency and presence over the output), in vLLM's order, then the grammar of a
-structured output.
+frequency and presence over the output), in vLLM's order (after the grammar of a
+structured output, structured/masks.py).
 
 The rows that ask for any of them get a float32 copy; the others are left alone, so a step
 without them costs nothing. The model's raw logits stay untouched: logprobs are reported
@@ -10,21 +10,13 @@ from them, as vLLM does by default.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from prefixflow.step import ScheduledSeq
 
-if TYPE_CHECKING:
-    from prefixflow.structured.masks import StructuredMasks
 
-
-def adjusted_logits(
-    logits: torch.Tensor, seqs: list[ScheduledSeq], masks: StructuredMasks | None = None
-) -> torch.Tensor:
-    """logits (S, V), one row per seq; the same tensor if no row adjusts anything. masks:
-    the structured rows' grammars (needed when a row has structured_outputs)."""
+def adjusted_logits(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    """logits (S, V), one row per seq; the same tensor if no row adjusts anything."""
     rows = [i for i, s in enumerate(seqs) if s.params.adjusts_logits]
     if not rows:
         return logits
@@ -38,21 +30,24 @@ def adjusted_logits(
     if penalised:
         _penalties(x, [sub[j] for j in penalised], torch.tensor(penalised), V)
     out[index] = x
-    if masks is not None:
-        masks.apply(out, seqs)  # last: what the grammar forbids stays forbidden
     return out
 
 
 def _bias(x: torch.Tensor, seqs: list[ScheduledSeq]) -> None:
-    r, c, v = [], [], []
     for j, s in enumerate(seqs):
-        for t, b in (s.params.logit_bias or {}).items():
-            if t < x.shape[1]:
-                r.append(j)
-                c.append(t)
-                v.append(b)
-    if r:
-        x.index_put_((torch.tensor(r), torch.tensor(c)), torch.tensor(v), accumulate=True)
+        if s.params.logit_bias:
+            ids, values = _bias_tensors(s.params)
+            x[j].index_add_(0, ids, values)
+
+
+def _bias_tensors(params) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as tensors, built once (a bias may name thousands of ids)."""
+    cached = params.__dict__.get("_bias_tensors")
+    if cached is None:
+        bias = params.logit_bias
+        cached = (torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values())))
+        params.__dict__["_bias_tensors"] = cached
+    return cached
 
 
 def _penalised(s: ScheduledSeq) -> bool:

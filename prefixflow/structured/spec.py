@@ -24,6 +24,10 @@ class StructuredOutputs:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     json_object: bool = False
+    # JSON whitespace: None (default) compact; vLLM's disable_any_whitespace=False allows
+    # any; whitespace_pattern sets the regex of what is allowed.
+    any_whitespace: bool | None = None
+    whitespace_pattern: str | None = None
 
     @classmethod
     def of(cls, value: StructuredOutputs | dict[str, Any] | None) -> StructuredOutputs | None:
@@ -39,33 +43,51 @@ class StructuredOutputs:
             raise _error(f"structured_outputs takes exactly one of {list(_KINDS)}, got {given}")
         schema = value.get("json")
         if schema is not None and not isinstance(schema, str):
+            if not isinstance(schema, dict):
+                raise _error("structured_outputs.json must be a JSON schema (an object)")
             schema = jsonlib.dumps(schema, sort_keys=True)
         choice = value.get("choice")
         if choice is not None:
-            if not isinstance(choice, list | tuple) or not choice:
+            if (
+                not isinstance(choice, list | tuple)
+                or not choice
+                or not all(isinstance(c, str) for c in choice)
+            ):
                 raise _error("structured_outputs.choice must be a non-empty list of strings")
-            choice = tuple(str(c) for c in choice)
+            choice = tuple(choice)
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            if value.get(name) is not None and not isinstance(value[name], str):
+                raise _error(f"structured_outputs.{name} must be a string")
+        for name in ("json_object", "disable_any_whitespace"):
+            if value.get(name) is not None and not isinstance(value[name], bool):
+                raise _error(f"structured_outputs.{name} must be true or false")
+        disable = value.get("disable_any_whitespace")
         return cls(
             json=schema,
             regex=value.get("regex"),
             choice=choice,
             grammar=value.get("grammar"),
             json_object=bool(value.get("json_object")),
+            any_whitespace=None if disable is None else not disable,
+            whitespace_pattern=value.get("whitespace_pattern"),
         )
 
     def llguidance_grammar(self) -> str:
         """The grammar llguidance takes. Raises RequestError for a schema that is not JSON."""
         from llguidance import LLMatcher
 
-        # Compact JSON: a small model offered free whitespace may emit it until max_tokens.
-        compact = {"whitespace_flexible": False}
+        # Compact JSON unless asked: a small model offered free whitespace may emit it until
+        # max_tokens.
+        compact: dict[str, Any] = {"whitespace_flexible": bool(self.any_whitespace)}
+        if self.whitespace_pattern is not None:
+            compact = {"whitespace_pattern": self.whitespace_pattern}
         if self.json is not None:
             try:
                 schema = jsonlib.loads(self.json)
             except ValueError as e:
-                raise _error(f"the JSON schema is not valid JSON: {e}") from e
+                raise _error(f"invalid structured output: the JSON schema is not JSON: {e}") from e
             if not isinstance(schema, dict):
-                raise _error("the JSON schema must be a JSON object")
+                raise _error("invalid structured output: the JSON schema must be an object")
             return LLMatcher.grammar_from_json_schema(schema, overrides=compact)
         if self.json_object:
             return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=compact)

@@ -49,7 +49,7 @@ def test_completions_with_every_field(oc):
     assert len(r.choices) == 2 and r.usage.prompt_tokens == 4  # truncated to the last 4
     assert r.usage.completion_tokens == 10 and len(r.choices[0].logprobs.tokens) == 5
 
-    forced = oc.completions.create(**common, max_tokens=3, logit_bias={"28": 100}, logprobs=0)
+    forced = oc.completions.create(**common, max_tokens=3, logit_bias={"28": 500}, logprobs=0)
     assert forced.choices[0].logprobs.tokens == [","] * 3
 
     echo = oc.completions.create(**common, max_tokens=2, echo=True, logprobs=1)
@@ -85,6 +85,19 @@ def test_chat_with_every_field(oc):
     )
     assert r.usage.completion_tokens == 3
     assert [len(t.top_logprobs) for t in r.choices[0].logprobs.content] == [2, 2, 2]
+
+
+def test_max_tokens_null_runs_to_the_context_end():
+    from prefixflow.entrypoints.openai.protocol import CompletionRequest
+
+    req = CompletionRequest(prompt="Hi", max_tokens=None)
+    assert req.completion_sampling_params().max_tokens is None
+    assert (
+        CompletionRequest(prompt="Hi", max_tokens=0, echo=True)
+        .completion_sampling_params()
+        .max_tokens
+        == 1
+    )
 
 
 def test_what_cannot_be_honoured_is_refused_by_name(oc):

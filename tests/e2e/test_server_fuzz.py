@@ -91,6 +91,26 @@ def test_fuzzed_json_bodies_never_5xx(client, body, path):
         assert r.json()["error"]["message"]
 
 
+structured = st.dictionaries(
+    st.sampled_from(
+        ["json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace", "x"]
+    ),
+    json_values | st.sampled_from(["a+", "(", 'start: "a"', "[a-"]),
+    max_size=3,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    field=st.sampled_from(["structured_outputs", "guided_json", "guided_regex", "guided_choice"]),
+    value=structured | json_values,
+)
+def test_fuzzed_structured_outputs_never_5xx(client, field, value):
+    body = {"prompt": "Hi", "max_tokens": 2, field: value}
+    r = client.post("/v1/completions", content=json.dumps(body))
+    assert r.status_code < 500, (body, r.text)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(raw=st.binary(max_size=64))
 def test_fuzzed_raw_bodies_never_5xx(client, raw):

@@ -8,6 +8,7 @@ vLLM's sampling extensions (top_k, min_p, min_tokens, ignore_eos, ...) are accep
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -83,7 +84,7 @@ class _SamplingFields(_Strict):
     @classmethod
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.lstrip("-").isdigit():
+            if not re.fullmatch(r"[0-9]+", key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return v
 
@@ -155,7 +156,8 @@ class CompletionRequest(_SamplingFields):
 
     def completion_sampling_params(self) -> SamplingParams:
         """echo with max_tokens 0 scores the prompt: one token is drawn and not returned."""
-        params = self.sampling_params(self.max_tokens or 1, self.logprobs)
+        scoring = self.echo and self.max_tokens == 0
+        params = self.sampling_params(1 if scoring else self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs
         return params
