@@ -161,24 +161,21 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     @property
-    def reads_context(self) -> bool:
-        """Its logits are adjusted by what it generated so far (penalties, a grammar)."""
+    def penalised(self) -> bool:
+        """Presence, frequency or repetition penalties apply."""
         return bool(
-            self.presence_penalty
-            or self.frequency_penalty
-            or self.repetition_penalty != 1.0
-            or self.structured_outputs is not None
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
         )
+
+    @property
+    def reads_context(self) -> bool:
+        """Its logits depend on what it generated so far (penalties, a grammar)."""
+        return self.penalised or self.structured_outputs is not None
 
     @property
     def adjusts_logits(self) -> bool:
         """Penalties or biases change this request's logits before sampling."""
-        return bool(
-            self.presence_penalty
-            or self.frequency_penalty
-            or self.repetition_penalty != 1.0
-            or self.logit_bias
-        )
+        return self.penalised or bool(self.logit_bias)
 
     def for_sample(self, index: int) -> SamplingParams:
         """The params of the index-th of n samples: n=1, and a seed offset so samples differ."""

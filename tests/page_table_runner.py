@@ -128,3 +128,29 @@ def ideal_prompt_tokens(prompts: list[list[int]], bs: int) -> int:
             node = node_of[key]
         total += len(prompt) - usable * bs
     return total
+
+
+def queue_request(
+    sched,
+    runner: PageTableRunner,
+    rid: str,
+    prompt: list[int],
+    max_tokens: int,
+    n: int,
+    sharing: bool = True,
+) -> list[Request]:
+    """Queue a request's n samples (one prefill with sharing on) and track them."""
+    from prefixflow.sampling_params import SamplingParams
+
+    samples = [
+        Request(rid if n == 1 else f"{rid}#{i}", prompt, SamplingParams(max_tokens=max_tokens))
+        for i in range(n)
+    ]
+    for r in samples:
+        runner.track(r)
+    if sharing:
+        sched.add(samples[0], samples[1:])
+    else:
+        for r in samples:
+            sched.add(r)
+    return samples

@@ -26,7 +26,7 @@ def adjusted_logits(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Ten
     index = torch.tensor(rows)
     x = out[index]  # (R, V)
     _bias(x, sub)
-    penalised = [j for j, s in enumerate(sub) if _penalised(s)]
+    penalised = [j for j, s in enumerate(sub) if s.params.penalised]
     if penalised:
         _penalties(x, [sub[j] for j in penalised], torch.tensor(penalised), V)
     out[index] = x
@@ -48,11 +48,6 @@ def _bias_tensors(params) -> tuple[torch.Tensor, torch.Tensor]:
         cached = (torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values())))
         params.__dict__["_bias_tensors"] = cached
     return cached
-
-
-def _penalised(s: ScheduledSeq) -> bool:
-    p = s.params
-    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
 
 def _penalties(x: torch.Tensor, seqs: list[ScheduledSeq], at: torch.Tensor, V: int) -> None:

@@ -22,9 +22,7 @@ from prefixflow.cache.page_file import BadPage, decode, encode
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.scheduler import Scheduler
-from prefixflow.request import Request
-from prefixflow.sampling_params import SamplingParams
-from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens
+from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens, queue_request
 
 NBYTES = 4096
 FILE = NBYTES + 400  # a page file: the page and the safetensors header
@@ -245,13 +243,7 @@ def run(
     runner = PageTableRunner(pool)
     reqs, leaders = [], []
     for rid, prompt, max_tokens, n in requests:
-        samples = [
-            Request(rid if n == 1 else f"{rid}#{i}", prompt, SamplingParams(max_tokens=max_tokens))
-            for i in range(n)
-        ]
-        for r in samples:
-            runner.track(r)
-        sched.add(samples[0], samples[1:])
+        samples = queue_request(sched, runner, rid, prompt, max_tokens, n)
         reqs += samples
         leaders.append(samples[0])  # n samples read the prompt once
     while sched.has_unfinished():

@@ -14,7 +14,7 @@ from prefixflow.engine.prefix_plan import plan_order
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.request import FinishReason, Request
 from prefixflow.sampling_params import SamplingParams
-from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens
+from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens, queue_request
 
 
 def run(
@@ -40,18 +40,7 @@ def run(
     runner = PageTableRunner(pool)
     reqs = []
     for rid, prompt, max_tokens, n in requests:
-        samples = [
-            Request(rid if n == 1 else f"{rid}#{i}", prompt, SamplingParams(max_tokens=max_tokens))
-            for i in range(n)
-        ]
-        for r in samples:
-            runner.track(r)
-        if sharing:
-            sched.add(samples[0], samples[1:])
-        else:
-            for r in samples:
-                sched.add(r)
-        reqs += samples
+        reqs += queue_request(sched, runner, rid, prompt, max_tokens, n, sharing)
     steps = 0
     while sched.has_unfinished():
         out = sched.schedule()
