@@ -97,13 +97,20 @@ def test_kv_of_kept_old_weights_never_enters_the_cache():
     assert later.num_cached_tokens == 0
 
 
-def test_versions_in_use_track_the_kept_requests():
-    sched, pool = make_scheduler()
+def kept_beside_new(old_tokens: int, old_steps: int, new_tokens: int, **sched_options):
+    """Request "a" runs old_steps steps, the weights change with in_flight="keep", and
+    request "b" (the same prompt) arrives under the new ones."""
+    sched, pool = make_scheduler(**sched_options)
     runner = PageTableRunner(pool)
-    add(sched, runner, "a", max_tokens=6)
-    run_steps(sched, pool, runner, steps=2)
+    old = add(sched, runner, "a", max_tokens=old_tokens)
+    run_steps(sched, pool, runner, steps=old_steps)
     sched.update_weights("keep")
-    add(sched, runner, "b", max_tokens=30)
+    new = add(sched, runner, "b", max_tokens=new_tokens)
+    return sched, pool, runner, old, new
+
+
+def test_versions_in_use_track_the_kept_requests():
+    sched, pool, runner, _, _ = kept_beside_new(6, 2, 30)
     run_steps(sched, pool, runner, steps=1)
     assert sched.versions_in_use() == {0, 1}
     run_steps(sched, pool, runner, steps=8)
@@ -141,12 +148,7 @@ def test_prompt_logprob_targets_cover_each_position_once(num_pages):
 
 def test_fake_runner_outputs_have_the_versions_the_scheduler_sent():
     """The runner picks the model by ScheduledSeq.weight_version."""
-    sched, pool = make_scheduler()
-    runner = PageTableRunner(pool)
-    add(sched, runner, "a", max_tokens=5)
-    run_steps(sched, pool, runner, steps=2)
-    sched.update_weights("keep")
-    add(sched, runner, "b", max_tokens=5)
+    sched, pool, runner, _, _ = kept_beside_new(5, 2, 5)
     seen = Counter()
     for out in scheduled(sched, pool, runner):
         seen.update((s.request_id, s.weight_version) for s in out.seqs)
@@ -156,16 +158,12 @@ def test_fake_runner_outputs_have_the_versions_the_scheduler_sent():
 def test_a_kept_request_preempted_is_not_served_new_weights_kv():
     """Under "keep", a preempted old-weights request recomputes rather than read pages a
     new-weights request cached for the same prompt."""
-    sched, pool = make_scheduler(num_pages=64, page_size=4)
-    runner = PageTableRunner(pool)
-    kept = add(sched, runner, "kept", max_tokens=20)
-    run_steps(sched, pool, runner, steps=3)
-    sched.update_weights("keep")
-    add(sched, runner, "new", max_tokens=20)  # the same prompt, cached under new weights
+    # "b" has the same prompt, cached under the new weights.
+    sched, pool, runner, kept, _ = kept_beside_new(20, 3, 20, num_pages=64, page_size=4)
     run_steps(sched, pool, runner, steps=2)
     sched._preempt(kept)
     out = sched.schedule()
-    seq = next(s for s in out.seqs if s.request_id == "kept")
+    seq = next(s for s in out.seqs if s.request_id == "a")
     assert seq.start_pos == 0 and seq.weight_version == 0
 
 
