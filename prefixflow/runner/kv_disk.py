@@ -48,7 +48,7 @@ def kv_fingerprint(
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(_bytes(t), digest_size=16).digest()
+    return hashlib.blake2b(memoryview(_bytes(t)), digest_size=16).digest()
 
 
 def load_pages(kv: torch.Tensor, loads: list[tuple[int, np.ndarray]]) -> None:
@@ -60,8 +60,11 @@ def load_pages(kv: torch.Tensor, loads: list[tuple[int, np.ndarray]]) -> None:
 
 def read_pages(kv: torch.Tensor, pages: list[int]) -> list[np.ndarray]:
     """Each page's bytes, copied out of the cache (it may be reused after this step)."""
-    return [kv[:, :, p].contiguous().view(-1).view(torch.uint8).numpy() for p in pages]
+    # A copy even when the slice is contiguous (a one-page cache): the writer thread reads
+    # it after the page may have been reused.
+    return [_bytes(kv[:, :, p].clone(memory_format=torch.contiguous_format)) for p in pages]
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as uint8, sharing its memory when it is contiguous."""
+    return t.contiguous().view(-1).view(torch.uint8).numpy()
