@@ -3,6 +3,7 @@ does (the same errors), each good request's prompt counted in a PrefixCensus."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +46,10 @@ def analyze_batch(
     eos_token_ids: list[int] | None = None,
 ) -> BatchAnalysis:
     census = PrefixCensus(page_size)
-    compiler: list[GrammarCompiler] = []
 
+    @functools.cache
     def grammars() -> GrammarCompiler:  # structured outputs are checked as run-batch does
-        if not compiler:
-            eos = eos_token_ids or [codec.tokenizer.eos_token_id]
-            compiler.append(GrammarCompiler(codec, vocab_size, eos))
-        return compiler[0]
+        return GrammarCompiler(codec, vocab_size, eos_token_ids or [codec.tokenizer.eos_token_id])
 
     seen: set[str] = set()
     out_max = lines_ok = 0

@@ -1,7 +1,7 @@
 """PrefixCensus: the prefix tree of a batch's prompts, counted as they stream past.
 
 Each full page of a prompt is a node named by the hash chain of the tokens up to its end
-(64 bits of BLAKE2b; the parent's name is part of it). What prefixflow computes is every
+(64 bits of the disk tier's page_digests; the parent's name is part of it). What prefixflow computes is every
 distinct node once, plus each request's own tail: a request reuses at most
 (prompt - 1) // page_size pages (its last token is always computed), and n samples of one
 prompt share one prefill. A request that wants prompt logprobs computes its whole prompt.
@@ -14,11 +14,12 @@ it does, so each node is merged O(log n) times. Pure Python with numpy, no torch
 
 from __future__ import annotations
 
-import hashlib
 from array import array
 from dataclasses import dataclass
 
 import numpy as np
+
+from prefixflow.cache.disk_tier import page_digests
 
 _MERGE_EVERY = 1 << 20  # nodes buffered before they become a sorted run
 
@@ -98,13 +99,12 @@ class PrefixCensus:
             return
         usable = max(len(token_ids) - 1, 0) // bs
         self.tail_tokens += len(token_ids) - usable * bs
-        pages = np.asarray(token_ids[: usable * bs], dtype="<i8").reshape(usable, bs)
         names, parents, depths = self._new
-        prev = b"\0" * 8
-        for p in range(usable):
-            name = hashlib.blake2b(prev + pages[p].tobytes(), digest_size=8).digest()
-            names.append(int.from_bytes(name, "little"))
-            parents.append(int.from_bytes(prev, "little"))
+        prev = 0  # the root
+        for p, digest in enumerate(page_digests(token_ids, bs, usable, size=8)):
+            name = int.from_bytes(digest, "little")
+            names.append(name)
+            parents.append(prev)
             depths.append(p + 1)
             prev = name
         if len(names) >= _MERGE_EVERY:

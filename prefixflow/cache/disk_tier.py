@@ -46,16 +46,26 @@ _PAUSE_S = 30.0  # saving pauses this long after a failed write
 _QUEUE_BYTES = 256 << 20  # pages waiting for the writer, at most
 
 
-def page_keys(token_ids: list[int], page_size: int, num_pages: int, salt: str) -> list[str]:
-    """The keys of the first num_pages full pages of token_ids: key i hashes key i-1 and
-    page i's tokens, so a key names the whole prefix up to its page's end."""
-    keys = []
-    h = hashlib.blake2b(salt.encode(), digest_size=16).digest()
+def page_digests(
+    token_ids: list[int], page_size: int, num_pages: int, salt: str = "", size: int = 16
+) -> list[bytes]:
+    """BLAKE2b digests of the first num_pages full pages of token_ids, chained: digest i
+    hashes digest i-1 and page i's tokens, so it names the whole prefix up to its page's
+    end, the same in every process (unlike Python's salted hash())."""
+    digests = []
+    h = hashlib.blake2b(salt.encode(), digest_size=size).digest()
+    pages = np.asarray(token_ids[: num_pages * page_size], dtype="<i8")
     for p in range(num_pages):
-        page = np.asarray(token_ids[p * page_size : (p + 1) * page_size], dtype="<i8")
-        h = hashlib.blake2b(h + page.tobytes(), digest_size=16).digest()
-        keys.append(h.hex())
-    return keys
+        h = hashlib.blake2b(
+            h + pages[p * page_size : (p + 1) * page_size].tobytes(), digest_size=size
+        ).digest()
+        digests.append(h)
+    return digests
+
+
+def page_keys(token_ids: list[int], page_size: int, num_pages: int, salt: str) -> list[str]:
+    """The file keys of the first num_pages full pages of token_ids (page_digests)."""
+    return [d.hex() for d in page_digests(token_ids, page_size, num_pages, salt)]
 
 
 @dataclass
