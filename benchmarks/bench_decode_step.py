@@ -27,6 +27,7 @@ from prefixflow.attention.registry import build_backend
 from prefixflow.bench.limits import measure_bandwidth
 from prefixflow.llm import LLM
 from prefixflow.model.shapes import head_dim_of
+from prefixflow.runner.attention_setup import attention_config
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import ScheduledSeq, SchedulerOutput
 
@@ -85,9 +86,11 @@ def main() -> None:
     bs, num_pages = llm.engine.pool.page_size, llm.engine.pool.num_pages
     paths = {"kernel": runner.backend}
     if args.compare:
-        off = dataclasses.replace(llm.config, attention_kernels=False)
+        off = dataclasses.replace(
+            attention_config(llm.config), backend="shared_prefix", use_kernels=False
+        )
         shape: AttentionShape = runner.backend.shape
-        paths["pytorch"] = build_backend("shared_prefix", off, shape)
+        paths["pytorch"] = build_backend(off, shape)
     bandwidth = measure_bandwidth()
     kv_token_bytes = 2 * cfg.num_key_value_heads * head_dim_of(cfg) * runner.kv_cache.element_size()
     print(

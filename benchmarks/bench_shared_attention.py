@@ -10,12 +10,14 @@ own. One decode step of the whole model is timed with each backend, in the same 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from prefixflow.attention.registry import build_backend
 from prefixflow.llm import LLM
+from prefixflow.runner.attention_setup import attention_config
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import ScheduledSeq, SchedulerOutput
 
@@ -56,8 +58,9 @@ def main() -> None:
     runner = llm.engine.runner
     bs = llm.engine.pool.page_size
     pages = list(range(llm.engine.pool.num_pages))
+    config = attention_config(llm.config)
     backends = {
-        name: build_backend(name, llm.config, runner.backend.shape)
+        name: build_backend(dataclasses.replace(config, backend=name), runner.backend.shape)
         for name in ("paged", "shared_prefix")
     }
     times: dict[tuple[str, int], float] = {}

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Generic, Protocol, Self, TypeVar
 
 import torch
 
+from prefixflow.attention.attention_config import AttentionConfig
 from prefixflow.attention.step_layout import StepLayout
-from prefixflow.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,28 @@ class AttentionLayer(Protocol):
     scale: float
 
 
-class AttentionBackend(ABC):
+@dataclass
+class AttentionMetadata:
+    """What every backend's metadata for a step holds: where the step's new keys and values
+    go. Each backend extends it with what its layers read (page tables, masks, work lists)."""
+
+    slot_mapping: torch.Tensor  # (T,) cache slot (page * page_size + offset) of each new token
+
+
+M = TypeVar("M", bound=AttentionMetadata)
+
+
+class AttentionBackend(ABC, Generic[M]):
+    """A backend whose `prepare` builds metadata of type M, which its `forward` then reads."""
+
     name: str
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config: EngineConfig, shape: AttentionShape) -> AttentionBackend: ...
+    def from_config(cls, config: AttentionConfig, shape: AttentionShape) -> Self: ...
 
     @abstractmethod
-    def prepare(self, step: StepLayout) -> Any:
+    def prepare(self, step: StepLayout) -> M:
         """This backend's metadata for the step, built once and read by every layer."""
 
     @abstractmethod
@@ -60,6 +73,6 @@ class AttentionBackend(ABC):
         k: torch.Tensor,  # (T, H_kv, D)
         v: torch.Tensor,  # (T, H_kv, D)
         kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D): kv_layout.py
-        meta: Any,  # what prepare() returned for this step
+        meta: M,  # what prepare() returned for this step
     ) -> torch.Tensor:  # (T, H, D)
         ...

@@ -9,15 +9,21 @@ each KV head into the query axis, so keys and values are never repeated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 import torch.nn.functional as F
 
 from prefixflow.attention import kv_layout
-from prefixflow.attention.backend import AttentionBackend, AttentionLayer, AttentionShape
+from prefixflow.attention.attention_config import AttentionConfig
+from prefixflow.attention.backend import (
+    AttentionBackend,
+    AttentionLayer,
+    AttentionMetadata,
+    AttentionShape,
+)
 from prefixflow.attention.common import PageGather, causal_mask
 from prefixflow.attention.step_layout import StepLayout
-from prefixflow.config import EngineConfig
 
 
 @dataclass
@@ -32,8 +38,7 @@ class PrefillPlan:
 
 
 @dataclass
-class PagedMetadata:
-    slot_mapping: torch.Tensor  # (T,)
+class PagedMetadata(AttentionMetadata):
     # Sequences with a single new token (decodes), attended together as one padded batch.
     decode_rows: torch.Tensor  # (B,) their token index in the step
     decode_tables: torch.Tensor  # (B, max_pages) padded with page 0
@@ -41,7 +46,7 @@ class PagedMetadata:
     prefills: list[PrefillPlan]
 
 
-class PagedAttention(AttentionBackend):
+class PagedAttention(AttentionBackend[PagedMetadata]):
     name = "paged"
 
     def __init__(self, shape: AttentionShape, reuse_gather_buffers: bool = True) -> None:
@@ -49,7 +54,7 @@ class PagedAttention(AttentionBackend):
         self.gather = PageGather(shape.page_size, reuse_gather_buffers)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, shape: AttentionShape) -> PagedAttention:
+    def from_config(cls, config: AttentionConfig, shape: AttentionShape) -> Self:
         return cls(shape, config.reuse_gather_buffers)
 
     def prepare(self, step: StepLayout) -> PagedMetadata:

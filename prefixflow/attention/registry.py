@@ -7,7 +7,11 @@ is imported only when it is built.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefixflow.attention.attention_config import AttentionConfig
+    from prefixflow.attention.backend import AttentionBackend, AttentionShape
 
 # name -> "module:class"
 BACKENDS: dict[str, str] = {
@@ -16,9 +20,11 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def build_backend(name: str, config: Any, heads: Any) -> Any:
-    """The AttentionBackend `name`, set up from an EngineConfig for a model's HeadShape."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls).from_config(config, heads)
+def build_backend(config: AttentionConfig, shape: AttentionShape) -> AttentionBackend:
+    """The backend `config.backend`, set up for a model's attention shape."""
+    if config.backend not in BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {config.backend!r}; choose one of {sorted(BACKENDS)}"
+        )
+    module, cls = BACKENDS[config.backend].split(":")
+    return getattr(importlib.import_module(module), cls).from_config(config, shape)

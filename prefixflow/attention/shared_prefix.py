@@ -18,11 +18,18 @@ work lists, page tables, masks) is built once, in `prepare`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 
 from prefixflow.attention import kernels, kv_layout
-from prefixflow.attention.backend import AttentionBackend, AttentionLayer, AttentionShape
+from prefixflow.attention.attention_config import AttentionConfig
+from prefixflow.attention.backend import (
+    AttentionBackend,
+    AttentionLayer,
+    AttentionMetadata,
+    AttentionShape,
+)
 from prefixflow.attention.common import (
     PageGather,
     additive_mask,
@@ -35,7 +42,6 @@ from prefixflow.attention.merge import merge_into
 from prefixflow.attention.paged import PagedAttention, PagedMetadata
 from prefixflow.attention.prefix_groups import SharedPart, plan_prefix_layout
 from prefixflow.attention.step_layout import StepLayout
-from prefixflow.config import EngineConfig
 
 
 @dataclass
@@ -68,15 +74,14 @@ class Part:
 
 
 @dataclass
-class SharedPrefixMetadata:
-    slot_mapping: torch.Tensor
+class SharedPrefixMetadata(AttentionMetadata):
     plain: PagedMetadata | None  # nothing shared and no kernel: the plain paged path
     own_work: kernels.KernelWork | None  # own pages on the kernel
     own_torch: OwnTorch | None  # own pages on PyTorch
     parts: list[Part]
 
 
-class SharedPrefixAttention(AttentionBackend):
+class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
     name = "shared_prefix"
 
     def __init__(
@@ -100,12 +105,12 @@ class SharedPrefixAttention(AttentionBackend):
         self.plain = PagedAttention(shape, reuse_gather_buffers)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, shape: AttentionShape) -> SharedPrefixAttention:
+    def from_config(cls, config: AttentionConfig, shape: AttentionShape) -> Self:
         return cls(
             shape,
             min_shared_tokens=config.shared_prefix_min_tokens,
             min_part_tokens=config.shared_prefix_min_part_tokens,
-            use_kernels=config.attention_kernels,
+            use_kernels=config.use_kernels,
             reuse_gather_buffers=config.reuse_gather_buffers,
         )
 

@@ -28,13 +28,14 @@ from prefixflow.model.loader import (
 )
 from prefixflow.model.registry import architecture_of, build_model
 from prefixflow.request import CompletionOutput, FinishReason, Request, RequestOutput
+from prefixflow.runner.attention_setup import attention_config
+from prefixflow.runner.draft_model import DraftModelProposer
 from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, kv_shape, num_pages_for
 from prefixflow.runner.kv_disk import kv_fingerprint
 from prefixflow.runner.runner import ModelRunner, attention_shape
+from prefixflow.sample.structured_masks import StructuredMasks
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.spec.draft_model import DraftModelProposer
 from prefixflow.structured.compiler import GrammarCompiler
-from prefixflow.structured.masks import StructuredMasks
 from prefixflow.tokenizer import TextCodec
 from prefixflow.utils.hardware import resolve_dtype
 from prefixflow.validation import checked_prompt
@@ -108,9 +109,8 @@ class Engine:
         drafter = None
         if draft is not None:
             draft_kv = allocate_kv_cache(draft.config, num_pages, bs, self.dtype)
-            backend = build_backend(
-                config.attention_backend, config, attention_shape(draft, bs, self.dtype)
-            )
+            draft_shape = attention_shape(draft, bs, self.dtype)
+            backend = build_backend(attention_config(config), draft_shape)
             drafter = DraftModelProposer(draft, draft_kv, backend, bs)
         self.runner = ModelRunner(self.model, kv, config, drafter)
         self.load_seconds = time.perf_counter() - t0

@@ -8,12 +8,11 @@ model itself has no notion of batch or padding.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
-from prefixflow.attention.backend import AttentionBackend
+from prefixflow.attention.backend import AttentionBackend, M
 from prefixflow.model.ops import LayerOps
 from prefixflow.model.rope import RotaryEmbedding
 from prefixflow.model.shapes import head_dim_of
@@ -50,9 +49,9 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (T, hidden)
         rope: RotaryEmbedding,
         positions: torch.Tensor,  # (T,)
-        meta: Any,  # the backend's metadata for this step
+        meta: M,  # the backend's metadata for this step
         kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D)
-        backend: AttentionBackend,
+        backend: AttentionBackend[M],
     ) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -84,7 +83,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ops)
 
     def forward(
-        self, x, residual, rope, positions, meta, kv_cache, backend
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        residual: torch.Tensor | None,  # (T, hidden)
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,  # (T,)
+        meta: M,
+        kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D)
+        backend: AttentionBackend[M],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous block's output; residual: the stream it adds to (None at the
         first layer, where x is the stream). Returns this layer's MLP output and the stream."""
@@ -122,9 +128,9 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # (T,)
         positions: torch.Tensor,  # (T,)
-        meta: Any,  # the backend's metadata for this step
-        kv_caches: torch.Tensor,  # (L, 2, num_pages, page_size, H_kv, D)
-        backend: AttentionBackend,
+        meta: M,  # the backend's metadata for this step (its prepare())
+        kv_caches: torch.Tensor,  # (L, 2, num_pages, H_kv, page_size * D)
+        backend: AttentionBackend[M],
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         residual = None

@@ -10,15 +10,16 @@ from prefixflow.attention.registry import build_backend
 from prefixflow.config import EngineConfig
 from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.shapes import head_dim_of
+from prefixflow.runner.attention_setup import attention_config
+from prefixflow.runner.draft_model import DraftModelProposer
 from prefixflow.runner.kv_disk import load_pages, read_pages
 from prefixflow.runner.prompt_logprobs import prompt_logprobs
 from prefixflow.runner.step_inputs import forward_step
 from prefixflow.sample.logits_process import adjusted_logits
 from prefixflow.sample.sampler import Sampler
+from prefixflow.sample.structured_masks import StructuredMasks
 from prefixflow.spec import verify
-from prefixflow.spec.draft_model import DraftModelProposer
 from prefixflow.step import PageTables, RunnerOutput, ScheduledSeq, SchedulerOutput
-from prefixflow.structured.masks import StructuredMasks
 
 
 class ModelRunner:
@@ -35,7 +36,7 @@ class ModelRunner:
         self.page_size = config.page_size
         check_page_size(config.page_size, kv_cache.dtype)
         shape = attention_shape(model, config.page_size, kv_cache.dtype)
-        self.backend = build_backend(config.attention_backend, config, shape)
+        self.backend = build_backend(attention_config(config), shape)
         self.sampler = Sampler(
             config.seed,
             greedy_fast_path=config.greedy_fast_path,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from prefixflow.attention.backend import AttentionBackend, M
 from prefixflow.attention.step_layout import SeqLayout, StepLayout
+from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.step import PageTables, ScheduledSeq
 
 
@@ -43,9 +45,9 @@ def build_step(
 
 
 def forward_step(
-    model,
-    backend,
-    kv_cache: torch.Tensor,
+    model: LlamaForCausalLM,
+    backend: AttentionBackend[M],
+    kv_cache: torch.Tensor,  # (L, 2, num_pages, H_kv, page_size * D)
     seqs: list[ScheduledSeq],
     page_size: int,
     tables: PageTables,
