@@ -2,10 +2,11 @@
 
 The HTTP server's handlers run on the event loop; the engine (not thread-safe, and busy
 in torch for most of each step) runs on one background thread that owns it. Handlers
-send it commands (add, abort) through a queue; it answers an add with a future (so a
-request the engine refuses becomes a 400 before any response starts) and pushes each
-request's outputs (snapshots while streaming, the final one at the end) to that
-request's asyncio queue. Requests from all connections share every step's batch.
+send it typed messages (async_messages.py: add, abort, update weights) through a queue;
+it answers an add with a future (so a request the engine refuses becomes a 400 before any
+response starts) and pushes each request's outputs (snapshots while streaming, the final
+one at the end) to that request's asyncio queue. Requests from all connections share
+every step's batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from prefixflow.engine.async_messages import (
+    Abort,
+    AddRequest,
+    AnsweredMessage,
+    EngineMessage,
+    UpdateWeights,
+)
 from prefixflow.engine.engine import Engine
 from prefixflow.request import RequestOutput
 from prefixflow.sampling_params import SamplingParams
@@ -73,18 +81,20 @@ class AsyncEngine:
         route = _Route(asyncio.Queue(), stream)
         self._routes[request_id] = route
         try:
-            await self._call("add", request_id, prompt, params, text)
+            await self._call(AddRequest(request_id, prompt, params, text))
         except BaseException:
             self.cancel(request_id)  # refused, or the caller was cancelled meanwhile
             raise
 
-    async def _call(self, *command):
-        """Send a command to the engine thread and wait for its answer (the engine's error
-        is raised here); if the engine thread died first, say so."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((*command, done))
+    def _send(self, message: EngineMessage) -> None:
+        self._inbox.put(message)
         self._wake.set()
-        waiting = asyncio.wrap_future(done)
+
+    async def _call(self, message: AnsweredMessage):
+        """Send a message to the engine thread and wait for its answer (the engine's error
+        is raised here); if the engine thread died first, say so."""
+        self._send(message)
+        waiting = asyncio.wrap_future(message.done)
         while not waiting.done():
             await asyncio.wait({waiting}, timeout=0.5)
             if not waiting.done() and self.error is not None:
@@ -109,15 +119,14 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        self._send(Abort(request_id))
 
     async def update_weights(self, model_path: str, in_flight: str) -> int:
         """Load new weights between two steps; returns the new weight version. Raises the
         engine's ValueError (or FileNotFoundError) if they cannot be loaded."""
         if self.error is not None:
             raise EngineDeadError(f"the engine failed: {self.error}")
-        return await self._call("update", model_path, in_flight)
+        return await self._call(UpdateWeights(model_path, in_flight))
 
     def cancel(self, request_id: str) -> None:
         """Forget a request's outputs and abort it (a no-op once it finished)."""
@@ -145,31 +154,42 @@ class AsyncEngine:
                         self._deliver(rid, eng.snapshot(rid))
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request
             logger.exception("engine thread failed")
-            self.error = e
-            for rid in list(self._routes):
-                self._deliver(rid, e)
-            while True:  # adds nobody will run: fail them now
-                try:
-                    cmd = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if cmd[0] in ("add", "update"):
-                    cmd[-1].set_exception(EngineDeadError(f"the engine failed: {e}"))
+            self._fail_everyone(e)
+
+    def _fail_everyone(self, error: BaseException) -> None:
+        self.error = error
+        for rid in list(self._routes):
+            self._deliver(rid, error)
+        while True:  # messages nobody will run: fail their callers now
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, AnsweredMessage):
+                _refuse(message.done, EngineDeadError(f"the engine failed: {error}"))
 
     def _drain_inbox(self) -> None:
         while True:
             try:
-                cmd = self._inbox.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                _, rid, prompt, params, text, done = cmd
-                _answer(done, self.engine.add_request, rid, prompt, params, prompt_text=text)
-            elif cmd[0] == "update":
-                _, path, in_flight, done = cmd
-                _answer(done, self._update, path, in_flight)
-            else:
-                self.engine.abort(cmd[1])
+            self._handle(message)
+
+    def _handle(self, message: EngineMessage) -> None:
+        match message:
+            case AddRequest(request_id=rid, prompt=prompt, params=params, text=text):
+                _answer(
+                    message.done, self.engine.add_request, rid, prompt, params, prompt_text=text
+                )
+            case UpdateWeights(model_path=path, in_flight=in_flight):
+                _answer(message.done, self._update, path, in_flight)
+            case Abort(request_id=rid):
+                self.engine.abort(rid)
+            case _:
+                # A message nobody handles would leave its caller waiting forever: a bug
+                # that stops the engine thread, so every caller hears of it.
+                raise TypeError(f"the engine thread has no handler for {message!r}")
 
     def _update(self, path: str, in_flight: str) -> int:
         for out in self.engine.update_weights(path, in_flight):  # in_flight="abort"
@@ -193,3 +213,9 @@ def _answer(done: concurrent.futures.Future, fn, *args, **kwargs) -> None:
         done.set_exception(e)
     else:
         done.set_result(result)
+
+
+def _refuse(done: concurrent.futures.Future, error: BaseException) -> None:
+    """Fail a caller's future unless it gave up waiting (a cancelled one takes no error)."""
+    if done.set_running_or_notify_cancel():
+        done.set_exception(error)
