@@ -3,17 +3,22 @@
 Each update is a snapshot of everything generated so far; a choice's delta is what its
 text gained since the last chunk. While a choice runs, text that a stop string might
 still cut (its last len(stop) - 1 characters) and a trailing partial UTF-8 character are
-held back, so the concatenated deltas equal the final text exactly.
+held back, so the concatenated deltas equal the final text exactly. The prompts of one
+HTTP request are separate engine requests; stream_events merges their outputs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.entrypoints.openai.serving import COMPLETIONS, _usage
+from prefixflow.entrypoints.server.metrics import ServerCounters
 from prefixflow.request import CompletionOutput, RequestOutput
 
 
@@ -89,3 +94,51 @@ class StreamState:
 
 
 DONE = "data: [DONE]\n\n"
+
+
+def holdback(stops: list[str]) -> int:
+    """Characters of streamed text to hold back while a stop string could still cut it.
+
+    Stop strings are searched in each step's new text and the longest - 1 characters before
+    it (engine/output_processor.py), so older text is final.
+    """
+    return max((len(s) for s in stops), default=1) - 1
+
+
+async def stream_events(
+    runner: AsyncEngine, rids: list[str], state: StreamState, counters: ServerCounters
+) -> AsyncIterator[str]:
+    """The SSE events of one HTTP request's engine requests (one per prompt), as their
+    outputs arrive, then the usage event if asked for and [DONE]."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, rid: str) -> None:
+        try:
+            async for out in runner.outputs(rid):
+                await merged.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - passed on to the response
+            await merged.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, rid)) for i, rid in enumerate(rids)]
+    finals: dict[int, RequestOutput] = {}
+    try:
+        while len(finals) < len(rids):
+            i, out = await merged.get()
+            if isinstance(out, BaseException):
+                msg = {"error": {"message": str(out), "type": "server_error"}}
+                yield f"data: {json.dumps(msg)}\n\n"
+                return
+            for event in state.chunks(i, out):
+                yield event
+            if out.finished:
+                finals[i] = out
+        if state.include_usage:
+            yield state.usage_event([finals[i] for i in range(len(rids))])
+        yield DONE
+        counters.requests_ok += 1
+    finally:
+        if len(finals) < len(rids):  # the client left mid-stream
+            counters.disconnects += 1
+            counters.requests_failed += 1
+        for t in tasks:
+            t.cancel()  # a reader cancelled before the end aborts its request

@@ -1,0 +1,138 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions.
+
+Bodies are validated by the same pydantic models and `prepare` as run-batch; each prompt
+of a request is its own engine request. Streamed responses are built in streaming.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from prefixflow.engine.async_engine import AsyncEngine, EngineDeadError
+from prefixflow.entrypoints.openai.serving import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    PreparedRequest,
+    prepare,
+)
+from prefixflow.entrypoints.server.error_response import error_response
+from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
+from prefixflow.entrypoints.server.streaming import StreamState, holdback, stream_events
+from prefixflow.errors import INVALID_JSON, RequestError
+from prefixflow.request import RequestOutput
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(server: ServerStateDep) -> dict:
+    card = {
+        "id": server.engine.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "prefixflow",
+        "max_model_len": server.engine.max_model_len,
+    }
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, server: ServerStateDep) -> Response:
+    return await _serve(request, server, COMPLETIONS)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, server: ServerStateDep) -> Response:
+    return await _serve(request, server, CHAT_COMPLETIONS)
+
+
+async def _serve(request: Request, server: ServerState, url: str) -> Response:
+    engine, runner, counters = server.engine, server.runner, server.counters
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        counters.requests_failed += 1
+        return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
+    try:
+        prepared = prepare(url, body, engine.codec)
+    except RequestError as e:
+        counters.requests_failed += 1
+        return JSONResponse(e.body(), status_code=400)
+    base = uuid.uuid4().hex
+    rids = [f"{base}-{i}" for i in range(len(prepared.prompts))]
+    try:
+        for rid, (text, ids) in zip(rids, prepared.prompts, strict=True):
+            await runner.add(rid, ids, prepared.params, text, prepared.stream)
+    except EngineDeadError as e:
+        _cancel(runner, rids)
+        return error_response(503, str(e), code="engine_failed")
+    except ValueError as e:
+        _cancel(runner, rids)
+        counters.requests_failed += 1
+        err = e if isinstance(e, RequestError) else RequestError(str(e))
+        return JSONResponse(err.body(), status_code=400)
+    except BaseException:  # cancelled while queueing: leave nothing running
+        _cancel(runner, rids)
+        raise
+    if prepared.stream:
+        state = StreamState(
+            url,
+            engine.model_name,
+            prepared.params.n,
+            holdback(prepared.params.stop),
+            prepared.include_usage,
+        )
+        # The background task runs however the response ends, even when the client
+        # left before the stream started and the generator never ran.
+        return StreamingResponse(
+            stream_events(runner, rids, state, counters),
+            media_type="text/event-stream",
+            background=BackgroundTask(_cancel, runner, rids),
+        )
+    return await _respond(request, server, rids, prepared)
+
+
+def _cancel(runner: AsyncEngine, rids: list[str]) -> None:
+    for rid in rids:
+        runner.cancel(rid)
+
+
+async def _final(runner: AsyncEngine, rid: str) -> RequestOutput:
+    last = None
+    async for out in runner.outputs(rid):
+        last = out
+    return last
+
+
+async def _respond(
+    request: Request, server: ServerState, rids: list[str], prepared: PreparedRequest
+) -> Response:
+    counters = server.counters
+    work = asyncio.gather(*(_final(server.runner, r) for r in rids))
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:  # the client left: cancelling the readers aborts the requests
+        work.cancel()
+        counters.disconnects += 1
+        counters.requests_failed += 1
+        return Response(status_code=499)
+    watch.cancel()
+    try:
+        outputs = work.result()
+    except EngineDeadError as e:
+        return error_response(503, str(e), code="engine_failed")
+    counters.requests_ok += 1
+    engine = server.engine
+    return JSONResponse(prepared.body(engine.model_name, outputs, engine.codec))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)

@@ -1,0 +1,38 @@
+"""What every route shares: the engine, its thread, the counters /metrics reports, the key.
+
+build_app makes one ServerState and puts it on app.state; routes take it as a dependency
+(ServerStateDep) rather than closing over it, so each route group lives in its own file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from prometheus_client import CollectorRegistry
+
+from prefixflow.engine.async_engine import AsyncEngine
+from prefixflow.engine.engine import Engine
+from prefixflow.entrypoints.server.metrics import ServerCounters
+
+
+@dataclass(frozen=True)
+class ServerState:
+    engine: Engine
+    runner: AsyncEngine  # the engine on its own thread: every request goes through it
+    counters: ServerCounters
+    registry: CollectorRegistry
+    api_key: str | None
+
+
+def state_of(app: FastAPI) -> ServerState:
+    return app.state.server
+
+
+# async so that FastAPI does not hand this lookup to its thread pool on every request.
+async def _server_state(request: Request) -> ServerState:
+    return state_of(request.app)
+
+
+ServerStateDep = Annotated[ServerState, Depends(_server_state)]
