@@ -1,7 +1,7 @@
 """What a request asks to change in its logits before sampling, for a whole step at once:
 logit_bias, then vLLM's penalties (repetition over the prompt and the output so far,
 frequency and presence over the output), in vLLM's order (after the grammar of a
-structured output, structured/masks.py).
+structured output, sample/structured_masks.py).
 
 The rows that ask for any of them get a float32 copy; the others are left alone, so a step
 without them costs nothing. The model's raw logits stay untouched: logprobs are reported
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from prefixflow.sample.params_cache import ParamsCache
+from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import ScheduledSeq
 
 
@@ -40,14 +42,14 @@ def _bias(x: torch.Tensor, seqs: list[ScheduledSeq]) -> None:
             x[j].index_add_(0, ids, values)
 
 
-def _bias_tensors(params) -> tuple[torch.Tensor, torch.Tensor]:
-    """A request's logit_bias as tensors, built once (a bias may name thousands of ids)."""
-    cached = params.__dict__.get("_bias_tensors")
-    if cached is None:
-        bias = params.logit_bias
-        cached = (torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values())))
-        params.__dict__["_bias_tensors"] = cached
-    return cached
+def _bias_as_tensors(params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as (ids (N,), biases (N,)) tensors."""
+    bias = params.logit_bias
+    return torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values()))
+
+
+# Built once per request, not every step: a bias may name thousands of ids.
+_bias_tensors = ParamsCache(_bias_as_tensors)
 
 
 def _penalties(x: torch.Tensor, seqs: list[ScheduledSeq], at: torch.Tensor, V: int) -> None:
