@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from prefixflow.cache.page_hash import page_hash_chain
 from prefixflow.sampling_params import SamplingParams
 
 # "No limit" on a count of tokens, wherever one is needed (a plain int: sums stay exact).
@@ -90,6 +91,16 @@ class Request:
     def planned_decode_tokens(self) -> int:
         """Decode tokens this request and its unforked siblings will run, at most."""
         return self.max_output_tokens * (1 + len(self.fork_siblings))
+
+    def page_hashes(self, page_size: int) -> list[bytes]:
+        """The page hash chain of the prompt's full pages (cache/page_hash.py). Computed once
+        (the prompt never changes): the planner asks again each time it re-plans the queue,
+        and each page costs a BLAKE2b call, about a microsecond."""
+        cached: tuple[int, list[bytes]] | None = getattr(self, "_page_hashes", None)
+        if cached is None or cached[0] != page_size:
+            cached = (page_size, page_hash_chain(self.prompt_token_ids, page_size))
+            self._page_hashes = cached
+        return cached[1]
 
     @property
     def is_finished(self) -> bool:

@@ -1,10 +1,12 @@
 """PrefixCensus: the prefix tree of a batch's prompts, counted as they stream past.
 
-Each full page of a prompt is a node named by the hash chain of the tokens up to its end
-(64 bits of the disk tier's page_digests; the parent's name is part of it). What prefixflow computes is every
-distinct node once, plus each request's own tail: a request reuses at most
-(prompt - 1) // page_size pages (its last token is always computed), and n samples of one
-prompt share one prefill. A request that wants prompt logprobs computes its whole prompt.
+Each full page of a prompt is a node named by the first 64 bits of its page hash chain
+digest (cache/page_hash.py), which names the tokens up to its end, the parent's name
+included; a collision among n distinct pages (odds about n**2 / 2**65) would only merge two
+nodes' counts. What prefixflow computes is every distinct node once, plus each request's
+own tail: a request reuses at most (prompt - 1) // page_size pages (its last token is
+always computed), and n samples of one prompt share one prefill. A request that wants
+prompt logprobs computes its whole prompt.
 
 Memory is bounded by the distinct pages, not the requests: nodes are kept in sorted numpy
 arrays (name, parent, depth, count: 24 bytes a node). New nodes are buffered, deduplicated
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefixflow.cache.disk_tier import page_digests
+from prefixflow.cache.page_hash import page_hash_chain
 
 _MERGE_EVERY = 1 << 20  # nodes buffered before they become a sorted run
 
@@ -101,8 +103,8 @@ class PrefixCensus:
         self.tail_tokens += len(token_ids) - usable * bs
         names, parents, depths = self._new
         prev = 0  # the root
-        for p, digest in enumerate(page_digests(token_ids, bs, usable, size=8)):
-            name = int.from_bytes(digest, "little")
+        for p, digest in enumerate(page_hash_chain(token_ids, bs, usable)):
+            name = int.from_bytes(digest[:8], "little")
             names.append(name)
             parents.append(prev)
             depths.append(p + 1)

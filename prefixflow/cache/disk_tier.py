@@ -1,9 +1,10 @@
 """DiskTier: KV pages kept in files, so a prefix outlives the process that computed it.
 
-A page is named by the hash chain of the token ids up to its end (`page_keys`), under a
-fingerprint of everything its bytes depend on (the weights, dtype, page size, KV layout;
-runner/kv_disk.py). A different model, dtype or layout looks in another folder and never
-reads these pages. cache/page_file.py has the file format and its checks.
+A page is named by the page hash chain (cache/page_hash.py) of the token ids up to its end
+(`page_keys`), salted by and filed under a fingerprint of everything its bytes depend on
+(the weights, dtype, page size, KV layout; runner/kv_disk.py). A different model, dtype or
+layout looks in another folder and never reads these pages. cache/page_file.py has the
+file format and its checks.
 
 Files are written to a temporary name and renamed into place (atomic on POSIX), so a
 reader sees a whole file or none; a torn file, a bad checksum, a foreign fingerprint or a
@@ -21,7 +22,6 @@ Pure Python with numpy: the scheduler uses it without torch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -35,6 +35,7 @@ import numpy as np
 
 from prefixflow.cache import page_file
 from prefixflow.cache.page_file import BadPage
+from prefixflow.cache.page_hash import page_hash_chain
 
 logger = logging.getLogger("prefixflow")
 
@@ -46,26 +47,10 @@ _PAUSE_S = 30.0  # saving pauses this long after a failed write
 _QUEUE_BYTES = 256 << 20  # pages waiting for the writer, at most
 
 
-def page_digests(
-    token_ids: list[int], page_size: int, num_pages: int, salt: str = "", size: int = 16
-) -> list[bytes]:
-    """BLAKE2b digests of the first num_pages full pages of token_ids, chained: digest i
-    hashes digest i-1 and page i's tokens, so it names the whole prefix up to its page's
-    end, the same in every process (unlike Python's salted hash())."""
-    digests = []
-    h = hashlib.blake2b(salt.encode(), digest_size=size).digest()
-    pages = np.asarray(token_ids[: num_pages * page_size], dtype="<i8")
-    for p in range(num_pages):
-        h = hashlib.blake2b(
-            h + pages[p * page_size : (p + 1) * page_size].tobytes(), digest_size=size
-        ).digest()
-        digests.append(h)
-    return digests
-
-
 def page_keys(token_ids: list[int], page_size: int, num_pages: int, salt: str) -> list[str]:
-    """The file keys of the first num_pages full pages of token_ids (page_digests)."""
-    return [d.hex() for d in page_digests(token_ids, page_size, num_pages, salt)]
+    """The file keys of the first num_pages full pages of token_ids: the page hash chain
+    (cache/page_hash.py) salted by the KV fingerprint, in hex."""
+    return [d.hex() for d in page_hash_chain(token_ids, page_size, num_pages, salt)]
 
 
 @dataclass

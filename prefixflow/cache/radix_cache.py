@@ -1,9 +1,15 @@
 """RadixCache: which KV pages already hold which prefix of token ids.
 
 A radix tree over token ids, one edge per full page (page-aligned, as in vLLM and SGLang
-with page size > 1): a node is the key (parent page, the page's tokens) and maps to the
-page holding that prefix's KV. Keys compare the tokens themselves, so two different
-prefixes never share a page, whatever their hashes.
+with page size > 1): a node is keyed by the page hash chain digest of its page
+(cache/page_hash.py), which names the whole prefix up to the page's end, and maps to the
+page holding that prefix's KV.
+
+Exact whatever the digests: a node also keeps its parent page and its page's token ids,
+and a hit counts only if both are the ones looked up, so by induction from the root the
+page holds exactly the prefix asked for. A collision (two prefixes, one digest) only
+costs the later prefix its caching; it never serves the other prefix's KV. The check is
+one bytes compare a matched page.
 
 Reference counts live in the PagePool: a request holds every page of its prefix, and a
 page nobody holds stays cached but free, handed out last (LRU). When the pool reuses a
@@ -14,18 +20,28 @@ it on write, see the scheduler).
 
 from __future__ import annotations
 
+from prefixflow.cache.page_hash import next_page_hash, root_digest, token_bytes
 from prefixflow.cache.page_pool import PagePool
 
-_ROOT = -1
-_Key = tuple[int, tuple[int, ...]]  # (parent page or _ROOT, the page's token ids)
+_ROOT = -1  # the parent of a prompt's first page
+_ROOT_DIGEST = root_digest()
+
+
+class _Node:
+    __slots__ = ("digest", "parent", "tokens")
+
+    def __init__(self, digest: bytes, parent: int, tokens: bytes) -> None:
+        self.digest = digest  # the prefix's page hash chain digest, its key
+        self.parent = parent  # the page holding the prefix above, or _ROOT
+        self.tokens = tokens  # the page's token ids (page_hash.token_bytes)
 
 
 class RadixCache:
     def __init__(self, pool: PagePool) -> None:
         self.pool = pool
         self.page_size = pool.page_size
-        self._page_of: dict[_Key, int] = {}
-        self._key_of: dict[int, _Key] = {}
+        self._page_of: dict[bytes, int] = {}
+        self._node_of: dict[int, _Node] = {}
         self._children: dict[int, set[int]] = {}
         pool.on_evict = self._forget
 
@@ -37,13 +53,20 @@ class RadixCache:
 
         Takes a reference on each returned page for the caller.
         """
-        bs = self.page_size
+        width = 8 * self.page_size
+        num_pages = min(max_pages, len(token_ids) // self.page_size)
+        buf = token_bytes(token_ids[: num_pages * self.page_size])
         pages: list[int] = []
-        parent = _ROOT
-        for p in range(min(max_pages, len(token_ids) // bs)):
-            page = self._page_of.get((parent, tuple(token_ids[p * bs : (p + 1) * bs])))
+        parent, digest = _ROOT, _ROOT_DIGEST
+        for a in range(0, len(buf), width):
+            tokens = buf[a : a + width]
+            digest = next_page_hash(digest, tokens)
+            page = self._page_of.get(digest)
             if page is None:
                 break
+            node = self._node_of[page]
+            if node.parent != parent or node.tokens != tokens:
+                break  # another prefix under the same digest
             pages.append(page)
             parent = page
         for page in pages:
@@ -58,21 +81,33 @@ class RadixCache:
         A page whose prefix is already cached under another page stays the caller's own;
         the cached one remains the shared copy.
         """
+        if start_page >= end_page:
+            return
         bs = self.page_size
-        parent = _ROOT if start_page == 0 else page_ids[start_page - 1]
-        if parent != _ROOT and parent not in self._key_of:
-            return  # the prefix above is not cached (a duplicate): nothing below can be reached
-        for p in range(start_page, end_page):
+        if start_page == 0:
+            parent, digest = _ROOT, _ROOT_DIGEST
+        else:
+            parent = page_ids[start_page - 1]
+            above = self._node_of.get(parent)
+            if above is None:
+                return  # the prefix above is not cached (a duplicate): nothing below can be reached
+            digest = above.digest  # the chain goes on from there, not from the first page
+        buf = token_bytes(token_ids[start_page * bs : end_page * bs])
+        width = 8 * bs
+        for p, a in zip(range(start_page, end_page), range(0, len(buf), width), strict=True):
             page = page_ids[p]
-            key = (parent, tuple(token_ids[p * bs : (p + 1) * bs]))
-            cached = self._page_of.get(key)
+            tokens = buf[a : a + width]
+            digest = next_page_hash(digest, tokens)
+            cached = self._page_of.get(digest)
             if cached is not None and cached != page:
+                # The cached copy of this prefix, or (a collision) of another one: either
+                # way this page and those below stay the caller's own.
                 return
             if cached is None:
-                if page in self._key_of:
+                if page in self._node_of:
                     return  # the page already caches another prefix (cannot happen when held)
-                self._page_of[key] = page
-                self._key_of[page] = key
+                self._page_of[digest] = page
+                self._node_of[page] = _Node(digest, parent, tokens)
                 self._children.setdefault(parent, set()).add(page)
                 self.pool.mark_cached(page)
             parent = page
@@ -80,10 +115,10 @@ class RadixCache:
     def clear(self) -> None:
         """Forget every prefix (the KV was computed under weights that changed). Pages in
         use stay with their holders; free cached pages become plain free pages."""
-        for page in list(self._key_of):
+        for page in list(self._node_of):
             self.pool.uncache(page)
         self._page_of.clear()
-        self._key_of.clear()
+        self._node_of.clear()
         self._children.clear()
 
     def _forget(self, page: int) -> None:
@@ -91,15 +126,15 @@ class RadixCache:
         stack = [page]
         while stack:
             p = stack.pop()
-            key = self._key_of.pop(p, None)
-            if key is None:
+            node = self._node_of.pop(p, None)
+            if node is None:
                 continue
-            del self._page_of[key]
-            siblings = self._children.get(key[0])
+            del self._page_of[node.digest]
+            siblings = self._children.get(node.parent)
             if siblings is not None:
                 siblings.discard(p)
                 if not siblings:
-                    del self._children[key[0]]
+                    del self._children[node.parent]
             children = self._children.pop(p, set())
             stack.extend(children)
             if p != page:

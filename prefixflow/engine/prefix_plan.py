@@ -8,11 +8,12 @@ when the last one ends. Among siblings, the subtree with the most decode work pe
 prompt token goes first (decode-first ordering): its decodes fill the batch while later
 groups prefill in chunks.
 
-The tree is keyed by chained hashes of pages, and a node reached by a single request keeps
-that request unexpanded until a second one arrives, so building it costs one hash per
-prompt page plus one step per page actually shared: linear in prompt tokens, whatever the
-size of the batch. A hash collision can only make the order worse, never an output wrong:
-the RadixCache compares the tokens themselves.
+The tree is keyed by the page hash chain (cache/page_hash.py), the radix cache's key, and
+a node reached by a single request keeps that request unexpanded until a second one
+arrives, so building it costs one hash per prompt page (once per request: Request caches
+its chain across re-plans) plus one step per page actually shared: linear in prompt
+tokens, whatever the size of the batch. A hash collision can only make the order worse,
+never an output wrong: the RadixCache compares the tokens themselves.
 """
 
 from __future__ import annotations
@@ -22,27 +23,19 @@ from typing import Protocol
 
 
 class Plannable(Protocol):
-    prompt_token_ids: list[int]
-
     @property
     def planned_decode_tokens(self) -> int: ...
 
-
-def page_hashes(token_ids: list[int], page_size: int) -> list[int]:
-    """One hash per full page, each covering the whole prefix up to that page's end."""
-    out = []
-    h = 0
-    for p in range(len(token_ids) // page_size):
-        h = hash((h, tuple(token_ids[p * page_size : (p + 1) * page_size])))
-        out.append(h)
-    return out
+    def page_hashes(self, page_size: int) -> list[bytes]:
+        """The page hash chain of the prompt (Request caches it)."""
+        ...
 
 
 class _Node:
     __slots__ = ("children", "ends", "lazy", "decode", "pages")
 
     def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
+        self.children: dict[bytes, _Node] = {}
         self.ends: list[int] = []  # requests (by index) whose pages end at this node
         self.lazy: int | None = None  # the one request below, its path not yet expanded
         self.decode = 0  # decode tokens of the requests below (filled by _totals)
@@ -51,7 +44,7 @@ class _Node:
 
 def plan_order(requests: Sequence[Plannable], page_size: int) -> list[int]:
     """Indices of `requests` in the order to admit them."""
-    hashes = [page_hashes(r.prompt_token_ids, page_size) for r in requests]
+    hashes = [r.page_hashes(page_size) for r in requests]
     root = _Node()
     depth_of: dict[int, int] = {id(root): 0}  # only for nodes holding a lazy request
 
@@ -101,7 +94,7 @@ def plan_order(requests: Sequence[Plannable], page_size: int) -> list[int]:
 def _totals(
     root: _Node,
     requests: Sequence[Plannable],
-    hashes: list[list[int]],
+    hashes: list[list[bytes]],
     depth_of: dict[int, int],
 ) -> None:
     """Fill decode and pages of every node, children before parents."""

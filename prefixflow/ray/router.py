@@ -1,17 +1,23 @@
 """Which replica runs a request: the one that holds its prefix, unless that one is busy.
 
-As SGLang's cache-aware router: each replica's prefixes are remembered as the chain of
-page-aligned blocks of token ids routed to it. A request goes to the replica holding its
+As SGLang's cache-aware router: each replica's prefixes are remembered as the page-aligned
+prefixes of the prompts routed to it. A request goes to the replica holding its
 longest routed prefix, if that covers at least half the prompt and that replica's load
 (requests in flight) stays within a bound of the least-loaded one; otherwise to the
 least-loaded replica.
 Requests under one shared prefix thus land on the replica that computes it, and a replica
 that holds a hot prefix takes more than its share only up to the bound. Torch-free.
+
+A prefix is keyed by its page hash chain digest (cache/page_hash.py), the key the
+replicas' caches use, the same in every process. A collision could only send a request
+to a replica without its prefix: slower, never wrong.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+from prefixflow.cache.page_hash import page_hash_chain
 
 _MAX_KEYS = 1 << 20  # remembered prefix blocks, least recently routed forgotten first
 
@@ -37,8 +43,8 @@ class PrefixRouter:
         self.policy = policy
         self.load = [0] * num_replicas
         self.alive = [True] * num_replicas
-        self._owner: OrderedDict[tuple[int, tuple[int, ...]], tuple[int, int]] = OrderedDict()
-        self._next_id = 0
+        # A prefix's digest -> the replica it was routed to.
+        self._owner: OrderedDict[bytes, int] = OrderedDict()
         self._turn = 0
 
     def route(self, token_ids: list[int]) -> int:
@@ -51,7 +57,8 @@ class PrefixRouter:
             chosen = live[self._turn % len(live)]
         else:
             least = min(live, key=lambda r: self.load[r])
-            owner, matched = self._longest_owner(token_ids)
+            digests = page_hash_chain(token_ids, self.page_size)
+            owner, matched = self._longest_owner(digests)
             # A short match (a system prompt every request shares) is no reason to go
             # anywhere: as SGLang's cache_threshold, half of the prompt must match.
             ok = (
@@ -61,7 +68,7 @@ class PrefixRouter:
             )
             ok = ok and self.load[owner] <= self.load[least] + self.slack
             chosen = owner if ok else least
-            self._remember(token_ids, chosen)
+            self._remember(digests, chosen)
         self.load[chosen] += 1
         return chosen
 
@@ -73,32 +80,22 @@ class PrefixRouter:
         self.alive[replica] = False
         self.load[replica] = 0
 
-    def _longest_owner(self, token_ids: list[int]) -> tuple[int | None, int]:
+    def _longest_owner(self, digests: list[bytes]) -> tuple[int | None, int]:
         """The replica holding the longest routed prefix, and its length in tokens."""
-        bs = self.page_size
-        owner, parent, matched = None, -1, 0
-        for p in range(len(token_ids) // bs):
-            key = (parent, tuple(token_ids[p * bs : (p + 1) * bs]))
+        owner, matched = None, 0
+        for key in digests:
             hit = self._owner.get(key)
             if hit is None:
                 break
             self._owner.move_to_end(key)
-            owner, parent = hit
-            matched += bs
+            owner = hit
+            matched += self.page_size
         return owner, matched
 
-    def _remember(self, token_ids: list[int], replica: int) -> None:
-        bs = self.page_size
-        parent = -1
-        for p in range(len(token_ids) // bs):
-            key = (parent, tuple(token_ids[p * bs : (p + 1) * bs]))
+    def _remember(self, digests: list[bytes], replica: int) -> None:
+        for key in digests:
             hit = self._owner.get(key)
-            if hit is not None and not self.alive[hit[0]]:  # its replica died: moves here
-                hit = self._owner[key] = (replica, hit[1])
-            if hit is None:
-                self._next_id += 1
-                hit = (replica, self._next_id)
-                self._owner[key] = hit
+            if hit is None or not self.alive[hit]:  # new, or its replica died: moves here
+                self._owner[key] = replica
                 if len(self._owner) > _MAX_KEYS:
                     self._owner.popitem(last=False)
-            parent = hit[1]

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from prefixflow.cache.page_hash import page_hash_chain
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.prefix_plan import plan_order
@@ -210,6 +211,9 @@ class _Item:
         self.prompt_token_ids = prompt
         self.planned_decode_tokens = decode
 
+    def page_hashes(self, page_size: int) -> list[bytes]:
+        return page_hash_chain(self.prompt_token_ids, page_size)
+
 
 def test_plan_puts_requests_sharing_a_prefix_next_to_each_other():
     rng = random.Random(0)
@@ -236,6 +240,16 @@ def test_plan_runs_decode_heavy_groups_first():
 def test_plan_keeps_arrival_order_of_unrelated_equal_requests():
     items = [_Item([i] * 8, 10) for i in range(1, 20)]
     assert plan_order(items, 4) == list(range(19))
+
+
+def test_a_request_hashes_its_prompt_once_per_page_size():
+    """The planner re-plans a waiting request many times; its chain is computed once."""
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=1))
+    chain = req.page_hashes(4)
+    assert chain == page_hash_chain(list(range(10)), 4) and len(chain) == 2
+    assert req.page_hashes(4) is chain
+    assert req.page_hashes(2) == page_hash_chain(list(range(10)), 2)
+    assert plan_order([req, Request("s", list(range(10)), SamplingParams())], 4) == [0, 1]
 
 
 @pytest.mark.parametrize("seed", range(8))

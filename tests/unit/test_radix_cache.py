@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
+
 import pytest
 
+from prefixflow.cache import radix_cache
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.cache.radix_cache import RadixCache
 
@@ -102,3 +106,46 @@ def test_take_cached_of_an_uncached_page_is_an_error():
     pool.release([p])
     with pytest.raises(ValueError, match="free"):
         pool.mark_cached(p)
+
+
+def _constant_hash(parent: bytes, page: bytes) -> bytes:
+    return bytes(16)
+
+
+def _one_byte_hash(parent: bytes, page: bytes) -> bytes:
+    return hashlib.blake2b(parent + page, digest_size=1).digest() * 16
+
+
+def test_prefixes_with_one_digest_do_not_share_a_page(monkeypatch):
+    monkeypatch.setattr(radix_cache, "next_page_hash", _constant_hash)
+    pool, cache = setup()
+    a = compute(pool, cache, [1, 2, 3, 4])
+    assert cache.match([5, 6, 7, 8], 1) == []
+    compute(pool, cache, [5, 6, 7, 8])  # its digest is taken: the page stays its own
+    assert len(cache) == 1 and cache.match([1, 2, 3, 4], 1) == a
+    # The same page's tokens after another first page: the parent differs.
+    pool2, cache2 = setup()
+    compute(pool2, cache2, [1, 1, 1, 1])
+    assert cache2.match([2, 2, 2, 2, 1, 1, 1, 1], 2) == []
+
+
+@pytest.mark.parametrize("digest", [_constant_hash, _one_byte_hash])
+@pytest.mark.parametrize("seed", range(4))
+def test_colliding_digests_never_serve_another_prefixs_kv(monkeypatch, digest, seed):
+    """Every matched page holds exactly the prefix asked for, however often digests
+    collide, while pages are shared, released, reused and evicted."""
+    monkeypatch.setattr(radix_cache, "next_page_hash", digest)
+    rng = random.Random(seed)
+    bs = rng.choice([1, 2, 4])
+    pool, cache = setup(num_pages=24, page_size=bs)
+    holds: dict[int, tuple[int, ...]] = {}  # page -> the prefix whose KV it was written with
+    for _ in range(300):
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 6 * bs))]
+        hit = cache.match(tokens, len(tokens) // bs)
+        for i, page in enumerate(hit):
+            assert holds[page] == tuple(tokens[: (i + 1) * bs])
+        pages = hit + pool.allocate(pool.pages_for(len(tokens)) - len(hit))
+        for i in range(len(hit), len(pages)):
+            holds[pages[i]] = tuple(tokens[: (i + 1) * bs])
+        cache.insert(tokens, pages, len(hit), len(tokens) // bs)
+        pool.release(pages[::-1])
