@@ -1,9 +1,10 @@
-"""The C++ paged-attention kernel (csrc/paged_attention.cpp) and its work lists.
+"""The C++ paged-attention kernel (prefixflow/csrc/paged_attention.cpp) and its work lists.
 
 The kernel attends a list of items. An item is some query rows (token indices of the
 step) and a run of KV pages; row i of an item sees keys [0, min(n_keys, causal_base + i + 1)).
-It writes each row's output (float32) and log-sum-exp. Where the C++ kernels cannot run
-(prefixflow/native.py), `load()` is None and the backends take their PyTorch path.
+It writes each row's output (float32) and log-sum-exp. The kernels are compiled on first
+use into a cache folder and loaded from there afterwards (prefixflow/native.py); where they
+cannot run, `load()` is None and the backends take their PyTorch path.
 """
 
 from __future__ import annotations

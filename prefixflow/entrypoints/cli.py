@@ -1,4 +1,4 @@
-"""The `prefixflow` command: run-batch, serve, analyze and bench."""
+"""The `prefixflow` command: run-batch, serve, analyze, bench and env."""
 
 from __future__ import annotations
 
@@ -190,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="prefixflow and its peers on the same workloads")
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+    from prefixflow.entrypoints import env_info
+
+    env = sub.add_parser(
+        "env", help="the C++ kernels' state, CPU, torch and dtype: why a run may be slow"
+    )
+    env_info.add_arguments(env)
+    env.set_defaults(func=env_info.run)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     return args.func(args)

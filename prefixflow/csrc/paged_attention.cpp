@@ -22,7 +22,8 @@
 // keep every thread busy (one long context), the keys are split into runs whose partial
 // results are merged by log-sum-exp. Softmax and accumulation are float32.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -370,7 +371,7 @@ void attend(const Ctx& c, const Item& it, const Unit& u, Result& res) {
 }
 
 template <typename T>
-void run(torch::Tensor& out, torch::Tensor& lse, const torch::Tensor& q, const torch::Tensor& kv,
+void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& kv,
          int64_t page_size, const std::vector<Item>& items, const int32_t* rows, const int32_t* pages,
          double scale, int64_t key_split) {
   Ctx c;
@@ -515,13 +516,13 @@ void run(torch::Tensor& out, torch::Tensor& lse, const torch::Tensor& q, const t
   });
 }
 
-void paged_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor kv, int64_t page_size,
-                     torch::Tensor items, torch::Tensor rows, torch::Tensor pages, double scale, int64_t key_split) {
+void paged_attention(at::Tensor out, at::Tensor lse, at::Tensor q, at::Tensor kv, int64_t page_size,
+                     at::Tensor items, at::Tensor rows, at::Tensor pages, double scale, int64_t key_split) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) >= q.size(2) && q.stride(0) >= q.size(1) * q.stride(1),
               "q must be a (T, H, D) tensor with contiguous heads");
   TORCH_CHECK(kv.scalar_type() == q.scalar_type(), "q and kv must have the same dtype");
   const int64_t D = q.size(2);
-  const int64_t w = q.scalar_type() == torch::kBFloat16 ? 2 : 1;
+  const int64_t w = q.scalar_type() == at::kBFloat16 ? 2 : 1;
   TORCH_CHECK(page_size >= 1 && page_size % w == 0 && page_size <= 1024, "page_size must be a multiple of ", w,
               " up to 1024");
   TORCH_CHECK(kv.dim() == 4 && kv.size(0) == 2 && kv.size(3) == page_size * D && kv.stride(3) == 1 &&
@@ -530,15 +531,15 @@ void paged_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torc
   TORCH_CHECK(D <= kMaxD && D % w == 0, "head size above 256 or odd in bfloat16");
   TORCH_CHECK(q.size(1) % kv.size(2) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(q.size(1) / kv.size(2) <= kMaxQV, "more than 8 query heads per KV head");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.sizes() == q.sizes(),
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == q.sizes(),
               "out must be a contiguous float32 tensor shaped like q");
-  TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.is_contiguous() && lse.dim() == 2 &&
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 2 &&
                   lse.size(0) == q.size(0) && lse.size(1) == q.size(1),
               "lse must be a contiguous float32 (T, H) tensor");
-  TORCH_CHECK(items.scalar_type() == torch::kInt32 && items.is_contiguous() && items.dim() == 2 && items.size(1) == 5,
+  TORCH_CHECK(items.scalar_type() == at::kInt && items.is_contiguous() && items.dim() == 2 && items.size(1) == 5,
               "items must be a contiguous int32 (N, 5) tensor");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt32 && rows.is_contiguous(), "rows must be int32");
-  TORCH_CHECK(pages.scalar_type() == torch::kInt32 && pages.is_contiguous(), "pages must be int32");
+  TORCH_CHECK(rows.scalar_type() == at::kInt && rows.is_contiguous(), "rows must be int32");
+  TORCH_CHECK(pages.scalar_type() == at::kInt && pages.is_contiguous(), "pages must be int32");
   const int64_t n = items.size(0);
   std::vector<Item> its(n);
   std::memcpy(its.data(), items.data_ptr<int32_t>(), sizeof(Item) * n);
@@ -554,10 +555,10 @@ void paged_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torc
       TORCH_CHECK(pp[it.page_off + k] >= 0 && pp[it.page_off + k] < P, "page id out of range");
     }
   }
-  if (q.scalar_type() == torch::kBFloat16) {
+  if (q.scalar_type() == at::kBFloat16) {
     run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split);
   } else {
-    TORCH_CHECK(q.scalar_type() == torch::kFloat32, "q must be bfloat16 or float32");
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be bfloat16 or float32");
     run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split);
   }
 }
@@ -565,7 +566,7 @@ void paged_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torc
 // Store a step's new keys and values in their cache slots (kv_layout.py's `write`): one
 // pass over the tokens, instead of two scatters with index arithmetic per layer.
 template <typename T>
-void kv_write_impl(torch::Tensor& kv, const torch::Tensor& k, const torch::Tensor& v, const int64_t* slots,
+void kv_write_impl(at::Tensor& kv, const at::Tensor& k, const at::Tensor& v, const int64_t* slots,
                    int64_t bs) {
   const int64_t n_tok = k.size(0), H = k.size(1), D = k.size(2);
   const int64_t w = std::is_same_v<T, uint16_t> ? 2 : 1;
@@ -589,56 +590,28 @@ void kv_write_impl(torch::Tensor& kv, const torch::Tensor& k, const torch::Tenso
   }
 }
 
-void kv_write(torch::Tensor kv, torch::Tensor k, torch::Tensor v, torch::Tensor slots, int64_t page_size) {
+void kv_write(at::Tensor kv, at::Tensor k, at::Tensor v, at::Tensor slots, int64_t page_size) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
               "k and v must be (T, H_kv, D) tensors with contiguous heads");
   TORCH_CHECK(kv.scalar_type() == k.scalar_type() && v.scalar_type() == k.scalar_type(),
               "kv, k and v must have the same dtype");
   const int64_t D = k.size(2);
-  const int64_t w = k.scalar_type() == torch::kBFloat16 ? 2 : 1;
+  const int64_t w = k.scalar_type() == at::kBFloat16 ? 2 : 1;
   TORCH_CHECK(page_size >= 1 && page_size % w == 0 && D % w == 0, "page_size and D must be multiples of ", w);
   TORCH_CHECK(kv.dim() == 4 && kv.size(0) == 2 && kv.size(2) == k.size(1) && kv.size(3) == page_size * D &&
                   kv.stride(3) == 1 && kv.stride(2) == page_size * D,
               "kv must be a (2, pages, H_kv, page_size * D) tensor with contiguous pages");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == k.size(0),
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == k.size(0),
               "slots must be a contiguous int64 tensor, one per token");
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t limit = kv.size(1) * page_size;
   for (int64_t t = 0; t < slots.numel(); ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < limit, "slot out of range");
-  if (k.scalar_type() == torch::kBFloat16) {
+  if (k.scalar_type() == at::kBFloat16) {
     kv_write_impl<uint16_t>(kv, k, v, sp, page_size);
   } else {
-    TORCH_CHECK(k.scalar_type() == torch::kFloat32, "k must be bfloat16 or float32");
+    TORCH_CHECK(k.scalar_type() == at::kFloat, "k must be bfloat16 or float32");
     kv_write_impl<float>(kv, k, v, sp, page_size);
   }
-}
-
-// The vector instructions this build uses, named as /proc/cpuinfo names them, so the loader
-// can check that the running CPU has each of them.
-std::string compiled_isa() {
-  std::string isa;
-#if defined(__AVX2__)
-  isa += " avx2";
-#endif
-#if defined(__FMA__)
-  isa += " fma";
-#endif
-#if defined(__AVX512F__)
-  isa += " avx512f";
-#endif
-#if defined(__AVX512BW__)
-  isa += " avx512bw";
-#endif
-#if defined(__AVX512VL__)
-  isa += " avx512vl";
-#endif
-#if defined(__AVX512DQ__)
-  isa += " avx512dq";
-#endif
-#if defined(__AVX512BF16__)
-  isa += " avx512_bf16";
-#endif
-  return isa.empty() ? isa : isa.substr(1);
 }
 
 }  // namespace
@@ -653,8 +626,4 @@ TORCH_LIBRARY(prefixflow, m) {
 TORCH_LIBRARY_IMPL(prefixflow, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("kv_write", &kv_write);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("compiled_isa", &compiled_isa, "the instruction set the kernels were compiled for");
 }

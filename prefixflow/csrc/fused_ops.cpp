@@ -9,7 +9,8 @@
 // step, when the tensors are bfloat16), so results match the PyTorch path up to the order
 // of a sum (RMSNorm's mean of squares) and the exp inside SiLU.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__)
@@ -58,8 +59,8 @@ inline float round_to(float f) {
 }
 
 template <typename T>
-void add_rms_norm_impl(torch::Tensor& out, const torch::Tensor& x, c10::optional<torch::Tensor>& residual,
-                       const torch::Tensor& weight, double eps) {
+void add_rms_norm_impl(at::Tensor& out, const at::Tensor& x, c10::optional<at::Tensor>& residual,
+                       const at::Tensor& weight, double eps) {
   const int64_t rows = x.size(0), n = x.size(1);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   T* rp = residual ? reinterpret_cast<T*>(residual->data_ptr()) : nullptr;
@@ -93,7 +94,7 @@ void add_rms_norm_impl(torch::Tensor& out, const torch::Tensor& x, c10::optional
 }
 
 // out = rms_norm(x + residual) * weight, with residual updated to x + residual when given.
-torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (T, hidden) tensor");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "weight must be a contiguous (hidden,) tensor of x's dtype");
@@ -101,11 +102,11 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residua
     TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
                 "residual must be contiguous and shaped like x");
   }
-  auto out = torch::empty_like(x);
-  if (x.scalar_type() == torch::kBFloat16) {
+  auto out = at::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) {
     add_rms_norm_impl<uint16_t>(out, x, residual, weight, eps);
   } else {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be bfloat16 or float32");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
     add_rms_norm_impl<float>(out, x, residual, weight, eps);
   }
   return out;
@@ -149,7 +150,7 @@ inline void store16<uint16_t>(uint16_t* p, __m512 v) {
 #endif
 
 template <typename T>
-void silu_and_mul_impl(torch::Tensor& out, const torch::Tensor& gate_up) {
+void silu_and_mul_impl(at::Tensor& out, const at::Tensor& gate_up) {
   const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
   const T* gp = reinterpret_cast<const T*>(gate_up.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
@@ -176,21 +177,21 @@ void silu_and_mul_impl(torch::Tensor& out, const torch::Tensor& gate_up) {
   });
 }
 
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+at::Tensor silu_and_mul(at::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
               "gate_up must be a contiguous (T, 2 * intermediate) tensor");
-  auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
-  if (gate_up.scalar_type() == torch::kBFloat16) {
+  auto out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  if (gate_up.scalar_type() == at::kBFloat16) {
     silu_and_mul_impl<uint16_t>(out, gate_up);
   } else {
-    TORCH_CHECK(gate_up.scalar_type() == torch::kFloat32, "gate_up must be bfloat16 or float32");
+    TORCH_CHECK(gate_up.scalar_type() == at::kFloat, "gate_up must be bfloat16 or float32");
     silu_and_mul_impl<float>(out, gate_up);
   }
   return out;
 }
 
 template <typename T>
-void rotary_impl(torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin) {
+void rotary_impl(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
   const int64_t T_ = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
   const int64_t row_stride = x.stride(0), head_stride = x.stride(1);
   T* xp = reinterpret_cast<T*>(x.data_ptr());
@@ -219,18 +220,18 @@ void rotary_impl(torch::Tensor& x, const torch::Tensor& positions, const torch::
 }
 
 // Rotate q (T, H, D) and k (T, H_kv, D) in place by their positions (cos, sin: float32 tables).
-void rotary(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous(), "positions must be int64");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+void rotary(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions must be int64");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.size(1) == q.size(2),
               "cos and sin must be contiguous float32 (positions, D) tables");
   for (auto* x : {&q, &k}) {
     TORCH_CHECK(x->dim() == 3 && x->stride(2) == 1 && x->size(0) == positions.numel(), "q and k must be (T, H, D)");
     TORCH_CHECK(x->size(2) % 2 == 0, "head size must be even");
-    if (x->scalar_type() == torch::kBFloat16) {
+    if (x->scalar_type() == at::kBFloat16) {
       rotary_impl<uint16_t>(*x, positions, cos, sin);
     } else {
-      TORCH_CHECK(x->scalar_type() == torch::kFloat32, "q and k must be bfloat16 or float32");
+      TORCH_CHECK(x->scalar_type() == at::kFloat, "q and k must be bfloat16 or float32");
       rotary_impl<float>(*x, positions, cos, sin);
     }
   }

@@ -3,7 +3,8 @@
 // the two levels of the row's CDF. One read of the logits and one write of the weights,
 // instead of a float32 copy, a scale, a max, a subtraction, an exp and a sum in PyTorch.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -51,7 +52,7 @@ inline __m512 load16(const T* p, __mmask16 m) {
 #endif
 
 template <typename T>
-void weights_impl(const torch::Tensor& logits, const int64_t* rows, const float* inv_temp, float* w,
+void weights_impl(const at::Tensor& logits, const int64_t* rows, const float* inv_temp, float* w,
                   double* sums, int64_t R, int64_t V, int64_t block, int64_t nb) {
   const T* lp = reinterpret_cast<const T*>(logits.data_ptr());
   const int64_t stride = logits.stride(0);
@@ -102,22 +103,22 @@ void weights_impl(const torch::Tensor& logits, const int64_t* rows, const float*
 }
 
 // w (R, nb * block) float32 <- exp(logits[rows] * inv_temp - max); sums (R, nb) float64.
-void sampling_weights(torch::Tensor logits, torch::Tensor rows, torch::Tensor inv_temp, torch::Tensor w,
-                      torch::Tensor sums) {
+void sampling_weights(at::Tensor logits, at::Tensor rows, at::Tensor inv_temp, at::Tensor w,
+                      at::Tensor sums) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be (S, V) with contiguous rows");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows must be int64");
-  TORCH_CHECK(inv_temp.scalar_type() == torch::kFloat32 && inv_temp.numel() == rows.numel(), "one inverse temperature per row");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows must be int64");
+  TORCH_CHECK(inv_temp.scalar_type() == at::kFloat && inv_temp.numel() == rows.numel(), "one inverse temperature per row");
   const int64_t R = rows.numel(), V = logits.size(1), nb = sums.size(1);
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(0) == R, "w must be float32 (R, nb * block)");
-  TORCH_CHECK(sums.scalar_type() == torch::kFloat64 && sums.is_contiguous() && sums.size(0) == R, "sums must be float64 (R, nb)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(0) == R, "w must be float32 (R, nb * block)");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.size(0) == R, "sums must be float64 (R, nb)");
   const int64_t block = w.size(1) / nb;
   TORCH_CHECK(block * nb == w.size(1) && block * nb >= V && block * (nb - 1) < V, "w and sums disagree on the blocks");
   const int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < logits.size(0), "row out of range");
-  if (logits.scalar_type() == torch::kBFloat16) {
+  if (logits.scalar_type() == at::kBFloat16) {
     weights_impl<uint16_t>(logits, rp, inv_temp.data_ptr<float>(), w.data_ptr<float>(), sums.data_ptr<double>(), R, V, block, nb);
   } else {
-    TORCH_CHECK(logits.scalar_type() == torch::kFloat32, "logits must be bfloat16 or float32");
+    TORCH_CHECK(logits.scalar_type() == at::kFloat, "logits must be bfloat16 or float32");
     weights_impl<float>(logits, rp, inv_temp.data_ptr<float>(), w.data_ptr<float>(), sums.data_ptr<double>(), R, V, block, nb);
   }
 }
