@@ -48,7 +48,7 @@ def main() -> None:
     outputs = {}
     for policy in ("past_future", "conservative", "aggressive"):
         llm = LLM(dtype=args.dtype, kv_cache_memory=args.kv, admission=policy)
-        pool = llm.engine.pool
+        pool = llm.engine.scheduler.kv.pool
         t0 = time.perf_counter()
         outs = llm.chat(convs, params, use_tqdm=False)
         wall = time.perf_counter() - t0

@@ -29,24 +29,24 @@ from prefixflow.llm import LLM
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.attention_setup import attention_config
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.step import ScheduledSeq, SchedulerOutput
+from prefixflow.step import RequestData, ScheduledSeq, SchedulerOutput
 
 
-def decode_step(num_seqs: int, ctx: int, bs: int, num_pages: int) -> SchedulerOutput:
+def decode_step(num_seqs: int, ctx: int, page_size: int, num_pages: int) -> SchedulerOutput:
     """Sequences take consecutive runs of pages, wrapping around the pool."""
-    per_seq = -(-ctx // bs)
+    per_seq = -(-ctx // page_size)
     seqs = []
     for i in range(num_seqs):
         first = (i * per_seq) % num_pages
         table = [(first + j) % num_pages for j in range(per_seq)]
         seqs.append(
             ScheduledSeq(
-                request_id=str(i),
+                request_id=(rid := str(i)),
                 token_ids=[1],
                 start_pos=ctx - 1,
                 page_ids=table,
                 sample=True,
-                params=SamplingParams(temperature=0.0),
+                data=RequestData(rid, SamplingParams(temperature=0.0), 1),
             )
         )
     return SchedulerOutput(seqs=seqs, num_pages_touched=num_pages)
@@ -82,8 +82,8 @@ def main() -> None:
     # Parts off: every sequence reads its own context, as unique prompts do.
     llm = LLM(dtype=args.dtype, kv_cache_memory=args.kv, shared_prefix_min_tokens=1 << 40)
     runner = llm.engine.runner
-    cfg = llm.engine.hf_config
-    bs, num_pages = llm.engine.pool.page_size, llm.engine.pool.num_pages
+    cfg = llm.engine.front.hf_config
+    page_size, num_pages = llm.engine.scheduler.kv.pool.page_size, llm.engine.scheduler.kv.pool.num_pages
     paths = {"kernel": runner.backend}
     if args.compare:
         off = dataclasses.replace(
@@ -103,7 +103,7 @@ def main() -> None:
     )
     for B in [int(x) for x in args.seqs.split(",")]:
         for ctx in [int(x) for x in args.contexts.split(",")]:
-            sched = decode_step(B, ctx, bs, num_pages)
+            sched = decode_step(B, ctx, page_size, num_pages)
             kv_bytes = B * ctx * kv_token_bytes * cfg.num_hidden_layers
             for name, backend in paths.items():
                 timed = Timed(backend)

@@ -70,8 +70,8 @@ def main() -> None:
     eng = engine(disk=True)
     rows.append(run("disk warm, RAM cold", eng))
     rows.append(run("RAM warm (same engine)", eng))
-    size = eng.disk.size_on_disk()
-    reads = eng.disk.stats
+    size = eng.runner.disk.size_on_disk()
+    reads = eng.runner.disk.stats
 
     base = rows[0]
     print(
@@ -79,7 +79,7 @@ def main() -> None:
         f"out each; disk tier {size / 2**20:.0f} MiB\n"
     )
     print(
-        f"the warm run read {reads.pages_read} pages ({reads.pages_read * eng.disk.page_nbytes / 1e6:.0f} MB) "
+        f"the warm run read {reads.pages_read} pages ({reads.pages_read * eng.runner.disk.page_nbytes / 1e6:.0f} MB) "
         f"in {reads.read_s * 1e3:.0f} ms, checks included\n"
     )
     print(

@@ -19,14 +19,14 @@ from prefixflow.attention.registry import build_backend
 from prefixflow.llm import LLM
 from prefixflow.runner.attention_setup import attention_config
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.step import ScheduledSeq, SchedulerOutput
+from prefixflow.step import RequestData, ScheduledSeq, SchedulerOutput
 
 
-def decode_step(num_seqs: int, prefix: int, own: int, bs: int, pages: list[int]):
+def decode_step(num_seqs: int, prefix: int, own: int, page_size: int, pages: list[int]):
     """SchedulerOutput of one decode step: every sequence holds the prefix's pages."""
-    shared = -(-prefix // bs)
-    prefix = shared * bs  # whole pages, so the prefix is shareable
-    per_seq = -(-(own + 1) // bs)
+    shared = -(-prefix // page_size)
+    prefix = shared * page_size  # whole pages, so the prefix is shareable
+    per_seq = -(-(own + 1) // page_size)
     seqs = []
     nxt = shared
     for i in range(num_seqs):
@@ -34,12 +34,12 @@ def decode_step(num_seqs: int, prefix: int, own: int, bs: int, pages: list[int])
         nxt += per_seq
         seqs.append(
             ScheduledSeq(
-                request_id=str(i),
+                request_id=(rid := str(i)),
                 token_ids=[1],
                 start_pos=prefix + own,
                 page_ids=table,
                 sample=True,
-                params=SamplingParams(temperature=0.0),
+                data=RequestData(rid, SamplingParams(temperature=0.0), 1),
             )
         )
     return SchedulerOutput(seqs=seqs, num_pages_touched=nxt)
@@ -56,8 +56,8 @@ def main() -> None:
 
     llm = LLM(dtype=args.dtype, kv_cache_memory="2GiB")
     runner = llm.engine.runner
-    bs = llm.engine.pool.page_size
-    pages = list(range(llm.engine.pool.num_pages))
+    page_size = llm.engine.scheduler.kv.pool.page_size
+    pages = list(range(llm.engine.scheduler.kv.pool.num_pages))
     config = attention_config(llm.config)
     backends = {
         name: build_backend(dataclasses.replace(config, backend=name), runner.backend.shape)
@@ -65,7 +65,7 @@ def main() -> None:
     }
     times: dict[tuple[str, int], float] = {}
     for prefix in [int(p) for p in args.prefixes.split(",")]:
-        sched = decode_step(args.seqs, prefix, args.own, bs, pages)
+        sched = decode_step(args.seqs, prefix, args.own, page_size, pages)
         for name, backend in backends.items():
             runner.backend = backend
             runner.execute(sched)  # warm-up: buffers, lazy zeroing

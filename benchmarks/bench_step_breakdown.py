@@ -95,7 +95,7 @@ def measure(llm: LLM, num_seqs: int, prompt_tokens: int, steps: int) -> dict[str
         eng.step()
     eng.step()
     clock = Clock()
-    runner, model = eng.runner, eng.model
+    runner, model = eng.runner, eng.runner.model
     runner.sampler = _TimedCall(runner.sampler, clock, "sampling")
     clock.wrap(runner.backend, "forward", "attention")
     for module in model.modules():

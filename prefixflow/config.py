@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefixflow.spec.config import parse_speculative_config
+from prefixflow.spec.config import SpeculativeConfig, parse_speculative_config
 
 _UNITS = {
     "": 1,
@@ -88,25 +88,23 @@ def option(
     *,
     choices: Callable[[], tuple[str, ...]] | None = None,
     aliases: tuple[str, ...] = (),
+    parse: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A config field with what the API, the CLI and the docs need to know about it.
 
     `choices` is a function, so that registries living elsewhere (attention backends,
     admission policies) stay the one list of allowed values without an import cycle.
+    `parse` turns what a user may pass (a dict, the CLI's JSON string) into the field's
+    type; `from_options` applies it, so the field always holds its own type.
     """
-    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+    meta = {"help": help, "choices": choices, "aliases": aliases, "parse": parse}
+    return field(default=default, metadata=meta)
 
 
-def _attention_backends() -> tuple[str, ...]:
-    from prefixflow.attention.registry import BACKENDS
-
-    return tuple(BACKENDS)
-
-
-def _admission_policies() -> tuple[str, ...]:
-    from prefixflow.engine.admission import POLICIES
-
-    return tuple(POLICIES)
+# The allowed names of the registries elsewhere (attention/registry.py, engine/admission.py),
+# kept here so that the configuration depends on neither; a unit test checks they agree.
+ATTENTION_BACKENDS = ("shared_prefix", "paged")
+ADMISSION_POLICIES = ("past_future", "conservative", "aggressive")
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ class SchedulerConfig:
         "who may start while others run: predicted peak KV from past output lengths "
         "(past_future), room for max_tokens for all (conservative), or free pages now "
         "(aggressive)",
-        choices=_admission_policies,
+        choices=lambda: ADMISSION_POLICIES,
     )
     prefix_sharing: bool = option(
         True,
@@ -135,20 +133,23 @@ class SchedulerConfig:
         "with prefix sharing, order waiting requests by the batch's prefix tree (BatchLLM) "
         "rather than first come, first served",
     )
-    speculative_config: dict | str | None = option(
+    speculative_config: SpeculativeConfig | None = option(
         None,
         "speculative decoding, vLLM's keys as a dict or JSON, e.g. "
         '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; '
         "outputs are identical with it on and off; on only where it pays unless "
         '"auto": false',
+        parse=parse_speculative_config,
     )
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        # Stored parsed (a SpeculativeConfig); the field's type is what callers may pass.
-        object.__setattr__(
-            self, "speculative_config", parse_speculative_config(self.speculative_config)
-        )
+        spec = self.speculative_config
+        if spec is not None and not isinstance(spec, SpeculativeConfig):
+            raise TypeError(
+                "SchedulerConfig.speculative_config takes a SpeculativeConfig; pass a dict or "
+                "JSON through LLM(...) or EngineConfig.from_options, which parse it"
+            )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -193,7 +194,7 @@ class EngineConfig:
         "shared_prefix",
         "shared_prefix reads each shared prefix once per step for all its sequences; "
         "paged is the plain reference path",
-        choices=_attention_backends,
+        choices=lambda: ATTENTION_BACKENDS,
     )
     attention_kernels: bool = option(
         True,
@@ -282,7 +283,7 @@ class EngineConfig:
             target = sched if opt.section == "scheduler" else engine
             if opt.name in target:
                 raise TypeError(f"option {opt.name!r} given twice (once as {key!r})")
-            target[opt.name] = value
+            target[opt.name] = value if opt.parse is None else opt.parse(value)
         if ignored:
             warnings.warn(f"prefixflow ignores the vLLM settings {sorted(ignored)}", stacklevel=3)
         return cls(**engine, scheduler=SchedulerConfig(**sched))
@@ -325,6 +326,7 @@ class Option:
     choices: tuple[str, ...] | None
     aliases: tuple[str, ...]
     section: str  # "engine" or "scheduler"
+    parse: Callable[[Any], Any] | None = None  # what users pass -> the field's type
 
 
 def engine_options() -> list[Option]:
@@ -345,6 +347,7 @@ def engine_options() -> list[Option]:
                     choices() if choices else None,
                     f.metadata["aliases"],
                     section,
+                    f.metadata["parse"],
                 )
             )
     return out

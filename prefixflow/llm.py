@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 
 from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import Engine
-from prefixflow.engine.weight_update import Weights
 from prefixflow.errors import RequestError
 from prefixflow.request import RequestOutput
+from prefixflow.runner.weight_update import Weights
 from prefixflow.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict

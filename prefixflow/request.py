@@ -8,8 +8,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from prefixflow.cache.page_hash import page_hash_chain
+from prefixflow.page_hash import page_hash_chain
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import RequestData
 
 # "No limit" on a count of tokens, wherever one is needed (a plain int: sums stay exact).
 NO_LIMIT = 1 << 62
@@ -105,6 +106,78 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: such a request computes its whole prompt."""
+        return (
+            self.sampling_params.prompt_logprobs is not None
+            and self.num_prompt_logprobs < self.num_prompt_tokens - 1
+        )
+
+    def prompt_logprob_span(self, start: int, end: int) -> tuple[int, list[int]]:
+        """For a chunk of positions start..end: where its prompt logprobs start, and the
+        prompt tokens after them whose logprobs it returns."""
+        if not self.wants_prompt_logprobs:
+            return start, []
+        lp_start = min(max(start, self.num_prompt_logprobs), end)
+        return lp_start, self.token_ids[lp_start + 1 : min(end, self.num_prompt_tokens - 1) + 1]
+
+    @property
+    def stop_ban_ids(self) -> frozenset[int]:
+        """The ids min_tokens bans: stop tokens, and EOS unless ignore_eos."""
+        p = self.sampling_params
+        return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+
+    def runner_data(self, weight_version: int) -> RequestData:
+        """What the runner keeps of this request while it runs (sent once)."""
+        p = self.sampling_params
+        context = self.token_ids if p.reads_context else None
+        return RequestData(
+            self.request_id, p, self.num_prompt_tokens, weight_version, self.stop_ban_ids, context
+        )
+
+    def truncate_output(self, num_output_tokens: int) -> int:
+        """Drop output tokens past num_output_tokens (a stop string ended it there); returns
+        how many were dropped."""
+        end = self.num_prompt_tokens + num_output_tokens
+        dropped = max(0, len(self.token_ids) - end)
+        del self.token_ids[end:]
+        del self.token_versions[num_output_tokens:]
+        return dropped
+
+    def lead(self, siblings: list[Request]) -> None:
+        """The other samples of this prompt fork off this one once its prompt is computed."""
+        self.fork_siblings = list(siblings)
+        for sib in siblings:
+            sib.fork_leader = self
+
+    def fork_from(self, leader: Request) -> None:
+        """Leave the leader's group and go on from where it is (sharing its pages)."""
+        leader.fork_siblings.remove(self)
+        self.fork_leader = None
+        self.num_computed_tokens = leader.num_computed_tokens
+        self.num_cached_tokens = leader.num_cached_tokens
+        self.num_disk_tokens = leader.num_disk_tokens
+        self.weight_version = leader.weight_version
+        self.num_prompt_logprobs = leader.num_prompt_logprobs  # the leader returns them
+
+    def leave_group(self) -> Request | None:
+        """Leave the samples of its prompt that have not forked yet (it is aborted). A
+        leader hands the lead to the next sample, returned: it now computes the prompt."""
+        if self.fork_leader is not None:
+            self.fork_leader.fork_siblings.remove(self)
+            self.fork_leader = None
+            return None
+        if not self.fork_siblings:
+            return None
+        heir, *rest = self.fork_siblings
+        self.fork_siblings = []
+        heir.fork_leader = None
+        heir.fork_siblings = rest
+        for r in rest:
+            r.fork_leader = heir
+        return heir
 
     def __repr__(self) -> str:
         return (

@@ -16,6 +16,21 @@ from typing import Any
 from prefixflow.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class RequestData:
+    """What the runner needs of a sequence that does not change from step to step: sent
+    once, in the first step that runs or samples it (again after a preemption)."""
+
+    request_id: str
+    params: SamplingParams
+    num_prompt_tokens: int
+    weight_version: int = 0  # which weights run it (an older version after in_flight="keep")
+    stop_ban_ids: frozenset[int] = frozenset()  # EOS and stop ids, banned until min_tokens
+    # Penalties and structured outputs read the whole sequence so far (prompt then output):
+    # the scheduler's own list, only for requests that need it, read-only here.
+    context_token_ids: list[int] | None = None
+
+
 @dataclass
 class ScheduledSeq:
     """One sequence's share of a step: compute `token_ids` at positions start_pos.. ."""
@@ -27,7 +42,6 @@ class ScheduledSeq:
     # not seen this sequence; None when it has, and only these changes come:
     page_ids: list[int] | None
     sample: bool  # True when this chunk ends the known tokens, so a next token is drawn
-    params: SamplingParams
     new_page_ids: list[int] = field(default_factory=list)  # appended since the last step
     replaced_pages: list[tuple[int, int]] = field(default_factory=list)  # (index, new page)
     # Speculative decoding: tokens drafted after token_ids[0] (the last sampled token), also
@@ -35,27 +49,50 @@ class ScheduledSeq:
     # they equal what it sampled.
     draft_token_ids: list[int] = field(default_factory=list)
     # Draft-model speculation: the runner drafts this many tokens with its draft model and
-    # adds them to token_ids and draft_token_ids before the step (spec/draft_model.py).
+    # adds them to token_ids and draft_token_ids before the step.
     num_model_drafts: int = 0
-    weight_version: int = 0  # which weights run it (an older version after in_flight="keep")
     # prompt_logprobs: the prompt tokens after positions prompt_logprob_start.. of this
     # chunk, whose logprobs the runner returns.
     prompt_logprob_start: int = 0
     prompt_logprob_targets: list[int] = field(default_factory=list)
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
-    # Penalties and structured outputs read the whole sequence so far (prompt then output):
-    # the scheduler's own list, only for requests that need it, read-only here.
-    context_token_ids: list[int] | None = None
-    num_prompt_tokens: int = 0
-    masked_token_ids: frozenset[int] = frozenset()  # EOS/stop ids banned until min_tokens
     # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
     # they compute nothing themselves (empty token_ids).
     forks: list[ScheduledSeq] = field(default_factory=list)
+    # The sequence's once-sent data, joined by the runner's PageTables.apply (set directly
+    # where a sequence is made outside a step, in tests).
+    data: RequestData | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.data.params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.data.num_prompt_tokens
+
+    @property
+    def weight_version(self) -> int:
+        return self.data.weight_version
+
+    @property
+    def context_token_ids(self) -> list[int] | None:
+        return self.data.context_token_ids
+
+    @property
+    def masked_token_ids(self) -> frozenset[int]:
+        """Token ids the sampler must not draw at this position: EOS and stop tokens until
+        min_tokens is reached."""
+        if self.num_output_tokens >= self.data.params.min_tokens:
+            return frozenset()
+        return self.data.stop_ban_ids
 
 
 @dataclass
 class SchedulerOutput:
     seqs: list[ScheduledSeq]
+    # Sequences the runner has not seen (or saw before a preemption), sampled forks too.
+    new_requests: list[RequestData] = field(default_factory=list)
     # Sequences that ended or were preempted since the last step: the runner forgets them.
     forget_request_ids: list[str] = field(default_factory=list)
     # Pages with ids below this have been handed out; the runner zeroes new ones before use.
@@ -100,15 +137,23 @@ class RunnerOutput:
 
 
 class PageTables:
-    """The runner's copy of each running sequence's page table, from the steps' changes."""
+    """The runner's copy of each running sequence's page table, from the steps' changes,
+    and of its once-sent data, which `apply` joins to the step's sequences."""
 
     def __init__(self) -> None:
         self._tables: dict[str, list[int]] = {}
+        self._data: dict[str, RequestData] = {}
 
     def apply(self, out: SchedulerOutput) -> None:
         for rid in out.forget_request_ids:
             self._tables.pop(rid, None)
+            self._data.pop(rid, None)
+        for d in out.new_requests:
+            self._data[d.request_id] = d
         for s in out.seqs:
+            s.data = self._data[s.request_id]
+            for f in s.forks:
+                f.data = self._data[f.request_id]
             if s.page_ids is not None:
                 self._tables[s.request_id] = list(s.page_ids)
                 continue

@@ -39,7 +39,7 @@ class PageTableRunner:
     ) -> None:
         self.next_token = next_token
         self.draft_token = draft_token
-        self.bs = pool.page_size
+        self.page_size = pool.page_size
         self.slots: dict[int, list[int | None]] = {}
         self.tokens: dict[str, list[int]] = {}  # what each sequence really holds
         self.prompt_tokens_computed = 0
@@ -69,8 +69,8 @@ class PageTableRunner:
             pages = self.tables[s.request_id]
             for k, tok in enumerate(s.token_ids):
                 pos = s.start_pos + k
-                page = self.slots.setdefault(pages[pos // self.bs], [None] * self.bs)
-                page[pos % self.bs] = tok
+                page = self.slots.setdefault(pages[pos // self.page_size], [None] * self.page_size)
+                page[pos % self.page_size] = tok
             end = s.start_pos + len(s.token_ids)
             self.prompt_tokens_computed += max(
                 0, min(end, self.prompt_len[s.request_id]) - s.start_pos
@@ -82,7 +82,9 @@ class PageTableRunner:
             k = len(s.draft_token_ids)
             end = s.start_pos + len(s.token_ids) - k
             pages = self.tables[s.request_id]
-            context = [self.slots[pages[p // self.bs]][p % self.bs] for p in range(end + k)]
+            context = [
+                self.slots[pages[p // self.page_size]][p % self.page_size] for p in range(end + k)
+            ]
             assert context[:end] == self.tokens[s.request_id][:end], s.request_id
             if k:
                 drawn = [
@@ -109,24 +111,24 @@ class PageTableRunner:
         return dataclasses.replace(s, token_ids=s.token_ids + drafts, draft_token_ids=drafts)
 
 
-def ideal_prompt_tokens(prompts: list[list[int]], bs: int) -> int:
+def ideal_prompt_tokens(prompts: list[list[int]], page_size: int) -> int:
     """Prompt tokens to compute when every page-aligned prefix is computed once.
 
     The last prompt token is always computed (its logits are sampled), so a request reuses
-    at most (len - 1) // bs pages; n samples share one prefill.
+    at most (len - 1) // page_size pages; n samples share one prefill.
     """
     node_of: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent node, page) -> node
     total = 0
     for prompt in prompts:
-        usable = (len(prompt) - 1) // bs
+        usable = (len(prompt) - 1) // page_size
         node = -1
         for p in range(usable):
-            key = (node, tuple(prompt[p * bs : (p + 1) * bs]))
+            key = (node, tuple(prompt[p * page_size : (p + 1) * page_size]))
             if key not in node_of:
                 node_of[key] = len(node_of)
-                total += bs
+                total += page_size
             node = node_of[key]
-        total += len(prompt) - usable * bs
+        total += len(prompt) - usable * page_size
     return total
 
 

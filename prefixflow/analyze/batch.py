@@ -3,18 +3,15 @@ does (the same errors), each good request's prompt counted in a PrefixCensus."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefixflow.analyze.census import CensusResult, PrefixCensus
-from prefixflow.entrypoints.batch_file import custom_id_of, error_line, parse_line
-from prefixflow.entrypoints.openai.serving import prepare
 from prefixflow.errors import RequestError
-from prefixflow.structured.compiler import GrammarCompiler
-from prefixflow.tokenizer import TextCodec
-from prefixflow.validation import checked_prompt
+from prefixflow.inputs.batch_file import custom_id_of, error_line, parse_line
+from prefixflow.inputs.openai_requests import prepare
+from prefixflow.inputs.request_front import RequestFront
 
 MAX_LISTED = 20  # bad lines listed in full; the rest are counted
 
@@ -38,19 +35,13 @@ class BatchAnalysis:
 
 def analyze_batch(
     path: Path,
-    codec: TextCodec,
+    front: RequestFront,
     page_size: int,
-    max_model_len: int,
-    vocab_size: int,
     progress: Iterator | None = None,
-    eos_token_ids: list[int] | None = None,
 ) -> BatchAnalysis:
+    """Each line read, parsed and checked as run-batch would (the same request front), its
+    prompts counted in the census."""
     census = PrefixCensus(page_size)
-
-    @functools.cache
-    def grammars() -> GrammarCompiler:  # structured outputs are checked as run-batch does
-        return GrammarCompiler(codec, vocab_size, eos_token_ids or [codec.tokenizer.eos_token_id])
-
     seen: set[str] = set()
     out_max = lines_ok = 0
     bad: list[BadLine] = []
@@ -74,12 +65,9 @@ def analyze_batch(
             try:
                 item = parse_line(line_no, raw, seen)
                 custom_id = item.custom_id
-                prepared = prepare(item.url, item.body, codec)
+                prepared = prepare(item.url, item.body, front.codec)
                 params = prepared.params
-                prompts = [
-                    checked_prompt(text, ids, params, max_model_len, vocab_size, grammars)
-                    for text, ids in prepared.prompts
-                ]
+                prompts = [front.prompt(ids, params, text) for text, ids in prepared.prompts]
             except ValueError as e:
                 num_bad += 1
                 err = e if isinstance(e, RequestError) else RequestError(str(e))
@@ -88,7 +76,7 @@ def analyze_batch(
             lines_ok += 1
             for _, ids in prompts:
                 census.add(ids, params.n, reuse=params.prompt_logprobs is None)
-                limit = params.max_tokens or max_model_len - len(ids)
+                limit = params.max_tokens or front.max_model_len - len(ids)
                 out_max += limit * params.n
     return BatchAnalysis(census.result(), out_max, lines_ok, num_bad, bad)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefixflow.cache.page_hash import page_hash_chain
+from prefixflow.page_hash import page_hash_chain
 
 _MERGE_EVERY = 1 << 20  # nodes buffered before they become a sorted run
 
@@ -89,7 +89,7 @@ class PrefixCensus:
     def add(self, token_ids: list[int], n: int = 1, reuse: bool = True) -> None:
         """One request: its prompt's token ids, how many samples it asks for, and whether
         it may read cached pages (not when it wants prompt logprobs)."""
-        bs = self.page_size
+        page_size = self.page_size
         self.requests += 1
         self.sequences += n
         self.prompt_tokens += len(token_ids)
@@ -99,11 +99,11 @@ class PrefixCensus:
         if not reuse:
             self.tail_tokens += len(token_ids)
             return
-        usable = max(len(token_ids) - 1, 0) // bs
-        self.tail_tokens += len(token_ids) - usable * bs
+        usable = max(len(token_ids) - 1, 0) // page_size
+        self.tail_tokens += len(token_ids) - usable * page_size
         names, parents, depths = self._new
         prev = 0  # the root
-        for p, digest in enumerate(page_hash_chain(token_ids, bs, usable)):
+        for p, digest in enumerate(page_hash_chain(token_ids, page_size, usable)):
             name = int.from_bytes(digest[:8], "little")
             names.append(name)
             parents.append(prev)
@@ -132,7 +132,7 @@ class PrefixCensus:
         if self._runs:
             self._main = _Nodes.merged([self._main, *self._runs])
             self._runs = []
-        m, bs = self._main, self.page_size
+        m, page_size = self._main, self.page_size
         shared = m.count >= 2
         # A shared prefix worth naming ends where its sharers part: no child page is
         # shared by all of them.
@@ -151,7 +151,7 @@ class PrefixCensus:
             j = index.get(int(parents[i]))
             level[i] = (level[j] if j is not None else 0) + int(ends[i])
         found = [
-            SharedPrefix(int(d) * bs, int(c))
+            SharedPrefix(int(d) * page_size, int(c))
             for d, c in zip(depths[ends], counts[ends], strict=True)
         ]
         found.sort(key=lambda s: (-s.tokens_saved, -s.tokens))
@@ -159,7 +159,7 @@ class PrefixCensus:
             requests=self.requests,
             sequences=self.sequences,
             prompt_tokens=self.prompt_tokens,
-            distinct_tokens=len(m) * bs + self.tail_tokens,
+            distinct_tokens=len(m) * page_size + self.tail_tokens,
             sampled_requests=self.sampled_requests,
             n_sharing_tokens=self.n_sharing_tokens,
             tree_depth=int(level.max()) if len(level) else 0,

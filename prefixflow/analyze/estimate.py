@@ -34,7 +34,7 @@ class Estimate:
 def estimate(engine: Engine, analysis: BatchAnalysis) -> Estimate:
     census = analysis.census
     batch = max(1, min(census.sequences, engine.config.scheduler.max_num_seqs, 128))
-    vocab = engine.hf_config.vocab_size
+    vocab = engine.front.hf_config.vocab_size
     rng = random.Random(0)
 
     def run(prompts: list[list[int]], max_tokens: int) -> float:

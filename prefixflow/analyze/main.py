@@ -35,15 +35,8 @@ def _page_size(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from prefixflow.analyze.batch import analyze_batch
     from prefixflow.analyze.report import as_dict, text, write_chart
-    from prefixflow.entrypoints.run_batch import count_lines
-    from prefixflow.model.loader import (
-        eos_token_ids,
-        load_hf_config,
-        load_tokenizer,
-        max_model_len,
-        resolve_model,
-    )
-    from prefixflow.tokenizer import TextCodec
+    from prefixflow.inputs.batch_file import count_lines
+    from prefixflow.inputs.request_front import RequestFront
 
     path = Path(args.input)
     if not path.is_file():
@@ -51,19 +44,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model = None if args.model in (None, "default") else args.model
     try:
-        src = resolve_model(model)
-        cfg = load_hf_config(src)
-        codec = TextCodec(load_tokenizer(src))
+        front = RequestFront(model)
     except (OSError, ValueError) as e:
         print(f"prefixflow: error: cannot load the tokenizer: {e}", file=sys.stderr)
         return 2
     total = None if args.no_progress else count_lines(path)
     bar = tqdm(total=total, desc="analyze", unit="line", disable=args.no_progress, file=sys.stderr)
     with bar:
-        eos = sorted(eos_token_ids(src, cfg, codec.tokenizer))
-        analysis = analyze_batch(
-            path, codec, args.page_size, max_model_len(cfg), cfg.vocab_size, bar, eos
-        )
+        analysis = analyze_batch(path, front, args.page_size, bar)
     est = None
     if args.model is not None:
         from prefixflow.analyze.estimate import estimate

@@ -101,12 +101,12 @@ def gather(
     torch.index_select(kv, 1, pages.reshape(-1), out=blocks)
     out = bufs[1][:numel].view(2, *lead, h_kv, n * page_size, d)
     nd = len(lead)
-    # keys: (..., n, H_kv, D / w, bs, w) -> (..., H_kv, n, bs, D / w, w)
+    # keys: (..., n, H_kv, D / w, page_size, w) -> (..., H_kv, n, page_size, D / w, w)
     keys = blocks[0].view(*lead, n, h_kv, d // w, page_size, w)
     out[0].view(*lead, h_kv, n, page_size, d // w, w).copy_(
         keys.permute(*range(nd), nd + 1, nd, nd + 3, nd + 2, nd + 4)
     )
-    # values: (..., n, H_kv, bs / w, D, w) -> (..., H_kv, n, bs / w, w, D)
+    # values: (..., n, H_kv, page_size / w, D, w) -> (..., H_kv, n, page_size / w, w, D)
     values = blocks[1].view(*lead, n, h_kv, page_size // w, d, w)
     out[1].view(*lead, h_kv, n, page_size // w, w, d).copy_(
         values.permute(*range(nd), nd + 1, nd, nd + 2, nd + 4, nd + 3)

@@ -58,14 +58,14 @@ class PagedAttention(AttentionBackend[PagedMetadata]):
         return cls(shape, config.reuse_gather_buffers)
 
     def prepare(self, step: StepLayout) -> PagedMetadata:
-        bs = step.page_size
+        page_size = step.page_size
         dec = [s for s in step.seqs if s.q_len == 1]
         width = max((len(s.pages) for s in dec), default=0)
         tables = torch.tensor(
             [s.pages + [0] * (width - len(s.pages)) for s in dec], dtype=torch.long
         )
         lens = torch.tensor([s.ctx_len for s in dec], dtype=torch.long)
-        mask = torch.arange(width * bs) < lens[:, None]  # (B, L)
+        mask = torch.arange(width * page_size) < lens[:, None]  # (B, L)
         prefills = [
             PrefillPlan(
                 s.q_start,

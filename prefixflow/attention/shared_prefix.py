@@ -116,13 +116,13 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
 
     # ---- once per step ----
     def prepare(self, step: StepLayout) -> SharedPrefixMetadata:
-        bs = step.page_size
+        page_size = step.page_size
         seqs = step.seqs
         layout = plan_prefix_layout(
             [s.pages for s in seqs],
-            [(s.ctx_len - s.q_len) // bs for s in seqs],
+            [(s.ctx_len - s.q_len) // page_size for s in seqs],
             self.min_shared_tokens,
-            bs,
+            page_size,
             self.min_part_tokens,
         )
         if not layout.parts and self.kernel is None:
@@ -135,8 +135,8 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
                     (
                         s.rows,
                         s.pages[own[i] :],
-                        s.ctx_len - own[i] * bs,
-                        s.ctx_len - own[i] * bs - s.q_len,
+                        s.ctx_len - own[i] * page_size,
+                        s.ctx_len - own[i] * page_size - s.q_len,
                     )
                     for i, s in enumerate(seqs)
                 ]
@@ -163,7 +163,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         call and one merge; a part that shares rows with an earlier one goes in a later
         wave, so each row still merges its parts in their order.
         """
-        bs = step.page_size
+        page_size = step.page_size
         waves: list[list[tuple[list[int], list[int], int, int]]] = []
         last_wave: dict[int, int] = {}  # row -> the wave of its latest part
         for part in shared:
@@ -171,7 +171,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             w = 1 + max((last_wave.get(r, -1) for r in rows), default=-1)
             if w == len(waves):
                 waves.append([])
-            waves[w].append((rows, part.pages, len(part.pages) * bs, kernels.SEES_ALL))
+            waves[w].append((rows, part.pages, len(part.pages) * page_size, kernels.SEES_ALL))
             last_wave.update(dict.fromkeys(rows, w))
         return [
             Part(
@@ -183,19 +183,19 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         ]
 
     def _own_torch(self, step: StepLayout, own: list[int]) -> OwnTorch:
-        bs = step.page_size
+        page_size = step.page_size
         g = self.shape.group
         dec = [i for i, s in enumerate(step.seqs) if s.q_len == 1]
         tables = [step.seqs[i].pages[own[i] :] for i in dec]
-        lens = [step.seqs[i].ctx_len - own[i] * bs for i in dec]
+        lens = [step.seqs[i].ctx_len - own[i] * page_size for i in dec]
         width = max((len(t) for t in tables), default=0)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        mask = torch.arange(width * bs) < torch.tensor(lens, dtype=torch.long)[:, None]  # (B, L)
+        mask = torch.arange(width * page_size) < torch.tensor(lens, dtype=torch.long)[:, None]  # (B, L)
         prefills = []
         for i, s in enumerate(step.seqs):
             if s.q_len == 1:
                 continue
-            keys = s.ctx_len - own[i] * bs
+            keys = s.ctx_len - own[i] * page_size
             m = None
             if keys != s.q_len:
                 m = additive_mask(causal_mask(s.q_len, keys).repeat(g, 1), self.shape.dtype)
@@ -224,8 +224,8 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         kv_cache: torch.Tensor,  # (2, num_pages, H_kv, page_size * D): kv_layout.py
         meta: SharedPrefixMetadata,
     ) -> torch.Tensor:
-        bs = self.shape.page_size
-        kv_layout.write(kv_cache, k, v, meta.slot_mapping, bs, self.kernel is not None)
+        page_size = self.shape.page_size
+        kv_layout.write(kv_cache, k, v, meta.slot_mapping, page_size, self.kernel is not None)
         scale = layer.scale
         if meta.plain is not None:
             return self.plain.attend(q, kv_cache, meta.plain, scale)
@@ -233,7 +233,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         out = torch.empty(T, H, D, dtype=torch.float32)
         lse = torch.empty(T, H, dtype=torch.float32)
         if meta.own_work is not None:
-            kernels.attend(self.kernel, out, lse, q, kv_cache, bs, meta.own_work, scale)
+            kernels.attend(self.kernel, out, lse, q, kv_cache, page_size, meta.own_work, scale)
         else:
             self._attend_own_torch(q, kv_cache, meta.own_torch, scale, out, lse)
         if meta.parts:
@@ -242,7 +242,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         for part in meta.parts:
             rows = part.rows
             if part.work is not None:
-                kernels.attend(self.kernel, part_out, part_lse, q, kv_cache, bs, part.work, scale)
+                kernels.attend(self.kernel, part_out, part_lse, q, kv_cache, page_size, part.work, scale)
                 o_part, lse_part = part_out[rows], part_lse[rows]
             else:
                 h_kv = self.shape.num_kv_heads

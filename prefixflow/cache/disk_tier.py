@@ -35,7 +35,7 @@ import numpy as np
 
 from prefixflow.cache import page_file
 from prefixflow.cache.page_file import BadPage
-from prefixflow.cache.page_hash import page_hash_chain
+from prefixflow.page_hash import page_hash_chain
 
 logger = logging.getLogger("prefixflow")
 

@@ -20,8 +20,8 @@ it on write, see the scheduler).
 
 from __future__ import annotations
 
-from prefixflow.cache.page_hash import next_page_hash, root_digest, token_bytes
 from prefixflow.cache.page_pool import PagePool
+from prefixflow.page_hash import next_page_hash, root_digest, token_bytes
 
 _ROOT = -1  # the parent of a prompt's first page
 _ROOT_DIGEST = root_digest()
@@ -83,7 +83,7 @@ class RadixCache:
         """
         if start_page >= end_page:
             return
-        bs = self.page_size
+        page_size = self.page_size
         if start_page == 0:
             parent, digest = _ROOT, _ROOT_DIGEST
         else:
@@ -92,8 +92,8 @@ class RadixCache:
             if above is None:
                 return  # the prefix above is not cached (a duplicate): nothing below can be reached
             digest = above.digest  # the chain goes on from there, not from the first page
-        buf = token_bytes(token_ids[start_page * bs : end_page * bs])
-        width = 8 * bs
+        buf = token_bytes(token_ids[start_page * page_size : end_page * page_size])
+        width = 8 * page_size
         for p, a in zip(range(start_page, end_page), range(0, len(buf), width), strict=True):
             page = page_ids[p]
             tokens = buf[a : a + width]

@@ -99,18 +99,18 @@ class PastFuture(AdmissionPolicy):
         return max(min(cap, max(int(1.1 * done), round(self.mean_output))) - done, 1)
 
     def begin_step(self, running: list[Request], pool: PagePool) -> None:  # noqa: B027
-        bs = pool.page_size
+        page_size = pool.page_size
         shared = {p for r in running for p in r.page_ids if pool.ref_count(p) > 1}
         self._shared_pages = len(shared)
         # (remaining, own tokens held) per sequence, sorted by remaining, longest first.
         self._future: list[tuple[int, int]] = []
         for r in running:
-            own = sum(1 for p in r.page_ids if p not in shared) * bs
+            own = sum(1 for p in r.page_ids if p not in shared) * page_size
             self._future.append((-self.remaining(r), own))
             for _ in r.fork_siblings:
                 self._future.append((-self.remaining(r), 0))
         self._future.sort()
-        self._page_size = bs
+        self._page_size = page_size
 
     def admits(self, req: Request, pages_now: int, pool: PagePool) -> bool:
         b = self.remaining(req)
@@ -135,12 +135,12 @@ class PastFuture(AdmissionPolicy):
         When the k-th longest ends, the k longest are alive, each grown by its b_k:
         shared + sum of their own tokens + k * b_k, plus a partly filled page each.
         """
-        bs = self._page_size
+        page_size = self._page_size
         held = 0
         peak = 0
         for k, (neg_b, own) in enumerate(future, start=1):
             held += own
-            pages = -(-(held - neg_b * k) // bs) + k
+            pages = -(-(held - neg_b * k) // page_size) + k
             peak = max(peak, pages)
         return self._shared_pages + peak
 

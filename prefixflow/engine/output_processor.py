@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from prefixflow.engine.detokenizer import IncrementalDetokenizer
 from prefixflow.engine.stop import find_stop_string
+from prefixflow.errors import RequestError
 from prefixflow.request import CompletionOutput, FinishReason, Logprob, Request, RequestOutput
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import SampledToken
@@ -98,6 +99,20 @@ class OutputProcessor:
                 parent = self._sample_of[sid][0]
                 found[parent.request_id] = parent
         return list(found.values())
+
+    @staticmethod
+    def unfinished_samples(parents: list[_Parent]) -> list[str]:
+        """The ids of these requests' samples still running."""
+        return [
+            s.request.request_id
+            for p in parents
+            for s in p.samples
+            if s.done is None and not s.request.is_finished
+        ]
+
+    def check_new(self, request_id: str) -> None:
+        if request_id in self._parents:
+            raise RequestError(f"request id {request_id!r} is already in use")
 
     def remove(self, request_id: str) -> list[str]:
         """Forget a request; returns its samples' ids (for the scheduler to abort)."""

@@ -7,13 +7,9 @@ from prefixflow.request import FinishReason, Request
 
 def masked_token_ids(req: Request) -> frozenset[int]:
     """Token ids the sampler must not draw yet: EOS and stop tokens until min_tokens is reached."""
-    p = req.sampling_params
-    if req.num_output_tokens >= p.min_tokens:
+    if req.num_output_tokens >= req.sampling_params.min_tokens:
         return frozenset()
-    banned = set(p.stop_token_ids)
-    if not p.ignore_eos:
-        banned |= req.eos_token_ids
-    return frozenset(banned)
+    return req.stop_ban_ids
 
 
 def check_token_stop(req: Request) -> tuple[FinishReason, int | None] | None:

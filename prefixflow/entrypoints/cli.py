@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from prefixflow.entrypoints.batch_file import DEFAULT_WINDOW
 from prefixflow.entrypoints.engine_args import add_engine_arguments, config_from_args
+from prefixflow.inputs.batch_file import DEFAULT_WINDOW
 
 
 def _fail(msg: str) -> int:
@@ -77,9 +77,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         return engine
     if hasattr(engine, "pool"):
         print(
-            f"prefixflow: {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}), "
-            f"KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens "
-            f"({engine.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
+            f"prefixflow: {engine.model_name} ({str(engine.runner.dtype).removeprefix('torch.')}), "
+            f"KV cache {engine.scheduler.kv.pool.num_pages} pages x {engine.scheduler.kv.pool.page_size} tokens "
+            f"({engine.runner.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
             file=sys.stderr,
         )
     try:
@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return engine
     print(
         f"prefixflow: serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
-        f"(KV cache {engine.pool.num_pages} pages x {engine.pool.page_size} tokens)",
+        f"(KV cache {engine.scheduler.kv.pool.num_pages} pages x {engine.scheduler.kv.pool.page_size} tokens)",
         file=sys.stderr,
     )
     app = build_app(engine, api_key=args.api_key)
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_arguments(sv)
     sv.set_defaults(func=cmd_serve)
     from prefixflow.analyze import main as analyze
-    from prefixflow.bench.main import add_arguments
-    from prefixflow.bench.main import run as cmd_bench
+    from prefixflow.entrypoints.bench_cli import add_arguments
+    from prefixflow.entrypoints.bench_cli import run as cmd_bench
 
     an = sub.add_parser(
         "analyze", help="a batch file's shared prefixes and work, before running it"

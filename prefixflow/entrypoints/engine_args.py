@@ -46,7 +46,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 *flags,
                 dest=o.name,
-                type=_cli_type(o.type),
+                type=str if o.parse is not None else _cli_type(o.type),
                 default=o.default,
                 choices=o.choices,
                 help=help_text,

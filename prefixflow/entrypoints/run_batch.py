@@ -15,28 +15,24 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
-from prefixflow.engine.engine import Engine
-from prefixflow.entrypoints.batch_file import (
+from prefixflow.engine.protocol import BatchEngine
+from prefixflow.entrypoints.batch_resume import DoneLines, read_done
+from prefixflow.entrypoints.openai.serving import response_body
+from prefixflow.errors import DUPLICATE_CUSTOM_ID, RequestError
+from prefixflow.inputs.batch_file import (
     DEFAULT_WINDOW,
+    count_lines,
     custom_id_of,
     error_line,
     parse_line,
     result_line,
 )
-from prefixflow.entrypoints.batch_resume import DoneLines, read_done
-from prefixflow.entrypoints.openai.serving import (
-    PreparedRequest,
-    prepare,
-)
-from prefixflow.errors import DUPLICATE_CUSTOM_ID, RequestError
+from prefixflow.inputs.openai_requests import PreparedRequest, prepare
 from prefixflow.request import RequestOutput
-
-if TYPE_CHECKING:
-    from prefixflow.ray.pool import ReplicaPool
 
 
 @dataclass
@@ -109,7 +105,7 @@ class _Pending:
 class BatchRunner:
     def __init__(
         self,
-        engine: Engine,
+        engine: BatchEngine,
         out: TextIO,
         done: DoneLines | None = None,
         window: int = DEFAULT_WINDOW,
@@ -228,9 +224,9 @@ class BatchRunner:
         s.prompt_tokens_from_disk = st.disk_prompt_tokens - start_disk
         steps = st.steps - start_steps
         s.mean_kv_utilisation = (st.kv_utilisation_sum - start_kv) / steps if steps else 0.0
-        if hasattr(eng, "completed"):  # a ReplicaPool
-            s.replica_requests = list(eng.completed)
-            s.reassigned_requests = eng.reassigned
+        replicas = eng.replica_counts()
+        if replicas is not None:
+            s.replica_requests, s.reassigned_requests = replicas
         return s
 
     def _refill(self, source: Iterator[tuple[int, bytes | str]]):
@@ -267,7 +263,7 @@ class BatchRunner:
         if len(pending.outputs) < len(pending.request_ids):
             return
         outputs = [pending.outputs[r] for r in pending.request_ids]
-        body = pending.prepared.body(self.engine.model_name, outputs, self.engine.codec)
+        body = response_body(pending.prepared, self.engine.model_name, outputs, self.engine.codec)
         del self._pending[pending.custom_id]
         s = self.summary
         s.requests_ok += 1
@@ -295,19 +291,10 @@ class BatchRunner:
         self.out.flush()
 
 
-def count_lines(path: Path) -> int:
-    """Non-blank lines of a file (the progress bar's total), one buffered pass."""
-    n = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            n += bool(raw.strip())
-    return n
-
-
 def run_batch(
     input_path: Path,
     output_path: Path,
-    engine: Engine | ReplicaPool,
+    engine: BatchEngine,
     progress: bool = True,
     window: int = DEFAULT_WINDOW,
     ordered: bool = False,

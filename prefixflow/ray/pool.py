@@ -14,23 +14,14 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
+from prefixflow.cache.kv_manager import require_fits
 from prefixflow.config import EngineConfig
-from prefixflow.engine.engine import EngineStats
-from prefixflow.errors import KV_CACHE_TOO_SMALL, RequestError
-from prefixflow.model.loader import (
-    eos_token_ids,
-    load_hf_config,
-    load_tokenizer,
-    max_model_len,
-    resolve_model,
-)
+from prefixflow.engine.stats import EngineStats
+from prefixflow.inputs.request_front import RequestFront
 from prefixflow.ray.replica import Replica
 from prefixflow.ray.router import PrefixRouter
 from prefixflow.request import Request, RequestOutput
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.structured.compiler import GrammarCompiler
-from prefixflow.tokenizer import TextCodec
-from prefixflow.validation import checked_prompt
 
 logger = logging.getLogger("prefixflow")
 
@@ -55,16 +46,10 @@ class ReplicaPool:
     ) -> None:
         import ray
 
-        src = resolve_model(config.model)
-        self.model_name = src.name
-        self.codec = TextCodec(load_tokenizer(src))
-        hf_config = load_hf_config(src)
-        self._eos = sorted(eos_token_ids(src, hf_config, self.codec.tokenizer))
-        self._compiler: GrammarCompiler | None = None
-        self.vocab_size = hf_config.vocab_size
-        self.max_model_len = max_model_len(hf_config)
-        if config.max_model_len is not None:
-            self.max_model_len = min(self.max_model_len, config.max_model_len)
+        # The driver checks each request as a replica's engine would, so a bad line fails
+        # alone here.
+        self.front = RequestFront(config.model, config.max_model_len)
+        self.model_name, self.codec = self.front.model_name, self.front.codec
         if address is None:
             ray.init(include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
         else:
@@ -92,6 +77,7 @@ class ReplicaPool:
         self.load_seconds = max(info["load_seconds"] for info in infos)
         self._kv_tokens = min(info["kv_tokens"] for info in infos)
         self.page_size = infos[0]["page_size"]
+        self.front.limit_context(min(info["max_model_len"] for info in infos))
         self.router = PrefixRouter(num_replicas, self.page_size, policy=routing)
         self._queued: list[list[_Queued]] = [[] for _ in range(num_replicas)]
         self._in_flight: list[dict[str, _Queued]] = [{} for _ in range(num_replicas)]
@@ -108,25 +94,10 @@ class ReplicaPool:
         params: SamplingParams,
         prompt_text: str | None = None,
     ) -> None:
-        prompt_text, ids = checked_prompt(
-            prompt_text, list(prompt), params, self.max_model_len, self.vocab_size, self._grammars
-        )
-        probe = Request(request_id, ids, params, max_model_len=self.max_model_len)
-        peak = probe.num_prompt_tokens + max(probe.max_output_tokens - 1, 0)
-        if peak > self._kv_tokens:
-            raise RequestError(
-                f"request {request_id!r} needs up to {peak} tokens of KV cache but a replica's "
-                f"cache holds {self._kv_tokens}; lower max_tokens or give the KV cache more memory",
-                "max_tokens",
-                KV_CACHE_TOO_SMALL,
-            )
+        prompt_text, ids = self.front.prompt(list(prompt), params, prompt_text)
+        probe = Request(request_id, ids, params, max_model_len=self.front.max_model_len)
+        require_fits(probe, self._kv_tokens, "a replica's cache")
         self._queue(_Queued(request_id, ids, params, prompt_text))
-
-    def _grammars(self) -> GrammarCompiler:
-        """Structured outputs are checked here, so a bad one fails its line alone."""
-        if self._compiler is None:
-            self._compiler = GrammarCompiler(self.codec, self.vocab_size, self._eos)
-        return self._compiler
 
     def abort(self, request_id: str) -> None:
         for r, queued in enumerate(self._queued):
@@ -135,6 +106,9 @@ class ReplicaPool:
             if running.pop(request_id, None) is not None:
                 self.router.done(r)
                 self._actors[r].abort.remote([request_id])
+
+    def replica_counts(self) -> tuple[list[int], int]:
+        return list(self.completed), self.reassigned
 
     def has_unfinished(self) -> bool:
         return any(self._queued) or any(self._in_flight)

@@ -30,11 +30,13 @@ class Replica:
 
     def info(self) -> dict:
         eng = self.engine
+        kv = eng.scheduler.kv.pool
         return {
             "pid": self.pid,
             "load_seconds": eng.load_seconds,
-            "kv_tokens": eng.pool.num_pages * eng.pool.page_size,
-            "page_size": eng.pool.page_size,
+            "kv_tokens": kv.num_pages * kv.page_size,
+            "page_size": kv.page_size,
+            "max_model_len": eng.max_model_len,
         }
 
     def add(self, requests: list[tuple[str, list[int], SamplingParams, str | None]]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from prefixflow.cache.page_hash import page_hash_chain
+from prefixflow.page_hash import page_hash_chain
 
 _MAX_KEYS = 1 << 20  # remembered prefix blocks, least recently routed forgotten first
 

@@ -11,6 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from prefixflow.cache.disk_tier import DiskTier
+from prefixflow.config import EngineConfig, parse_disk_size
+from prefixflow.runner.kv_cache import bytes_per_page, kv_shape
+
 # Bumped whenever the bytes of a page would mean something else (attention/kv_layout.py).
 LAYOUT_VERSION = 1
 
@@ -45,6 +49,26 @@ def kv_fingerprint(
         for (name, t), digest in zip(named, digests, strict=True):
             h.update(f"{name} {tuple(t.shape)} {t.dtype} ".encode() + digest)
     return h.hexdigest()
+
+
+def kv_fingerprint_of(model: torch.nn.Module, dtype: torch.dtype, page_size: int) -> str:
+    """The fingerprint of the pages this model computes (kv_fingerprint)."""
+    cfg = model.config
+    return kv_fingerprint(
+        model.named_parameters(), cfg, dtype, page_size, kv_shape(cfg, 1, page_size)
+    )
+
+
+def open_disk_tier(
+    config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype
+) -> DiskTier | None:
+    """The disk tier of config.kv_disk_cache for this model's pages, or None (off)."""
+    if config.kv_disk_cache is None:
+        return None
+    page_bytes = bytes_per_page(model.config, config.page_size, dtype)
+    disk = DiskTier(config.kv_disk_cache, parse_disk_size(config.kv_disk_cache_size), page_bytes)
+    disk.set_fingerprint(kv_fingerprint_of(model, dtype, config.page_size))
+    return disk
 
 
 def _digest(t: torch.Tensor) -> bytes:

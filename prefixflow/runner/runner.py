@@ -2,56 +2,110 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from prefixflow.attention.backend import AttentionShape
+from prefixflow.attention.backend import AttentionBackend, AttentionShape
 from prefixflow.attention.kv_layout import check_page_size
 from prefixflow.attention.registry import build_backend
 from prefixflow.config import EngineConfig
+from prefixflow.model import prepack
 from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.loader import ModelSource, max_model_len
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.attention_setup import attention_config
 from prefixflow.runner.draft_model import DraftModelProposer
-from prefixflow.runner.kv_disk import load_pages, read_pages
+from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, num_pages_for
+from prefixflow.runner.kv_disk import kv_fingerprint_of, load_pages, open_disk_tier, read_pages
+from prefixflow.runner.model_setup import load_draft_model, load_model
 from prefixflow.runner.prompt_logprobs import prompt_logprobs
 from prefixflow.runner.step_inputs import forward_step
+from prefixflow.runner.weight_update import Weights, frozen_copy, load_update
 from prefixflow.sample.logits_process import adjusted_logits
 from prefixflow.sample.sampler import Sampler
 from prefixflow.sample.structured_masks import StructuredMasks
 from prefixflow.spec import verify
 from prefixflow.step import PageTables, RunnerOutput, ScheduledSeq, SchedulerOutput
+from prefixflow.structured.compiler import GrammarCompiler
+from prefixflow.tokenizer import TextCodec
+from prefixflow.utils.hardware import resolve_dtype
 
 
 class ModelRunner:
+    """Builds and owns the models, their KV caches, attention backends, the sampler and the
+    structured-output masks; runs each step the scheduler sends."""
+
     def __init__(
         self,
-        model: LlamaForCausalLM,
-        kv_cache: torch.Tensor,  # (L, 2, num_pages, H_kv, page_size * D): attention/kv_layout.py
         config: EngineConfig,
-        drafter: DraftModelProposer | None = None,
+        src: ModelSource,
+        hf_config,
+        codec: TextCodec,
+        grammars: Callable[[], GrammarCompiler],
     ) -> None:
-        self.model = model
-        self.models = {0: model}  # weight version -> model (older ones: in_flight="keep")
-        self.kv_cache = kv_cache
-        self.page_size = config.page_size
-        check_page_size(config.page_size, kv_cache.dtype)
-        shape = attention_shape(model, config.page_size, kv_cache.dtype)
-        self.backend = build_backend(attention_config(config), shape)
-        self.sampler = Sampler(
-            config.seed,
-            greedy_fast_path=config.greedy_fast_path,
-            use_kernel=config.sampling_kernel,
+        """grammars: the request front's grammar compiler (built on first use), whose
+        matchers the structured-output masks follow."""
+        self.config = config
+        self.dtype = resolve_dtype(config.dtype)
+        self.packed = config.prepack_weights and prepack.available()
+        self.model = load_model(src, hf_config, self.dtype, config, self.packed)
+        self.models = {0: self.model}  # weight version -> model (older: in_flight="keep")
+        spec = config.scheduler.speculative_config
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = load_draft_model(spec.model, codec, hf_config, self.dtype, config, self.packed)
+        configs = [hf_config] + ([draft.config] if draft else [])
+        self.max_model_len = min(max_model_len(c) for c in configs)
+        self.page_size = page_size = config.page_size
+        check_page_size(page_size, self.dtype)
+        self.num_pages = num_pages_for(config.kv_cache_memory, configs, page_size, self.dtype)
+        self.kv_cache_bytes = self.num_pages * sum(
+            bytes_per_page(c, page_size, self.dtype) for c in configs
         )
-        self.drafter = drafter
-        self.structured: StructuredMasks | None = None  # set by the engine on first use
+        self.kv_cache = allocate_kv_cache(hf_config, self.num_pages, page_size, self.dtype)
+        self.backend = self._backend(self.model)
+        self.drafter = None
+        if draft is not None:
+            draft_kv = allocate_kv_cache(draft.config, self.num_pages, page_size, self.dtype)
+            self.drafter = DraftModelProposer(draft, draft_kv, self._backend(draft), page_size)
+        self.disk = open_disk_tier(config, self.model, self.dtype)
+        self.sampler = Sampler(
+            config.seed, greedy_fast_path=config.greedy_fast_path, use_kernel=config.sampling_kernel
+        )
+        self._grammars = grammars
+        self.structured: StructuredMasks | None = None  # built for the first structured row
         # Caches indexed by the same page ids: the target's, and the draft model's.
-        self._caches = [kv_cache] + ([drafter.kv_cache] if drafter else [])
+        self._caches = [self.kv_cache] + ([self.drafter.kv_cache] if self.drafter else [])
         self._pages_zeroed = 0
         self.tables = PageTables()  # every running sequence's page table, from the changes
         if not config.lazy_kv_zeroing:
             for c in self._caches:
                 c.zero_()
-            self._pages_zeroed = kv_cache.shape[2]
+            self._pages_zeroed = self.num_pages
+
+    def _backend(self, model: LlamaForCausalLM) -> AttentionBackend:
+        shape = attention_shape(model, self.page_size, self.dtype)
+        return build_backend(attention_config(self.config), shape)
+
+    # ---- weight versions ----
+    def update_weights(self, weights: Weights, version: int, keep_old: bool) -> None:
+        """Load new weights in place as `version`; keep_old: keep a copy of the weights
+        before, for requests that finish under them (in_flight="keep")."""
+        old = frozen_copy(self.model, self.packed) if keep_old else None
+        load_update(self.model, weights, self.packed, self.model.config)
+        if self.disk is not None:  # the old weights' pages stay on disk, under their own name
+            self.disk.set_fingerprint(kv_fingerprint_of(self.model, self.dtype, self.page_size))
+        models = {v: m for v, m in self.models.items() if v < version - 1}  # kept before
+        if old is not None:
+            models[version - 1] = old
+        models[version] = self.model
+        self.models = models
+
+    def retire_versions(self, in_use: set[int]) -> None:
+        """Drop the old weights no request runs under any more."""
+        newest = max(self.models)
+        self.models = {v: m for v, m in self.models.items() if v in in_use or v == newest}
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -62,17 +116,7 @@ class ModelRunner:
         return out
 
     def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        if sched.num_pages_touched > self._pages_zeroed:
-            # Masked-out slots are multiplied by zero weights: they must hold finite values.
-            for c in self._caches:
-                c[:, :, self._pages_zeroed : sched.num_pages_touched].zero_()
-            self._pages_zeroed = sched.num_pages_touched
-        if sched.page_loads:
-            load_pages(self.kv_cache, sched.page_loads)
-        if sched.page_copies:
-            src, dst = zip(*sched.page_copies, strict=True)
-            for c in self._caches:
-                c[:, :, list(dst)] = c[:, :, list(src)]
+        self._prepare_pages(sched)
         self.tables.apply(sched)
         if self.structured is not None:
             self.structured.forget(sched.forget_request_ids)
@@ -105,10 +149,12 @@ class ModelRunner:
             logits = torch.cat([logits, logits[torch.tensor([r for r, _ in forks])]])
             row_seqs = row_seqs + [f for _, f in forks]
         # Penalties and biases change what is drawn, not the logprobs reported (vLLM's).
+        if self.structured is None and any(
+            s.params.structured_outputs is not None for s in row_seqs
+        ):
+            self.structured = StructuredMasks(self._grammars())
         if self.structured is not None:  # first, as vLLM: its logprobs see the grammar
             logits = self.structured.apply(logits, row_seqs)
-        elif any(s.params.structured_outputs is not None for s in row_seqs):
-            raise RuntimeError("a structured output reached the runner without its grammars")
         tokens = self.sampler(adjusted_logits(logits, row_seqs), row_seqs, raw=logits)
         at = 0
         for s in to_sample:
@@ -124,6 +170,21 @@ class ModelRunner:
             out.sampled[f.request_id] = tokens[at]
             at += 1
         return out
+
+    def _prepare_pages(self, sched: SchedulerOutput) -> None:
+        """The KV cache as the step expects it: new pages zeroed, pages read from disk
+        written in, shared partial pages copied before they are written."""
+        if sched.num_pages_touched > self._pages_zeroed:
+            # Masked-out slots are multiplied by zero weights: they must hold finite values.
+            for c in self._caches:
+                c[:, :, self._pages_zeroed : sched.num_pages_touched].zero_()
+            self._pages_zeroed = sched.num_pages_touched
+        if sched.page_loads:
+            load_pages(self.kv_cache, sched.page_loads)
+        if sched.page_copies:
+            src, dst = zip(*sched.page_copies, strict=True)
+            for c in self._caches:
+                c[:, :, list(dst)] = c[:, :, list(src)]
 
     def _forward(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
         """Hidden states of the step's tokens (T, hidden), and each sequence's last row.
@@ -158,10 +219,6 @@ class ModelRunner:
             idx = torch.tensor([i for i, x in enumerate(versions) if x == v])
             out[idx] = self.models[v].compute_logits(hidden[idx])
         return out
-
-    def set_models(self, models: dict[int, LlamaForCausalLM]) -> None:
-        """The model of each weight version still in use (the newest is self.model)."""
-        self.models = models
 
 
 def attention_shape(model: LlamaForCausalLM, page_size: int, dtype: torch.dtype) -> AttentionShape:

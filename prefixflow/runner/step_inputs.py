@@ -19,7 +19,6 @@ def build_step(
     `tables`: the runner's page tables, already updated for this step; without them each
     sequence must carry its whole table.
     """
-    bs = page_size
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -31,11 +30,11 @@ def build_step(
         q_start = len(ids)
         ids.extend(s.token_ids)
         pos.extend(range(start, start + n))
-        slots.extend(pages[p // bs] * bs + p % bs for p in range(start, start + n))
+        slots.extend(pages[p // page_size] * page_size + p % page_size for p in range(start, start + n))
         last_idx.append(q_start + n - 1)
         ctx = start + n
-        layouts.append(SeqLayout(q_start, n, ctx, pages[: -(-ctx // bs)]))
-    layout = StepLayout(bs, torch.tensor(slots, dtype=torch.long), layouts)
+        layouts.append(SeqLayout(q_start, n, ctx, pages[: -(-ctx // page_size)]))
+    layout = StepLayout(page_size, torch.tensor(slots, dtype=torch.long), layouts)
     return (
         torch.tensor(ids, dtype=torch.long),
         torch.tensor(pos, dtype=torch.long),

@@ -23,13 +23,11 @@ def positions(seq: ScheduledSeq) -> list[ScheduledSeq]:
     k = len(seq.draft_token_ids)
     out = []
     for i in range(k + 1):
-        n_out = seq.num_output_tokens + i
-        masked = seq.masked_token_ids if n_out < seq.params.min_tokens else frozenset()
+        # Its own output index: the seeded noise, and the min_tokens mask, of that position.
         out.append(
             dataclasses.replace(
                 seq,
-                num_output_tokens=n_out,
-                masked_token_ids=masked,
+                num_output_tokens=seq.num_output_tokens + i,
                 draft_token_ids=[],
                 num_model_drafts=0,
                 forks=[],

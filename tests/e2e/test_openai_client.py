@@ -88,7 +88,7 @@ def test_chat_with_every_field(oc):
 
 
 def test_max_tokens_null_runs_to_the_context_end():
-    from prefixflow.entrypoints.openai.protocol import CompletionRequest
+    from prefixflow.inputs.openai_protocol import CompletionRequest
 
     req = CompletionRequest(prompt="Hi", max_tokens=None)
     assert req.completion_sampling_params().max_tokens is None

@@ -40,22 +40,24 @@ def export_sharded(hf_model, tokenizer, folder, shards: int) -> None:
 
 def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     """(L, V) logits of every prompt position, through prefixflow's own model and cache."""
-    bs = engine.pool.page_size
-    pages = engine.pool.allocate(-(-len(ids) // bs))
+    page_size = engine.scheduler.kv.pool.page_size
+    pages = engine.scheduler.kv.pool.allocate(-(-len(ids) // page_size))
     try:
         layout = StepLayout(
-            page_size=bs,
-            slot_mapping=torch.tensor([pages[p // bs] * bs + p % bs for p in range(len(ids))]),
+            page_size=page_size,
+            slot_mapping=torch.tensor(
+                [pages[p // page_size] * page_size + p % page_size for p in range(len(ids))]
+            ),
             seqs=[SeqLayout(0, len(ids), len(ids), pages)],
         )
         runner = engine.runner
         meta = runner.backend.prepare(layout)
-        hidden = engine.model(
+        hidden = engine.runner.model(
             torch.tensor(ids), torch.arange(len(ids)), meta, runner.kv_cache, runner.backend
         )
-        return engine.model.compute_logits(hidden).float()
+        return engine.runner.model.compute_logits(hidden).float()
     finally:
-        engine.pool.release(pages)
+        engine.scheduler.kv.pool.release(pages)
 
 
 def test_gguf_and_sharded_safetensors_export_give_the_same_logits(
@@ -163,7 +165,7 @@ def test_bfloat16_stays_close_to_float32(llm_f32, prompts):
 
     assert resolve_dtype("auto") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     bf16 = LLM(dtype="bfloat16", kv_cache_memory="256MiB")
-    assert bf16.engine.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert bf16.engine.runner.model.embed_tokens.weight.dtype == torch.bfloat16
     ids = prompts[-1]["ids"]
     a = torch.log_softmax(prompt_logits(llm_f32.engine, ids), -1)
     b = torch.log_softmax(prompt_logits(bf16.engine, ids), -1)

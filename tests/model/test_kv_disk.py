@@ -16,7 +16,6 @@ from prefixflow.analyze.estimate import estimate
 from prefixflow.analyze.report import as_dict, text, write_chart
 from prefixflow.entrypoints.run_batch import run_batch
 from prefixflow.entrypoints.server.metrics import ServerCounters, metrics_registry, render
-from prefixflow.tokenizer import TextCodec
 from tests.prompts import PARAGRAPHS, QUESTIONS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -48,7 +47,9 @@ def test_bad_page_files_are_recomputed_and_outputs_stay_the_same(tmp_path, expec
     eng = llm.engine
     assert tokens(llm.generate(prompts(), GREEDY, use_tqdm=False)) == expected
     ids = llm.get_tokenizer()(prompts()[0]).input_ids
-    first_page = eng.disk._path(eng.disk.keys(ids, eng.pool.page_size, 1)[0])
+    first_page = eng.runner.disk._path(
+        eng.runner.disk.keys(ids, eng.scheduler.kv.pool.page_size, 1)[0]
+    )
     assert first_page.exists()  # shared by every prompt: saved
     for spoil in (
         lambda p: p.write_bytes(p.read_bytes()[:-100]),  # torn
@@ -56,14 +57,14 @@ def test_bad_page_files_are_recomputed_and_outputs_stay_the_same(tmp_path, expec
         _foreign,
     ):
         spoil(first_page)
-        eng.scheduler.cache.clear()  # as a new process: nothing in RAM
-        before, bad = eng.stats.prompt_computed_tokens, eng.disk.stats.bad_files
+        eng.scheduler.kv.cache.clear()  # as a new process: nothing in RAM
+        before, bad = eng.stats.prompt_computed_tokens, eng.runner.disk.stats.bad_files
         assert tokens(llm.generate(prompts(), GREEDY, use_tqdm=False)) == expected
-        assert eng.disk.stats.bad_files == bad + 1
+        assert eng.runner.disk.stats.bad_files == bad + 1
         # The whole prefix was computed again (its first page failed), and saved anew.
         assert eng.stats.prompt_computed_tokens - before > len(ids) // 2
         assert first_page.exists()
-    eng.scheduler.cache.clear()
+    eng.scheduler.kv.cache.clear()
     before, from_disk = eng.stats.prompt_computed_tokens, eng.stats.disk_prompt_tokens
     assert tokens(llm.generate(prompts(), GREEDY, use_tqdm=False)) == expected
     assert eng.stats.disk_prompt_tokens - from_disk >= len(ids) // 2
@@ -73,7 +74,7 @@ def test_bad_page_files_are_recomputed_and_outputs_stay_the_same(tmp_path, expec
     assert f"prefixflow_prompt_tokens_cached_total {eng.stats.cached_prompt_tokens}.0" in scraped
 
     other = LLM(dtype="bfloat16", kv_cache_memory="256MiB", kv_disk_cache=str(tmp_path))
-    assert other.engine.disk.fingerprint != eng.disk.fingerprint
+    assert other.engine.runner.disk.fingerprint != eng.runner.disk.fingerprint
     other.generate(prompts(), GREEDY, use_tqdm=False)
     assert other.engine.stats.disk_prompt_tokens == 0  # another dtype reads none of them
 
@@ -92,10 +93,8 @@ def test_analyze_counts_what_a_run_computes(tmp_path, llm_f32):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{not json\n")
     eng = llm_f32.engine
-    a = analyze_batch(
-        path, TextCodec(llm_f32.get_tokenizer()), eng.pool.page_size, eng.max_model_len, 49152
-    )
-    eng.scheduler.cache.clear()
+    a = analyze_batch(path, eng.front, eng.scheduler.kv.pool.page_size)
+    eng.scheduler.kv.cache.clear()
     s = run_batch(path, tmp_path / "out.jsonl", eng, progress=False)
     assert a.bad_lines == s.requests_failed == 2
     assert [b.line_no for b in a.listed] == [14, 15]

@@ -50,7 +50,7 @@ def test_partial_rollouts_resume_to_the_uninterrupted_tokens(llm_f32, llm_f32_un
         assert all(c.finish_reason == "length" for c in by_prompt[p].outputs)
     for before, after in zip(partial, resumed, strict=True):
         # The prompt and the tokens so far came from the cache, up to the last full page.
-        page = llm_f32.engine.pool.page_size
+        page = llm_f32.engine.scheduler.kv.pool.page_size
         so_far = len(before.prompt_token_ids) + min(
             len(c.token_ids) for c in before.outputs if c.finish_reason == "partial"
         )

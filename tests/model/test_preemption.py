@@ -17,14 +17,16 @@ def test_tiny_kv_cache_preempts_and_outputs_are_unchanged(llm_f32, prompts):
         max_num_batched_tokens=512,
         admission="aggressive",  # admits on free pages now, so it must preempt later
     )
-    assert small.engine.pool.num_pages * small.engine.pool.page_size < 1100  # ~2 long prompts
+    assert (
+        small.engine.scheduler.kv.pool.num_pages * small.engine.scheduler.kv.pool.page_size < 1100
+    )  # ~2 long prompts
     batch = [{"prompt_token_ids": p["ids"]} for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = llm_f32.generate(batch, params, use_tqdm=False)
     got = small.generate(batch, params, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    assert small.engine.pool.num_free == small.engine.pool.num_pages
+    assert small.engine.scheduler.kv.pool.num_free == small.engine.scheduler.kv.pool.num_pages
 
 
 NUM_MIXED = 64
@@ -49,7 +51,7 @@ def mixed(llm_f32, tokenizer):
 @pytest.mark.parametrize("admission", ["past_future", "aggressive"])
 def test_mixed_requests_in_a_kv_budget_of_a_few_sequences(mixed, admission):
     small = LLM(dtype="float32", kv_cache_memory="16MiB", admission=admission)
-    pool = small.engine.pool
+    pool = small.engine.scheduler.kv.pool
     assert pool.num_pages * pool.page_size < 400  # a few sequences of up to ~150 tokens
     prompts, params, want = mixed
     got = small.generate(prompts, params, use_tqdm=False)

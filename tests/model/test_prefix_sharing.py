@@ -58,8 +58,8 @@ def test_bench_workloads_compute_distinct_page_aligned_tokens_within_2_percent(l
     """The scheduler on the benchmark's real prompts, shuffled, with a page-table fake model."""
     (w,) = [w for w in build_workloads(scale=0.5) if w.name == name]
     codec = llm_f32.engine.codec
-    bs = 16
-    pool = PagePool(4096, bs)
+    page_size = 16
+    pool = PagePool(4096, page_size)
     sched = Scheduler(SchedulerConfig(), pool)
     runner = PageTableRunner(pool)
     prompts = []
@@ -79,6 +79,6 @@ def test_bench_workloads_compute_distinct_page_aligned_tokens_within_2_percent(l
     while sched.has_unfinished():
         out = sched.schedule()
         sched.update(out, runner.execute(out))
-    ideal = ideal_prompt_tokens(prompts, bs)
+    ideal = ideal_prompt_tokens(prompts, page_size)
     assert ideal <= runner.prompt_tokens_computed <= 1.02 * ideal
     assert runner.prompt_tokens_computed < 0.5 * unshared

@@ -92,7 +92,7 @@ def test_greedy_identical_under_preemption(want, draft_specs, method):
     )
     if method == "draft_model":
         steps = itertools.count()
-        small.engine.scheduler.spec_policy.choose = lambda _tokens, _sampled, drafts: (
+        small.engine.scheduler.speculator.policy.choose = lambda _tokens, _sampled, drafts: (
             set(drafts) if next(steps) % 3 == 0 else set()
         )
     prompts, params = batch()
@@ -101,7 +101,7 @@ def test_greedy_identical_under_preemption(want, draft_specs, method):
     st = small.engine.stats
     low, high = KEPT[method]
     assert low * st.draft_tokens < st.accepted_tokens <= high * st.draft_tokens
-    assert small.engine.pool.num_free == small.engine.pool.num_pages
+    assert small.engine.scheduler.kv.pool.num_free == small.engine.scheduler.kv.pool.num_pages
 
 
 # Verification is the same for both proposers (spec/verify.py); n-gram drafts exercise it.

@@ -46,10 +46,10 @@ def test_a_json_schema_batch_job_gives_only_valid_json(tmp_path, llm_f32):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     eng = llm_f32.engine
-    before = eng._structured().num_compiled
+    before = eng.front.grammars().num_compiled
     summary = run_batch(src, out, eng, progress=False)
     assert summary.requests_ok == len(CITIES) and summary.requests_failed == 1
-    assert eng._structured().num_compiled == before + 1  # one schema, compiled once
+    assert eng.front.grammars().num_compiled == before + 1  # one schema, compiled once
     for r in map(json.loads, out.read_text().splitlines()):
         if r["custom_id"] == "bad":
             assert r["response"]["status_code"] == 400

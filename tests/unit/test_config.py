@@ -146,15 +146,15 @@ def test_engine_config_bad_dtype(dtype):
         EngineConfig(dtype=dtype)
 
 
-@pytest.mark.parametrize("bs", [1, 2, 8, 16, 32, 256])
-def test_engine_config_power_of_two_page_size(bs):
-    assert EngineConfig(page_size=bs).page_size == bs
+@pytest.mark.parametrize("page_size", [1, 2, 8, 16, 32, 256])
+def test_engine_config_power_of_two_page_size(page_size):
+    assert EngineConfig(page_size=page_size).page_size == page_size
 
 
-@pytest.mark.parametrize("bs", [0, -16, 3, 12, 24, 100])
-def test_engine_config_bad_page_size(bs):
+@pytest.mark.parametrize("page_size", [0, -16, 3, 12, 24, 100])
+def test_engine_config_bad_page_size(page_size):
     with pytest.raises(ValueError, match="page_size"):
-        EngineConfig(page_size=bs)
+        EngineConfig(page_size=page_size)
 
 
 @pytest.mark.parametrize("mem", ["auto", "1GiB", 1 << 30, 0.5, "0.5"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixflow.cache.page_hash import page_hash_chain, root_digest
+from prefixflow.page_hash import page_hash_chain, root_digest
 
 # Pinned: the KV disk tier names its files by these, so existing caches on disk depend on
 # them staying byte-identical.
@@ -44,7 +44,7 @@ def test_the_chain_is_the_same_in_processes_with_other_hash_seeds():
     tokens = [random.Random(0).randrange(1 << 20) for _ in range(100)]
     here = [d.hex() for d in page_hash_chain(tokens, 8, salt="fp")]
     code = (
-        "import json, sys; from prefixflow.cache.page_hash import page_hash_chain; "
+        "import json, sys; from prefixflow.page_hash import page_hash_chain; "
         "t = json.loads(sys.argv[1]); "
         "print(json.dumps([d.hex() for d in page_hash_chain(t, 8, salt='fp')]))"
     )
@@ -64,19 +64,19 @@ def test_the_chain_is_the_same_in_processes_with_other_hash_seeds():
 @pytest.mark.parametrize("seed", range(8))
 def test_the_chain_of_a_prefix_is_a_prefix_of_the_chain(seed):
     rng = random.Random(seed)
-    bs = rng.choice([1, 2, 4, 16])
-    tokens = [rng.randrange(50) for _ in range(rng.randrange(0, 12 * bs))]
-    chain = page_hash_chain(tokens, bs)
-    assert len(chain) == len(tokens) // bs
+    page_size = rng.choice([1, 2, 4, 16])
+    tokens = [rng.randrange(50) for _ in range(rng.randrange(0, 12 * page_size))]
+    chain = page_hash_chain(tokens, page_size)
+    assert len(chain) == len(tokens) // page_size
     assert len(set(chain)) == len(chain)  # a digest names a prefix, not a page's tokens
     cut = rng.randrange(len(tokens) + 1)
-    assert page_hash_chain(tokens[:cut], bs) == chain[: cut // bs]
-    assert page_hash_chain(tokens, bs, cut // bs) == chain[: cut // bs]
+    assert page_hash_chain(tokens[:cut], page_size) == chain[: cut // page_size]
+    assert page_hash_chain(tokens, page_size, cut // page_size) == chain[: cut // page_size]
     # Changing one token changes the digest of its page and of every page after it.
     if chain:
-        i = rng.randrange(len(chain) * bs)
-        other = page_hash_chain(tokens[:i] + [tokens[i] + 1] + tokens[i + 1 :], bs)
-        p = i // bs
+        i = rng.randrange(len(chain) * page_size)
+        other = page_hash_chain(tokens[:i] + [tokens[i] + 1] + tokens[i + 1 :], page_size)
+        p = i // page_size
         assert other[:p] == chain[:p]
         assert all(x != y for x, y in zip(other[p:], chain[p:], strict=True))
 

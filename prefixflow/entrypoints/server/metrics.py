@@ -23,72 +23,61 @@ class _EngineCollector:
         self.counters = counters
 
     def collect(self):
-        eng, c = self.engine, self.counters
-        st, sched, pool = eng.stats, eng.scheduler, eng.pool
+        yield from self._counters()
+        yield from self._gauges()
+
+    def _counters(self):
+        st, c = self.engine.stats, self.counters
         req = CounterMetricFamily("prefixflow_requests", "Requests served", labels=["status"])
         req.add_metric(["ok"], c.requests_ok)
         req.add_metric(["failed"], c.requests_failed)
         yield req
-        yield CounterMetricFamily(
-            "prefixflow_disconnects", "Requests aborted by a client disconnect", c.disconnects
-        )
-        yield CounterMetricFamily("prefixflow_prompt_tokens", "Prompt tokens", st.prompt_tokens)
-        yield CounterMetricFamily(
-            "prefixflow_prompt_tokens_cached",
-            "Prompt tokens read from the prefix cache (memory or disk)",
-            st.cached_prompt_tokens,
-        )
-        yield CounterMetricFamily(
-            "prefixflow_prompt_tokens_from_disk",
-            "Of the cached prompt tokens, those read from the KV disk tier",
-            st.disk_prompt_tokens,
-        )
-        yield CounterMetricFamily(
-            "prefixflow_generation_tokens", "Generated tokens", st.output_tokens
-        )
-        yield CounterMetricFamily("prefixflow_preemptions", "Preemptions", st.preemptions)
-        yield CounterMetricFamily(
-            "prefixflow_spec_draft_tokens",
-            "Tokens drafted by speculative decoding",
-            st.draft_tokens,
-        )
-        yield CounterMetricFamily(
-            "prefixflow_spec_accepted_tokens", "Drafted tokens accepted", st.accepted_tokens
-        )
-        yield GaugeMetricFamily(
-            "prefixflow_queue_length",
-            "Sequences waiting to start",
-            len(sched.waiting) + len(sched.resumed),
-        )
-        yield GaugeMetricFamily(
-            "prefixflow_running_sequences", "Sequences running", len(sched.running)
-        )
-        yield GaugeMetricFamily(
-            "prefixflow_unfinished_requests", "Requests in the engine", eng.num_unfinished_requests
-        )
-        yield GaugeMetricFamily(
-            "prefixflow_weight_version", "Weight updates since start", eng.weight_version
-        )
-        yield GaugeMetricFamily("prefixflow_kv_pages_used", "KV pages in use", pool.num_used)
-        yield GaugeMetricFamily("prefixflow_kv_pages_total", "KV pages", pool.num_pages)
-        # The cache is allocated untouched and pages are first written as they are first
-        # handed out, so resident memory grows with this up to the KV budget, then stays.
-        yield GaugeMetricFamily(
-            "prefixflow_kv_bytes_touched",
-            "Bytes of KV cache written at least once (resident)",
-            pool.high_water * eng.kv_cache_bytes // pool.num_pages,
-        )
-        yield GaugeMetricFamily(
-            "prefixflow_kv_utilisation",
-            "KV pages in use / all pages",
-            pool.num_used / pool.num_pages,
-        )
+        for name, text, value in (
+            ("disconnects", "Requests aborted by a client disconnect", c.disconnects),
+            ("prompt_tokens", "Prompt tokens", st.prompt_tokens),
+            (
+                "prompt_tokens_cached",
+                "Prompt tokens read from the prefix cache (memory or disk)",
+                st.cached_prompt_tokens,
+            ),
+            (
+                "prompt_tokens_from_disk",
+                "Of the cached prompt tokens, those read from the KV disk tier",
+                st.disk_prompt_tokens,
+            ),
+            ("generation_tokens", "Generated tokens", st.output_tokens),
+            ("preemptions", "Preemptions", st.preemptions),
+            ("spec_draft_tokens", "Tokens drafted by speculative decoding", st.draft_tokens),
+            ("spec_accepted_tokens", "Drafted tokens accepted", st.accepted_tokens),
+        ):
+            yield CounterMetricFamily(f"prefixflow_{name}", text, value)
+
+    def _gauges(self):
+        eng = self.engine
+        st, sched, kv = eng.stats, eng.scheduler.make_stats(), eng.scheduler.kv.make_stats()
         reuse = st.cached_prompt_tokens / st.prompt_tokens if st.prompt_tokens else 0.0
-        yield GaugeMetricFamily(
-            "prefixflow_prefix_reuse",
-            "Prompt tokens read from the cache (memory or disk) / all prompt tokens",
-            reuse,
-        )
+        for name, text, value in (
+            ("queue_length", "Sequences waiting to start", sched.num_waiting),
+            ("running_sequences", "Sequences running", sched.num_running),
+            ("unfinished_requests", "Requests in the engine", eng.num_unfinished_requests),
+            ("weight_version", "Weight updates since start", eng.weight_version),
+            ("kv_pages_used", "KV pages in use", kv.num_used_pages),
+            ("kv_pages_total", "KV pages", kv.num_pages),
+            # The cache is allocated untouched and pages are first written as they are
+            # first handed out, so resident memory grows with this up to the KV budget.
+            (
+                "kv_bytes_touched",
+                "Bytes of KV cache written at least once (resident)",
+                kv.num_pages_touched * eng.runner.kv_cache_bytes // kv.num_pages,
+            ),
+            ("kv_utilisation", "KV pages in use / all pages", kv.utilisation),
+            (
+                "prefix_reuse",
+                "Prompt tokens read from the cache (memory or disk) / all prompt tokens",
+                reuse,
+            ),
+        ):
+            yield GaugeMetricFamily(f"prefixflow_{name}", text, value)
 
 
 def metrics_registry(engine: Engine, counters: ServerCounters) -> CollectorRegistry:

@@ -16,16 +16,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from prefixflow.engine.async_engine import AsyncEngine, EngineDeadError
-from prefixflow.entrypoints.openai.serving import (
+from prefixflow.entrypoints.openai.serving import response_body
+from prefixflow.entrypoints.server.error_response import error_response
+from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
+from prefixflow.entrypoints.server.streaming import StreamState, holdback, stream_events
+from prefixflow.errors import INVALID_JSON, RequestError
+from prefixflow.inputs.openai_requests import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
     PreparedRequest,
     prepare,
 )
-from prefixflow.entrypoints.server.error_response import error_response
-from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
-from prefixflow.entrypoints.server.streaming import StreamState, holdback, stream_events
-from prefixflow.errors import INVALID_JSON, RequestError
 from prefixflow.request import RequestOutput
 
 router = APIRouter()
@@ -130,7 +131,7 @@ async def _respond(
         return error_response(503, str(e), code="engine_failed")
     counters.requests_ok += 1
     engine = server.engine
-    return JSONResponse(prepared.body(engine.model_name, outputs, engine.codec))
+    return JSONResponse(response_body(prepared, engine.model_name, outputs, engine.codec))
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from prefixflow.engine.async_engine import AsyncEngine
-from prefixflow.entrypoints.openai.serving import COMPLETIONS, _usage
+from prefixflow.entrypoints.openai.serving import _usage
 from prefixflow.entrypoints.server.metrics import ServerCounters
+from prefixflow.inputs.openai_requests import COMPLETIONS
 from prefixflow.request import CompletionOutput, RequestOutput
 
 

@@ -3,7 +3,7 @@
 The weights come as (Hugging Face name, tensor) pairs, or as a model folder or .gguf file
 of the same architecture. Every name and shape is checked before the first copy, so a bad
 update leaves the old weights serving. The scheduler then stops serving the prefix cache's
-KV (computed under the old weights) and handles the requests in flight (`IN_FLIGHT`).
+KV (computed under the old weights) and handles the requests in flight (engine/in_flight.py).
 """
 
 from __future__ import annotations
@@ -19,15 +19,7 @@ from prefixflow.model.llama import LlamaForCausalLM
 from prefixflow.model.loader import iter_weights, load_hf_config, resolve_model
 from prefixflow.model.registry import architecture_of
 
-# What happens to requests that started under the old weights (Engine.update_weights).
-IN_FLIGHT = ("recompute", "abort", "keep")
-
 Weights = Iterable[tuple[str, torch.Tensor]] | str | os.PathLike
-
-
-def check_in_flight(in_flight: str) -> None:
-    if in_flight not in IN_FLIGHT:
-        raise ValueError(f"in_flight must be one of {IN_FLIGHT}, got {in_flight!r}")
 
 
 # Config fields a checkpoint must share with the running model: the weights' shapes do not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from prefixflow import native
 from prefixflow.sample.sampler import Sampler
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.step import ScheduledSeq
+from prefixflow.step import RequestData, ScheduledSeq
 
 V = 50
 
@@ -42,9 +43,14 @@ def seq(
         start_pos=0,
         page_ids=[0],
         sample=True,
-        params=params,
         num_output_tokens=n_out,
-        masked_token_ids=masked,
+        # masked: banned at this position, as min_tokens bans stop ids until it is reached
+        data=RequestData(
+            rid,
+            dataclasses.replace(params, min_tokens=n_out + 1) if masked else params,
+            1,
+            stop_ban_ids=masked,
+        ),
     )
 
 
@@ -342,7 +348,7 @@ def test_seeded_request_alone_equals_inside_a_batch_of_256():
 _ACROSS_RUNS = """
 import torch
 from prefixflow.sample.sampler import Sampler
-from tests.unit.test_sampler import logits_for, seq
+from tests.unit.sample.test_sampler import logits_for, seq
 from prefixflow.sampling_params import SamplingParams
 p = SamplingParams(temperature=0.9, top_p=0.9, seed=77)
 sampler = Sampler(seed=int(torch.randint(0, 1000, (1,))), use_kernel={use_kernel})

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from prefixflow.cache.page_hash import page_hash_chain
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import SchedulerConfig
 from prefixflow.engine.prefix_plan import plan_order
 from prefixflow.engine.scheduler import Scheduler
+from prefixflow.page_hash import page_hash_chain
 from prefixflow.request import FinishReason, Request
 from prefixflow.sampling_params import SamplingParams
 from tests.page_table_runner import PageTableRunner, ideal_prompt_tokens, queue_request
@@ -53,14 +53,14 @@ def run(
     return {r.request_id: r.output_token_ids for r in reqs}, runner, sched
 
 
-def tree_batch(rng: random.Random, bs: int) -> list[tuple[str, list[int], int, int]]:
+def tree_batch(rng: random.Random, page_size: int) -> list[tuple[str, list[int], int, int]]:
     """An instruction, documents under it, questions under each document; shuffled."""
-    instruction = [rng.randrange(1, 500) for _ in range(rng.randint(1, 3 * bs))]
+    instruction = [rng.randrange(1, 500) for _ in range(rng.randint(1, 3 * page_size))]
     out = []
     for d in range(rng.randint(1, 4)):
-        doc = [rng.randrange(1, 500) for _ in range(rng.randint(1, 6 * bs))]
+        doc = [rng.randrange(1, 500) for _ in range(rng.randint(1, 6 * page_size))]
         for q in range(rng.randint(1, 5)):
-            question = [rng.randrange(1, 500) for _ in range(rng.randint(1, 2 * bs))]
+            question = [rng.randrange(1, 500) for _ in range(rng.randint(1, 2 * page_size))]
             n = rng.choice([1, 1, 1, 3])
             out.append((f"d{d}q{q}", instruction + doc + question, rng.randint(1, 12), n))
     rng.shuffle(out)
@@ -70,11 +70,11 @@ def tree_batch(rng: random.Random, bs: int) -> list[tuple[str, list[int], int, i
 @pytest.mark.parametrize("seed", range(16))
 def test_outputs_identical_with_sharing_on_and_off(seed):
     rng = random.Random(seed)
-    bs = rng.choice([1, 2, 4, 8])
-    batch = tree_batch(rng, bs)
+    page_size = rng.choice([1, 2, 4, 8])
+    batch = tree_batch(rng, page_size)
     budget = rng.choice([7, 16, 64, 200])
-    on, runner_on, _ = run(batch, True, page_size=bs, budget=budget)
-    off, runner_off, _ = run(batch, False, page_size=bs, budget=budget)
+    on, runner_on, _ = run(batch, True, page_size=page_size, budget=budget)
+    off, runner_off, _ = run(batch, False, page_size=page_size, budget=budget)
     assert on == off
     assert runner_on.prompt_tokens_computed <= runner_off.prompt_tokens_computed
 
@@ -82,21 +82,23 @@ def test_outputs_identical_with_sharing_on_and_off(seed):
 @pytest.mark.parametrize("seed", range(16))
 def test_planned_batch_computes_each_page_aligned_prefix_once(seed):
     rng = random.Random(100 + seed)
-    bs = rng.choice([2, 4, 8])
-    batch = tree_batch(rng, bs)
-    _, runner, _ = run(batch, True, page_size=bs, budget=rng.choice([16, 64, 256]))
-    assert runner.prompt_tokens_computed == ideal_prompt_tokens([p for _, p, _, _ in batch], bs)
+    page_size = rng.choice([2, 4, 8])
+    batch = tree_batch(rng, page_size)
+    _, runner, _ = run(batch, True, page_size=page_size, budget=rng.choice([16, 64, 256]))
+    assert runner.prompt_tokens_computed == ideal_prompt_tokens(
+        [p for _, p, _, _ in batch], page_size
+    )
 
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("admission", ["aggressive", "conservative", "past_future"])
 def test_tiny_pool_with_preemption_still_gives_identical_outputs(seed, admission):
     rng = random.Random(200 + seed)
-    bs = rng.choice([2, 4])
-    batch = tree_batch(rng, bs)
+    page_size = rng.choice([2, 4])
+    batch = tree_batch(rng, page_size)
     longest = max(len(p) + m for _, p, m, _ in batch)
-    pages = -(-longest // bs) + rng.randint(1, 6)
-    kw = {"num_pages": pages, "page_size": bs, "budget": 32, "admission": admission}
+    pages = -(-longest // page_size) + rng.randint(1, 6)
+    kw = {"num_pages": pages, "page_size": page_size, "budget": 32, "admission": admission}
     on, _, _ = run(batch, True, **kw)
     off, _, _ = run(batch, False, **kw)
     assert on == off
@@ -180,8 +182,8 @@ def test_num_cached_tokens_counts_reused_prompt_tokens():
 
 
 def test_group_prefix_pages_return_to_the_pool_when_its_last_request_ends():
-    bs = 4
-    pool = PagePool(64, bs)
+    page_size = 4
+    pool = PagePool(64, page_size)
     sched = Scheduler(SchedulerConfig(watermark=0.0, max_num_batched_tokens=256), pool)
     runner = PageTableRunner(pool)
     prefix = list(range(1, 17))  # 4 full pages
@@ -255,9 +257,9 @@ def test_a_request_hashes_its_prompt_once_per_page_size():
 @pytest.mark.parametrize("seed", range(8))
 def test_outputs_identical_with_the_planner_on_and_off(seed):
     rng = random.Random(300 + seed)
-    bs = rng.choice([2, 4])
-    batch = tree_batch(rng, bs)
-    planned, runner_planned, _ = run(batch, True, page_size=bs, budget=32)
-    fifo, runner_fifo, _ = run(batch, True, page_size=bs, budget=32, plan=False)
+    page_size = rng.choice([2, 4])
+    batch = tree_batch(rng, page_size)
+    planned, runner_planned, _ = run(batch, True, page_size=page_size, budget=32)
+    fifo, runner_fifo, _ = run(batch, True, page_size=page_size, budget=32, plan=False)
     assert planned == fifo
     assert runner_planned.prompt_tokens_computed <= runner_fifo.prompt_tokens_computed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefixflow.errors import DUPLICATE_CUSTOM_ID, INVALID_JSON, RequestError
 
@@ -92,3 +93,12 @@ def error_line(custom_id: str | None, err: RequestError, line_no: int) -> dict:
         },
         "error": {"code": err.code, "message": message},
     }
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines of a file (the progress bar's total), one buffered pass."""
+    n = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            n += bool(raw.strip())
+    return n

@@ -9,7 +9,7 @@ import torch
 
 from prefixflow.sample.logits_process import adjusted_logits
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.step import ScheduledSeq
+from prefixflow.step import RequestData, ScheduledSeq
 
 
 def seq(params: SamplingParams, prompt: list[int], output: list[int]) -> ScheduledSeq:
@@ -19,9 +19,7 @@ def seq(params: SamplingParams, prompt: list[int], output: list[int]) -> Schedul
         start_pos=0,
         page_ids=None,
         sample=True,
-        params=params,
-        context_token_ids=prompt + output,
-        num_prompt_tokens=len(prompt),
+        data=RequestData("r", params, len(prompt), context_token_ids=prompt + output),
     )
 
 

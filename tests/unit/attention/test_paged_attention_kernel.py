@@ -16,7 +16,7 @@ KERNEL = kernels.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")
 
 
-def reference(q, kv, bs, work, scale):
+def reference(q, kv, page_size, work, scale):
     """Attention of each item's rows to its keys, one query at a time, in float64."""
     T, H, D = q.shape
     h_kv = kv.shape[2]
@@ -25,9 +25,11 @@ def reference(q, kv, bs, work, scale):
     lse = torch.full((T, H), float("-inf"), dtype=torch.float64)
     rows, pages = work.rows.tolist(), work.pages.tolist()
     for ro, nr, po, nk, cb in work.items.tolist():
-        n_pages = -(-nk // bs)
+        n_pages = -(-nk // page_size)
         pg = torch.tensor(pages[po : po + n_pages])
-        keys, vals = (x[:, :nk].double() for x in kv_layout.gather(kv, pg, bs))  # (H_kv, L, D)
+        keys, vals = (
+            x[:, :nk].double() for x in kv_layout.gather(kv, pg, page_size)
+        )  # (H_kv, L, D)
         for i in range(nr):
             tok, lim = rows[ro + i], min(nk, cb + i + 1)
             for h in range(H):
@@ -37,7 +39,7 @@ def reference(q, kv, bs, work, scale):
     return out, lse
 
 
-def random_work(rng: random.Random, num_pages: int, bs: int):
+def random_work(rng: random.Random, num_pages: int, page_size: int):
     """Decodes (a context of one token, contexts on a page edge, long ones) and prompt
     chunks over cached context; then, as a second call (its rows are the same rows), one
     shared part whose stacked rows see every key."""
@@ -46,14 +48,16 @@ def random_work(rng: random.Random, num_pages: int, bs: int):
     entries, T = [], 0
     shared_pages = [free.pop() for _ in range(rng.randint(1, 4))]
     for _ in range(rng.randint(1, 7)):
-        q_len = 1 if rng.random() < 0.6 else rng.randint(2, 3 * bs)
-        ctx = rng.choice([q_len, bs * rng.randint(1, 4), q_len + rng.randint(0, 6 * bs)])
+        q_len = 1 if rng.random() < 0.6 else rng.randint(2, 3 * page_size)
+        ctx = rng.choice(
+            [q_len, page_size * rng.randint(1, 4), q_len + rng.randint(0, 6 * page_size)]
+        )
         ctx = max(ctx, q_len)
-        pages = [free.pop() for _ in range(-(-ctx // bs))]
+        pages = [free.pop() for _ in range(-(-ctx // page_size))]
         entries.append((list(range(T, T + q_len)), pages, ctx, ctx - q_len))
         T += q_len
     members = rng.sample(range(T), rng.randint(1, T))
-    part = [(members, shared_pages, len(shared_pages) * bs, kernels.SEES_ALL)]
+    part = [(members, shared_pages, len(shared_pages) * page_size, kernels.SEES_ALL)]
     return [kernels.kernel_work(entries), kernels.kernel_work(part)], T
 
 
@@ -62,20 +66,20 @@ def test_kernel_equals_reference(seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     dtype = rng.choice([torch.float32, torch.bfloat16])
-    bs = rng.choice([2, 4, 16, 32, 64])
+    page_size = rng.choice([2, 4, 16, 32, 64])
     h_kv, g = rng.choice([(1, 1), (3, 3), (2, 8), (1, 3), (3, 1)])
     D = rng.choice([64, 64, 128, 32])
-    works, T = random_work(rng, 200, bs)
-    kv = torch.randn(2, 200, h_kv, bs * D).to(dtype)
+    works, T = random_work(rng, 200, page_size)
+    kv = torch.randn(2, 200, h_kv, page_size * D).to(dtype)
     q = torch.randn(T, h_kv * g, D).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for work in works:
-        want_o, want_lse = reference(q, kv, bs, work, D**-0.5)
+        want_o, want_lse = reference(q, kv, page_size, work, D**-0.5)
         rows = work.rows.long()
-        for split in (0, bs * rng.randint(1, 3)):  # long contexts cut into runs, merged
+        for split in (0, page_size * rng.randint(1, 3)):  # long contexts cut into runs, merged
             out = torch.full((T, h_kv * g, D), float("nan"))
             lse = torch.full((T, h_kv * g), float("nan"))
-            KERNEL(out, lse, q, kv, bs, work.items, work.rows, work.pages, D**-0.5, split)
+            KERNEL(out, lse, q, kv, page_size, work.items, work.rows, work.pages, D**-0.5, split)
             torch.testing.assert_close(out[rows].double(), want_o[rows], atol=tol, rtol=tol)
             torch.testing.assert_close(lse[rows].double(), want_lse[rows], atol=tol, rtol=tol)
 

@@ -18,10 +18,10 @@ from prefixflow.attention.prefix_groups import plan_prefix_layout
 from prefixflow.attention.shared_prefix import SharedPrefixAttention
 from prefixflow.runner.step_inputs import build_step
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.step import ScheduledSeq
+from prefixflow.step import RequestData, ScheduledSeq
 
 
-def make_step(rng: random.Random, bs: int, num_pages: int = 160) -> list[ScheduledSeq]:
+def make_step(rng: random.Random, page_size: int, num_pages: int = 160) -> list[ScheduledSeq]:
     """Sequences under a two-level prefix tree (root, then one of a few documents), with
     ragged own pages, some decoding and some computing a prompt chunk."""
     free = list(range(num_pages))
@@ -35,31 +35,33 @@ def make_step(rng: random.Random, bs: int, num_pages: int = 160) -> list[Schedul
     seqs = []
     for i in range(rng.randint(0, 3)):  # prompts from their first token: nothing shared
         # one token alone, a page exactly, or any length
-        q_len = rng.choice([1, bs, rng.randint(2, 4 * bs)])
+        q_len = rng.choice([1, page_size, rng.randint(2, 4 * page_size)])
         seqs.append(
             ScheduledSeq(
-                request_id=f"fresh{i}",
+                request_id=(rid := f"fresh{i}"),
                 token_ids=[0] * q_len,
                 start_pos=0,
-                page_ids=take(-(-q_len // bs)),
+                page_ids=take(-(-q_len // page_size)),
                 sample=True,
-                params=SamplingParams(),
+                data=RequestData(rid, SamplingParams(), 1),
             )
         )
     for i in range(rng.randint(2, 9)):
         shared = root + rng.choice(docs)
-        q_len = 1 if rng.random() < 0.6 else rng.randint(2, 3 * bs)
-        own = rng.choice([0, bs - q_len % bs, rng.randint(0, 2 * bs)])  # ends on a page edge?
-        ctx = len(shared) * bs + own + q_len
-        pages = shared + take(-(-ctx // bs) - len(shared))
+        q_len = 1 if rng.random() < 0.6 else rng.randint(2, 3 * page_size)
+        own = rng.choice(
+            [0, page_size - q_len % page_size, rng.randint(0, 2 * page_size)]
+        )  # ends on a page edge?
+        ctx = len(shared) * page_size + own + q_len
+        pages = shared + take(-(-ctx // page_size) - len(shared))
         seqs.append(
             ScheduledSeq(
-                request_id=str(i),
+                request_id=(rid := str(i)),
                 token_ids=[0] * q_len,
                 start_pos=ctx - q_len,
                 page_ids=pages,
                 sample=True,
-                params=SamplingParams(),
+                data=RequestData(rid, SamplingParams(), 1),
             )
         )
     return seqs
@@ -73,21 +75,23 @@ def run_backends(seed: int, dtype: torch.dtype, use_kernels: bool, g_choices=(1,
     """One random step through the paged reference and the shared-prefix backend."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    bs = rng.choice([2, 4, 16])
-    min_part = rng.choice([0, 0, 2 * bs])  # sometimes small runs are carried into deeper parts
+    page_size = rng.choice([2, 4, 16])
+    min_part = rng.choice(
+        [0, 0, 2 * page_size]
+    )  # sometimes small runs are carried into deeper parts
     h_kv = rng.choice([1, 3])
     g = rng.choice(g_choices)
     D = rng.choice([16, 64])
-    seqs = make_step(rng, bs)
-    cache = torch.randn(2, 160, h_kv, bs * D).to(dtype)
+    seqs = make_step(rng, page_size)
+    cache = torch.randn(2, 160, h_kv, page_size * D).to(dtype)
     T = sum(len(s.token_ids) for s in seqs)
     q = torch.randn(T, h_kv * g, D).to(dtype)
     k = torch.randn(T, h_kv, D).to(dtype)
     v = torch.randn(T, h_kv, D).to(dtype)
     layer = SimpleNamespace(scale=D**-0.5)
-    shape = AttentionShape(h_kv * g, h_kv, D, bs, dtype)
+    shape = AttentionShape(h_kv * g, h_kv, D, page_size, dtype)
 
-    _, _, layout, _ = build_step(seqs, bs)
+    _, _, layout, _ = build_step(seqs, page_size)
     ref_backend = PagedAttention(shape)
     ref = ref_backend.forward(layer, q, k, v, cache.clone(), ref_backend.prepare(layout))
     backend = SharedPrefixAttention(

@@ -220,24 +220,28 @@ def test_two_processes_sharing_a_folder_read_each_others_pages_whole(tmp_path):
 # ---- under the scheduler ----
 
 
-def batch(seed: int, bs: int) -> list[tuple[str, list[int], int, int]]:
+def batch(seed: int, page_size: int) -> list[tuple[str, list[int], int, int]]:
     """A system prompt, documents under it and questions under each document."""
     rng = random.Random(seed)
-    system = [rng.randrange(1, 500) for _ in range(5 * bs + 3)]
+    system = [rng.randrange(1, 500) for _ in range(5 * page_size + 3)]
     out = []
     for d in range(3):
-        doc = [rng.randrange(1, 500) for _ in range(rng.randint(2 * bs, 4 * bs))]
+        doc = [rng.randrange(1, 500) for _ in range(rng.randint(2 * page_size, 4 * page_size))]
         for q in range(4):
-            question = [rng.randrange(1, 500) for _ in range(rng.randint(1, 2 * bs))]
+            question = [rng.randrange(1, 500) for _ in range(rng.randint(1, 2 * page_size))]
             out.append((f"d{d}q{q}", system + doc + question, rng.randint(1, 6), 1 + 2 * (q == 0)))
     rng.shuffle(out)
     return out
 
 
 def run(
-    requests, disk: DiskTier | None, bs: int = 4, num_pages: int = 256, admission="past_future"
+    requests,
+    disk: DiskTier | None,
+    page_size: int = 4,
+    num_pages: int = 256,
+    admission="past_future",
 ):
-    pool = PagePool(num_pages, bs)
+    pool = PagePool(num_pages, page_size)
     config = SchedulerConfig(max_num_batched_tokens=32, watermark=0.0, admission=admission)
     sched = Scheduler(config, pool, disk)
     runner = PageTableRunner(pool)
@@ -259,14 +263,14 @@ def run(
     return outputs, sched, sum(r.num_disk_tokens for r in leaders)
 
 
-def nbytes(bs: int = 4) -> int:
-    return bs * 8  # the page-table runner's page: its token ids as int64
+def nbytes(page_size: int = 4) -> int:
+    return page_size * 8  # the page-table runner's page: its token ids as int64
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_a_second_run_reads_the_shared_prefixes_from_disk_with_the_same_outputs(tmp_path, seed):
-    bs = 4
-    requests = batch(seed, bs)
+    page_size = 4
+    requests = batch(seed, page_size)
     expected, _, _ = run(requests, None)
     first, sched1, from_disk = run(requests, tier(tmp_path, nbytes=nbytes()))
     assert first == expected and from_disk == 0
@@ -277,7 +281,7 @@ def test_a_second_run_reads_the_shared_prefixes_from_disk_with_the_same_outputs(
     assert from_disk > 0
     assert sched2.num_prompt_computed_tokens + from_disk == sched1.num_prompt_computed_tokens
     assert sched1.num_prompt_computed_tokens == ideal_prompt_tokens(
-        [p for _, p, _, _ in requests], bs
+        [p for _, p, _, _ in requests], page_size
     )
     # Another model (a weight update changes the fingerprint) reads none of it.
     assert run(requests, tier(tmp_path, fingerprint=B, nbytes=nbytes()))[2] == 0

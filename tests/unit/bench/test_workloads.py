@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefixflow.bench.workloads import build_workloads, corpus_paragraphs
-from prefixflow.entrypoints.openai.protocol import ChatCompletionRequest
+from prefixflow.inputs.openai_protocol import ChatCompletionRequest
 
 
 def test_corpus_is_prose():

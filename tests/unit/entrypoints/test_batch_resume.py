@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from prefixflow.entrypoints.batch_file import error_line, result_line
 from prefixflow.entrypoints.batch_resume import read_done
 from prefixflow.errors import RequestError
+from prefixflow.inputs.batch_file import error_line, result_line
 
 
 def lines(*objs: dict) -> bytes:

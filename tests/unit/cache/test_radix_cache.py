@@ -136,16 +136,16 @@ def test_colliding_digests_never_serve_another_prefixs_kv(monkeypatch, digest, s
     collide, while pages are shared, released, reused and evicted."""
     monkeypatch.setattr(radix_cache, "next_page_hash", digest)
     rng = random.Random(seed)
-    bs = rng.choice([1, 2, 4])
-    pool, cache = setup(num_pages=24, page_size=bs)
+    page_size = rng.choice([1, 2, 4])
+    pool, cache = setup(num_pages=24, page_size=page_size)
     holds: dict[int, tuple[int, ...]] = {}  # page -> the prefix whose KV it was written with
     for _ in range(300):
-        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 6 * bs))]
-        hit = cache.match(tokens, len(tokens) // bs)
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 6 * page_size))]
+        hit = cache.match(tokens, len(tokens) // page_size)
         for i, page in enumerate(hit):
-            assert holds[page] == tuple(tokens[: (i + 1) * bs])
+            assert holds[page] == tuple(tokens[: (i + 1) * page_size])
         pages = hit + pool.allocate(pool.pages_for(len(tokens)) - len(hit))
         for i in range(len(hit), len(pages)):
-            holds[pages[i]] = tuple(tokens[: (i + 1) * bs])
-        cache.insert(tokens, pages, len(hit), len(tokens) // bs)
+            holds[pages[i]] = tuple(tokens[: (i + 1) * page_size])
+        cache.insert(tokens, pages, len(hit), len(tokens) // page_size)
         pool.release(pages[::-1])

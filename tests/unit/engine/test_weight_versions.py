@@ -16,7 +16,7 @@ from prefixflow.request import FinishReason, Request
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import SchedulerOutput
 from tests.page_table_runner import PageTableRunner
-from tests.unit.test_scheduler import check_step_invariants, make_scheduler
+from tests.unit.engine.test_scheduler import check_step_invariants, make_scheduler
 
 PROMPT = [10_000 + i for i in range(23)]
 
@@ -161,7 +161,7 @@ def test_a_kept_request_preempted_is_not_served_new_weights_kv():
     # "b" has the same prompt, cached under the new weights.
     sched, pool, runner, kept, _ = kept_beside_new(20, 3, 20, num_pages=64, page_size=4)
     run_steps(sched, pool, runner, steps=2)
-    sched._preempt(kept)
+    sched.preempt(kept)
     out = sched.schedule()
     seq = next(s for s in out.seqs if s.request_id == "a")
     assert seq.start_pos == 0 and seq.weight_version == 0

@@ -17,7 +17,7 @@ from prefixflow.spec.config import parse_speculative_config
 from prefixflow.spec.ngram import propose_ngram
 from prefixflow.spec.policy import SpecPolicy, StepCost, expected_accepted
 from tests.page_table_runner import PageTableRunner, hashed_token
-from tests.unit.test_scheduler import check_step_invariants, track_tables
+from tests.unit.engine.test_scheduler import check_step_invariants, track_tables
 
 EOS = 2
 
@@ -45,7 +45,7 @@ def run(spec: dict | None, num_pages: int = 400, budget: int = 64, n: int = 1, s
         watermark=0.0,
         admission="aggressive",
         plan_prefixes=False,
-        speculative_config=spec,
+        speculative_config=parse_speculative_config(spec),
     )
     sched = track_tables(Scheduler(config, pool))
     runner = PageTableRunner(pool, copying_model, draft_model)
@@ -84,7 +84,8 @@ def test_outputs_identical_with_speculation_on_and_off(spec, n, num_pages):
     off, _, steps_off, _ = run(None, num_pages, n=n)
     on, sched, steps_on, pool = run(spec, num_pages, n=n)
     assert on == off
-    assert sched.num_draft_tokens > 0 and 0 < sched.num_accepted_tokens < sched.num_draft_tokens
+    st = sched.make_stats()
+    assert st.draft_tokens > 0 and 0 < st.accepted_tokens < st.draft_tokens
     assert steps_on < steps_off  # accepted drafts saved steps
     assert pool.num_free == pool.num_pages  # rejected drafts' pages came back too
     assert any(reason == FinishReason.STOP for _, reason in off.values())  # EOS was drawn
@@ -101,7 +102,7 @@ def test_eos_inside_an_accepted_run_ends_the_request_there():
 
 def test_drafts_never_exceed_max_tokens_or_the_budget():
     _, sched, _, _ = run({**SPEC, "num_speculative_tokens": 8}, budget=16)
-    assert sched.num_draft_tokens > 0
+    assert sched.make_stats().draft_tokens > 0
 
 
 # ---- the proposer ----
@@ -213,14 +214,15 @@ def test_unseeded_speculative_sampling_keeps_the_distribution():
 
     from prefixflow.sample.sampler import Sampler
     from prefixflow.spec import verify
-    from prefixflow.step import ScheduledSeq
+    from prefixflow.step import RequestData, ScheduledSeq
 
     torch.manual_seed(0)
     table = torch.randn(4, 4) * 1.5  # logits of the next token given the last one
     params = SamplingParams(temperature=1.0)
     sampler = Sampler(seed=3)
     n, drafts = 20_000, [1, 2]
-    seq = ScheduledSeq("s", [0, *drafts], 5, None, True, params, draft_token_ids=drafts)
+    data = RequestData("s", params, 5)
+    seq = ScheduledSeq("s", [0, *drafts], 5, None, True, draft_token_ids=drafts, data=data)
     rows = verify.positions(seq)
     logits = torch.cat([table[[0, *drafts]]] * n)  # (3n, 4): after 0, after 1, after 2
     drawn = sampler(logits, rows * n)
@@ -232,7 +234,7 @@ def test_unseeded_speculative_sampling_keeps_the_distribution():
             pairs.append((kept[0].token_id, kept[1].token_id))
         else:  # the second token comes from the next (plain) step
             follow_up.append(kept[0].token_id)
-    plain = ScheduledSeq("s", [0], 6, None, True, params)
+    plain = ScheduledSeq("s", [0], 6, None, True, data=data)
     second = sampler(table[follow_up], [plain] * len(follow_up))
     pairs += [(a, b.token_id) for a, b in zip(follow_up, second, strict=True)]
     p = torch.softmax(table, dim=-1)

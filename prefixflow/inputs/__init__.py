@@ -1,0 +1,1 @@
+"""The request front: everything a request goes through before it is queued."""

@@ -1,0 +1,113 @@
+"""RequestFront: everything a request goes through before it is queued, in one place.
+
+It holds what checking a request needs of the model (tokenizer, EOS ids, context length,
+vocabulary, the grammar compiler) and turns a prompt (text or ids) with its parameters
+into the Requests of its n samples: tokenize, truncate, check (inputs/checks.py), compile
+a structured output's grammar once. The engine, the Ray driver and `analyze` all build
+one, so a request is refused the same way whichever way it came in. It loads no weights.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prefixflow.errors import RequestError
+from prefixflow.inputs.checks import checked_prompt
+from prefixflow.model.loader import (
+    ModelSource,
+    eos_token_ids,
+    load_hf_config,
+    load_tokenizer,
+    max_model_len,
+    resolve_model,
+)
+from prefixflow.model.registry import architecture_of
+from prefixflow.request import CompletionOutput, FinishReason, Request, RequestOutput
+from prefixflow.sampling_params import SamplingParams
+from prefixflow.structured.compiler import GrammarCompiler
+from prefixflow.tokenizer import TextCodec
+
+
+class RequestFront:
+    def __init__(self, model: str | None = None, max_len: int | None = None) -> None:
+        """model: a folder, .gguf file or Hub id (None: the embedded default); max_len: a
+        cap on prompt + output tokens below the model's context."""
+        self.source: ModelSource = resolve_model(model)
+        self.model_name = self.source.name
+        self.hf_config = load_hf_config(self.source)
+        architecture_of(self.hf_config)  # refuse an unsupported model before anything else
+        self.codec = TextCodec(load_tokenizer(self.source))
+        self.eos_token_ids = eos_token_ids(self.source, self.hf_config, self.codec.tokenizer)
+        self.vocab_size: int = self.hf_config.vocab_size
+        self.max_model_len = max_model_len(self.hf_config)
+        if max_len is not None:
+            self.limit_context(max_len)
+        self._compiler: GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()
+
+    def limit_context(self, max_len: int) -> None:
+        """Requests hold at most max_len tokens (another model of the engine holds fewer)."""
+        self.max_model_len = min(self.max_model_len, max_len)
+
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler, built on first use (it converts the tokenizer once)."""
+        with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(
+                    self.codec, self.vocab_size, sorted(self.eos_token_ids)
+                )
+            return self._compiler
+
+    def prompt(
+        self, prompt: str | list[int], params: SamplingParams, prompt_text: str | None = None
+    ) -> tuple[str | None, list[int]]:
+        """The prompt as it will run: (its text if known, its token ids). Text is tokenized;
+        ids come with the text they came from, if any. Raises RequestError."""
+        if isinstance(prompt, str):
+            text, ids = prompt, (self.codec.encode(prompt) if prompt else [])
+        else:
+            text, ids = prompt_text, list(prompt)
+        return checked_prompt(text, ids, params, self.max_model_len, self.vocab_size, self.grammars)
+
+    def samples(self, request_id: str, ids: list[int], params: SamplingParams) -> list[Request]:
+        """The Requests of a prompt's n samples; prompt logprobs come from the first only."""
+        out = [self._sample(request_id, ids, params, i) for i in range(params.n)]
+        for req in out[1:]:
+            req.num_prompt_logprobs = len(ids)
+        return out
+
+    def resumed(
+        self, request_id: str, prev: RequestOutput
+    ) -> tuple[list[int], list[Request | CompletionOutput]]:
+        """The prompt ids and samples of a partial output to resume (continue_from): each
+        unfinished sample runs on from its tokens so far; finished ones stay as they were."""
+        params = prev.sampling_params
+        if params is None or prev.finished:
+            raise RequestError("continue_from takes a partial output (finish_reason 'partial')")
+        _, ids = checked_prompt(
+            prev.prompt,
+            list(prev.prompt_token_ids),
+            params,
+            self.max_model_len,
+            self.vocab_size,
+            self.grammars,
+        )
+        samples: list[Request | CompletionOutput] = []
+        for i, before in enumerate(prev.outputs):
+            if before.finish_reason != FinishReason.PARTIAL:
+                samples.append(before)
+                continue
+            req = self._sample(request_id, ids, params, i)
+            req.token_ids += before.token_ids
+            req.token_versions = list(before.weight_versions or [])
+            if prev.prompt_logprobs is not None:  # the rest from the first resumed sample
+                first = not any(isinstance(s, Request) for s in samples)
+                req.num_prompt_logprobs = len(prev.prompt_logprobs) - 1 if first else len(ids)
+            samples.append(req)
+        return ids, samples
+
+    def _sample(self, request_id: str, ids: list[int], params: SamplingParams, i: int) -> Request:
+        """The i-th of a request's n samples: its own id and seed."""
+        child_params = params if params.n == 1 else params.for_sample(i)
+        rid = request_id if params.n == 1 else f"{request_id}#{i}"
+        return Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
