@@ -48,12 +48,12 @@ example: setup kernels
 	@echo "results: out/example-results.jsonl  summary: out/example-report.json"
 
 # The unit tests run under one hash seed, the rest and again the torch-free core (the
-# scheduler, prefix sharing, radix cache, admission and router, where an order could lean
-# on Python's salted hash()) under another, so such a test fails here rather than once in
+# scheduler, prefix sharing, admission, the KV manager and its caches, the router and the
+# prefix key, where an order could lean on Python's salted hash()) under another, so such a test fails here rather than once in
 # fifty runs. The ten slowest tests are printed at the end.
-CORE := tests/unit/test_scheduler.py tests/unit/test_prefix_sharing.py \
-	tests/unit/test_radix_cache.py tests/unit/test_admission.py tests/unit/test_router.py \
-	tests/unit/test_disk_tier.py
+CORE := tests/unit/engine/test_scheduler.py tests/unit/engine/test_prefix_sharing.py \
+	tests/unit/engine/test_admission.py tests/unit/cache tests/unit/ray/test_router.py \
+	tests/unit/test_page_hash.py
 test: test-setup kernels
 	PYTHONHASHSEED=1 $(BIN)/pytest -q -p no:cacheprovider tests/unit
 	PYTHONHASHSEED=2 $(BIN)/pytest -q -p no:cacheprovider --durations=10 $(CORE) tests/model tests/e2e
