@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from prefixflow import LLM, SamplingParams
-from tests.model.test_prefix_sharing import conversations
+from tests.model.engine.test_prefix_sharing import conversations
 
 
 @pytest.fixture(scope="module")

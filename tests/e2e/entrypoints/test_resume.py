@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_run_batch import chat_line, completion_line, run_cli
+from tests.e2e.entrypoints.test_run_batch import chat_line, completion_line, run_cli
 
 pytestmark = pytest.mark.slow
 
