@@ -80,7 +80,8 @@ def _resolve() -> KernelState:
         if ext is None:
             why = f"import of {kernel_build.MODULE} is blocked; using PyTorch instead"
             return KernelState("failed", why, None, 0.0)
-        return _checked(ext, "cached", "loaded earlier in this process", None, 0.0)
+        folder = Path(ext.__file__).parent if getattr(ext, "__file__", None) else None
+        return _checked(ext, "cached", "loaded earlier in this process", folder, 0.0)
     start = time.perf_counter()
     folder = None
     try:
