@@ -83,7 +83,10 @@ def main() -> None:
     llm = LLM(dtype=args.dtype, kv_cache_memory=args.kv, shared_prefix_min_tokens=1 << 40)
     runner = llm.engine.runner
     cfg = llm.engine.front.hf_config
-    page_size, num_pages = llm.engine.scheduler.kv.pool.page_size, llm.engine.scheduler.kv.pool.num_pages
+    page_size, num_pages = (
+        llm.engine.scheduler.kv.pool.page_size,
+        llm.engine.scheduler.kv.pool.num_pages,
+    )
     paths = {"kernel": runner.backend}
     if args.compare:
         off = dataclasses.replace(

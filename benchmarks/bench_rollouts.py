@@ -106,8 +106,7 @@ def main() -> None:
     part, t_part = timed(lambda: llm.chat(convs2, params, use_tqdm=False, min_finished=k))
     partial = [o for o in part if not o.finished]
     tokens_part = sum(len(c.token_ids) for o in part for c in o.outputs)
-    stats = llm.engine.stats
-    computed0 = stats.computed_tokens
+    computed0 = llm.engine.stats.computed_tokens
     resumed, t_resume = timed(lambda: llm.generate(continue_from=partial, use_tqdm=False))
     kept = sum(len(c.token_ids) for o in partial for c in o.outputs)
     new = sum(len(c.token_ids) for o in resumed for c in o.outputs) - kept
@@ -117,7 +116,7 @@ def main() -> None:
         for c in o.outputs
         if c.finish_reason == "partial"
     )
-    recomputed = stats.computed_tokens - computed0 - new
+    recomputed = llm.engine.stats.computed_tokens - computed0 - new
     lengths = sorted(len(c.token_ids) for o in outs for c in o.outputs)
     print(
         f"\none round: {args.prompts} prompts x n={args.n}, up to {args.max_tokens} tokens, "

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     # Sweep on the 2-core CPU box (256 requests x 64 tokens, bf16, sorted by length), output
-    # tok/s: page_size=16 376, 32 432-458, 64 469-479, 128 433. 64 was best twice: the default.
+    # tok/s: batch 16 376, 32 432-458, 64 469-479, 128 433. 64 was best twice: the default.
     # Give several sizes to sweep (--hf-batch-size 32 64 128); the ratio uses the best.
     ap.add_argument("--hf-batch-size", type=int, nargs="+", default=[64])
     ap.add_argument(
@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_load = None
     if not args.skip_hf:
         model, hf_load = load_hf(args.dtype)
-        for page_size in args.hf_batch_size:
-            r = run_hf(model, tok, prompt_ids, args.max_tokens, page_size, args.hf_sort)
+        for batch_size in args.hf_batch_size:
+            r = run_hf(model, tok, prompt_ids, args.max_tokens, batch_size, args.hf_sort)
             r["load_s"] = hf_load
             hf_runs.append(r)
             print(f"{r['engine']} done: {r['output_tok_per_s']:.1f} tok/s", flush=True)

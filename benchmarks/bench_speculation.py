@@ -92,6 +92,7 @@ def main() -> None:
             dt = time.perf_counter() - t0
             rate[name] = n * args.tokens / dt
             tokens[name] = [o.outputs[0].token_ids for o in outs]
+            st = llm.engine.stats  # a snapshot: read again after the run
             drafted, accepted = st.draft_tokens - d0, st.accepted_tokens - a0
         acc = f"{accepted / drafted:.0%}" if drafted else "-"
         same = "yes" if tokens["on"] == tokens["off"] else "NO"

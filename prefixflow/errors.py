@@ -1,6 +1,6 @@
 """RequestError: why one request cannot run, with an OpenAI error code and the field at fault.
 
-Raised by the one validation of a request (sampling_params.py, validation.py) and by the
+Raised by the one validation of a request (sampling_params.py, inputs/checks.py) and by the
 entry points' own parsing; `LLM` raises it as is, `run-batch` writes it as the line's error
 and the server returns it as a 400, so every entry point gives the same code for the same
 mistake.

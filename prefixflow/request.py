@@ -71,6 +71,7 @@ class Request:
         self.weight_version: int | None = None
         self.token_versions: list[int] = []
         self.num_prompt_logprobs = 0  # prompt positions whose logprobs were returned
+        self._page_hashes: tuple[int, list[bytes]] | None = None  # (page size, chain)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -94,14 +95,12 @@ class Request:
         return self.max_output_tokens * (1 + len(self.fork_siblings))
 
     def page_hashes(self, page_size: int) -> list[bytes]:
-        """The page hash chain of the prompt's full pages (cache/page_hash.py). Computed once
+        """The page hash chain of the prompt's full pages (page_hash.py). Computed once
         (the prompt never changes): the planner asks again each time it re-plans the queue,
         and each page costs a BLAKE2b call, about a microsecond."""
-        cached: tuple[int, list[bytes]] | None = getattr(self, "_page_hashes", None)
-        if cached is None or cached[0] != page_size:
-            cached = (page_size, page_hash_chain(self.prompt_token_ids, page_size))
-            self._page_hashes = cached
-        return cached[1]
+        if self._page_hashes is None or self._page_hashes[0] != page_size:
+            self._page_hashes = (page_size, page_hash_chain(self.prompt_token_ids, page_size))
+        return self._page_hashes[1]
 
     @property
     def is_finished(self) -> bool:

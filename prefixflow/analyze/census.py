@@ -1,7 +1,7 @@
 """PrefixCensus: the prefix tree of a batch's prompts, counted as they stream past.
 
 Each full page of a prompt is a node named by the first 64 bits of its page hash chain
-digest (cache/page_hash.py), which names the tokens up to its end, the parent's name
+digest (page_hash.py), which names the tokens up to its end, the parent's name
 included; a collision among n distinct pages (odds about n**2 / 2**65) would only merge two
 nodes' counts. What prefixflow computes is every distinct node once, plus each request's
 own tail: a request reuses at most (prompt - 1) // page_size pages (its last token is

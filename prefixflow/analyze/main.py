@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model = None if args.model in (None, "default") else args.model
     try:
-        front = RequestFront(model)
+        front = RequestFront(model, runs_model=False)  # the tokenizer is all it needs
     except (OSError, ValueError) as e:
         print(f"prefixflow: error: cannot load the tokenizer: {e}", file=sys.stderr)
         return 2

@@ -190,7 +190,9 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         lens = [step.seqs[i].ctx_len - own[i] * page_size for i in dec]
         width = max((len(t) for t in tables), default=0)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        mask = torch.arange(width * page_size) < torch.tensor(lens, dtype=torch.long)[:, None]  # (B, L)
+        mask = (
+            torch.arange(width * page_size) < torch.tensor(lens, dtype=torch.long)[:, None]
+        )  # (B, L)
         prefills = []
         for i, s in enumerate(step.seqs):
             if s.q_len == 1:
@@ -242,7 +244,9 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         for part in meta.parts:
             rows = part.rows
             if part.work is not None:
-                kernels.attend(self.kernel, part_out, part_lse, q, kv_cache, page_size, part.work, scale)
+                kernels.attend(
+                    self.kernel, part_out, part_lse, q, kv_cache, page_size, part.work, scale
+                )
                 o_part, lse_part = part_out[rows], part_lse[rows]
             else:
                 h_kv = self.shape.num_kv_heads

@@ -1,6 +1,6 @@
 """DiskTier: KV pages kept in files, so a prefix outlives the process that computed it.
 
-A page is named by the page hash chain (cache/page_hash.py) of the token ids up to its end
+A page is named by the page hash chain (page_hash.py) of the token ids up to its end
 (`page_keys`), salted by and filed under a fingerprint of everything its bytes depend on
 (the weights, dtype, page size, KV layout; runner/kv_disk.py). A different model, dtype or
 layout looks in another folder and never reads these pages. cache/page_file.py has the
@@ -17,7 +17,7 @@ only delete a page twice. The folder is bounded by `max_bytes`, least recently u
 folder after writing a tenth of the bound, so processes writing at once overshoot it by at
 most a tenth each. Writes run on a background thread; a failing disk pauses saving.
 
-Pure Python with numpy: the scheduler uses it without torch.
+Pure Python with numpy: the KV manager uses it without torch.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _QUEUE_BYTES = 256 << 20  # pages waiting for the writer, at most
 
 def page_keys(token_ids: list[int], page_size: int, num_pages: int, salt: str) -> list[str]:
     """The file keys of the first num_pages full pages of token_ids: the page hash chain
-    (cache/page_hash.py) salted by the KV fingerprint, in hex."""
+    (page_hash.py) salted by the KV fingerprint, in hex."""
     return [d.hex() for d in page_hash_chain(token_ids, page_size, num_pages, salt)]
 
 

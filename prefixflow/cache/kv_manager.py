@@ -163,16 +163,16 @@ class KVManager:
         """New pages req needs to compute n more tokens (a copied shared page aside)."""
         return self.pool.pages_for(req.num_computed_tokens + n) - len(req.page_ids)
 
-    def grow(self, req: Request, n: int, keep_free: int = 0) -> bool:
+    def grow(self, req: Request, n: int) -> bool:
         """Give req the pages to compute n more tokens: new ones, and a private copy of a
         partly filled page it shares (a sibling's) before writing into it. False, and
-        nothing given, unless keep_free pages stay free after."""
+        nothing given, if they are not free."""
         page_size = self.page_size
         start = req.num_computed_tokens
         index = start // page_size
         shared_tail = start % page_size != 0 and self.pool.ref_count(req.page_ids[index]) > 1
         need = self.pages_needed(req, n) + shared_tail
-        if need + keep_free > self.pool.num_free:
+        if need > self.pool.num_free:
             return False
         if shared_tail:
             src = req.page_ids[index]

@@ -2,7 +2,7 @@
 
 A radix tree over token ids, one edge per full page (page-aligned, as in vLLM and SGLang
 with page size > 1): a node is keyed by the page hash chain digest of its page
-(cache/page_hash.py), which names the whole prefix up to the page's end, and maps to the
+(page_hash.py), which names the whole prefix up to the page's end, and maps to the
 page holding that prefix's KV.
 
 Exact whatever the digests: a node also keeps its parent page and its page's token ids,
@@ -15,7 +15,7 @@ Reference counts live in the PagePool: a request holds every page of its prefix,
 page nobody holds stays cached but free, handed out last (LRU). When the pool reuses a
 page, the cache forgets it and everything below it. Only full pages are cached; a
 partly filled page belongs to the request writing into it (n samples of one prompt copy
-it on write, see the scheduler).
+it on write, see cache/kv_manager.py).
 """
 
 from __future__ import annotations

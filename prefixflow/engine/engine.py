@@ -58,6 +58,7 @@ class Engine:
 
     @property
     def stats(self) -> EngineStats:
+        """A snapshot of the counts: read it again for newer ones."""
         return self._counts.with_scheduler(self.scheduler.make_stats())
 
     # ---- requests ----

@@ -124,9 +124,6 @@ class OutputProcessor:
             self._sample_of.pop(sid, None)
         return live
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._parents
-
     def __len__(self) -> int:
         return len(self._parents)
 

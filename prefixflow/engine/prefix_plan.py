@@ -8,7 +8,7 @@ when the last one ends. Among siblings, the subtree with the most decode work pe
 prompt token goes first (decode-first ordering): its decodes fill the batch while later
 groups prefill in chunks.
 
-The tree is keyed by the page hash chain (cache/page_hash.py), the radix cache's key, and
+The tree is keyed by the page hash chain (page_hash.py), the radix cache's key, and
 a node reached by a single request keeps that request unexpanded until a second one
 arrives, so building it costs one hash per prompt page (once per request: Request caches
 its chain across re-plans) plus one step per page actually shared: linear in prompt

@@ -131,10 +131,11 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             draft = drafts.get(req.request_id, NO_DRAFT)
-            # Drafts take pages only if a page stays free for each request after this one:
-            # they never cause a preemption.
-            k, later = draft.size, len(self.running) - i
-            if not (k and n + k <= budget and self.kv.grow(req, n + k, keep_free=later)):
+            # Drafts take pages only if, besides their own, a page stays free for this
+            # request and each after it: they never cause a preemption.
+            k, seats = draft.size, len(self.running) - i
+            room = self.kv.pages_needed(req, n + k) + seats <= self.kv.pool.num_free
+            if not (k and n + k <= budget and room and self.kv.grow(req, n + k)):
                 draft = NO_DRAFT
             n += draft.size
             if not self.kv.grow(req, n):

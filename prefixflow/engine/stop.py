@@ -5,13 +5,6 @@ from __future__ import annotations
 from prefixflow.request import FinishReason, Request
 
 
-def masked_token_ids(req: Request) -> frozenset[int]:
-    """Token ids the sampler must not draw yet: EOS and stop tokens until min_tokens is reached."""
-    if req.num_output_tokens >= req.sampling_params.min_tokens:
-        return frozenset()
-    return req.stop_ban_ids
-
-
 def check_token_stop(req: Request) -> tuple[FinishReason, int | None] | None:
     """After a token was appended: should the request stop, and why (reason, stop token)."""
     p = req.sampling_params

@@ -75,11 +75,12 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         engine = _load_engine(args)
     if isinstance(engine, int):
         return engine
-    if hasattr(engine, "pool"):
+    if engine.replica_counts() is None:  # one engine here (replicas report their own)
+        pool, runner = engine.scheduler.kv.pool, engine.runner
         print(
-            f"prefixflow: {engine.model_name} ({str(engine.runner.dtype).removeprefix('torch.')}), "
-            f"KV cache {engine.scheduler.kv.pool.num_pages} pages x {engine.scheduler.kv.pool.page_size} tokens "
-            f"({engine.runner.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
+            f"prefixflow: {engine.model_name} ({str(runner.dtype).removeprefix('torch.')}), "
+            f"KV cache {pool.num_pages} pages x {pool.page_size} tokens "
+            f"({runner.kv_cache_bytes / 2**30:.2f} GiB), loaded in {engine.load_seconds:.1f}s",
             file=sys.stderr,
         )
     try:
@@ -109,9 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     if isinstance(engine, int):
         return engine
+    pool = engine.scheduler.kv.pool
     print(
         f"prefixflow: serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
-        f"(KV cache {engine.scheduler.kv.pool.num_pages} pages x {engine.scheduler.kv.pool.page_size} tokens)",
+        f"(KV cache {pool.num_pages} pages x {pool.page_size} tokens)",
         file=sys.stderr,
     )
     app = build_app(engine, api_key=args.api_key)

@@ -49,7 +49,7 @@ def prepare(url: str, body: object, codec: TextCodec) -> PreparedRequest:
     """Parse a body and tokenize its prompts. Raises RequestError saying what to fix.
 
     What a request may ask for (prompt length, token ids, sampling values) is checked
-    where every entry point meets: SamplingParams and `Engine.add_request`.
+    where every entry point meets: SamplingParams and the request front (request_front.py).
     """
     if url not in SUPPORTED_URLS:
         raise RequestError(

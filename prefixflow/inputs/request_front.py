@@ -29,13 +29,17 @@ from prefixflow.tokenizer import TextCodec
 
 
 class RequestFront:
-    def __init__(self, model: str | None = None, max_len: int | None = None) -> None:
+    def __init__(
+        self, model: str | None = None, max_len: int | None = None, runs_model: bool = True
+    ) -> None:
         """model: a folder, .gguf file or Hub id (None: the embedded default); max_len: a
-        cap on prompt + output tokens below the model's context."""
+        cap on prompt + output tokens below the model's context; runs_model: refuse an
+        architecture prefixflow cannot run (off where only the tokenizer is needed)."""
         self.source: ModelSource = resolve_model(model)
         self.model_name = self.source.name
         self.hf_config = load_hf_config(self.source)
-        architecture_of(self.hf_config)  # refuse an unsupported model before anything else
+        if runs_model:  # refuse an unsupported model before anything else
+            architecture_of(self.hf_config)
         self.codec = TextCodec(load_tokenizer(self.source))
         self.eos_token_ids = eos_token_ids(self.source, self.hf_config, self.codec.tokenizer)
         self.vocab_size: int = self.hf_config.vocab_size

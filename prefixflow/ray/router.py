@@ -8,7 +8,7 @@ least-loaded replica.
 Requests under one shared prefix thus land on the replica that computes it, and a replica
 that holds a hot prefix takes more than its share only up to the bound. Torch-free.
 
-A prefix is keyed by its page hash chain digest (cache/page_hash.py), the key the
+A prefix is keyed by its page hash chain digest (page_hash.py), the key the
 replicas' caches use, the same in every process. A collision could only send a request
 to a replica without its prefix: slower, never wrong.
 """

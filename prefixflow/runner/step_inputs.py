@@ -30,7 +30,9 @@ def build_step(
         q_start = len(ids)
         ids.extend(s.token_ids)
         pos.extend(range(start, start + n))
-        slots.extend(pages[p // page_size] * page_size + p % page_size for p in range(start, start + n))
+        slots.extend(
+            pages[p // page_size] * page_size + p % page_size for p in range(start, start + n)
+        )
         last_idx.append(q_start + n - 1)
         ctx = start + n
         layouts.append(SeqLayout(q_start, n, ctx, pages[: -(-ctx // page_size)]))

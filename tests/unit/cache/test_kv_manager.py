@@ -47,13 +47,14 @@ def test_a_fork_copies_the_shared_partial_page_before_writing_it():
     assert kv.end_step().page_copies == [(shared_tail, sib.page_ids[1])]
 
 
-def test_grow_refuses_rather_than_leave_less_than_keep_free():
+def test_grow_takes_nothing_when_the_pages_are_not_free():
     pool = PagePool(4, 4)
     kv = KVManager(pool)
     r = req("a", list(range(8)))
-    assert not kv.grow(r, 8, keep_free=3)
+    assert kv.pages_needed(r, 20) == 5
+    assert not kv.grow(r, 20)
     assert r.page_ids == [] and pool.num_free == 4
-    assert kv.grow(r, 8, keep_free=2) and pool.num_free == 2
+    assert kv.grow(r, 8) and pool.num_free == 2
 
 
 def test_a_prefix_hit_is_given_back_whole_when_the_request_does_not_start():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from prefixflow.engine.stop import check_token_stop, find_stop_string, masked_token_ids
+from prefixflow.engine.stop import check_token_stop, find_stop_string
 from prefixflow.request import FinishReason, Request
 from prefixflow.sampling_params import SamplingParams
+from prefixflow.step import ScheduledSeq
 
 EOS = 2
 PROMPT = [10, 11, 12]
@@ -121,6 +122,14 @@ def test_no_max_tokens_never_stops_on_length():
 
 
 # ---------------------------------------------------------------- masked_token_ids
+
+
+def masked_token_ids(req: Request) -> frozenset[int]:
+    """What the runner bans at the request's next position: its once-sent data (the ids
+    min_tokens bans) joined with the step's output count, as ScheduledSeq does."""
+    seq = ScheduledSeq(req.request_id, [], 0, None, True, num_output_tokens=req.num_output_tokens)
+    seq.data = req.runner_data(weight_version=0)
+    return seq.masked_token_ids
 
 
 @pytest.mark.parametrize(
