@@ -1,14 +1,15 @@
 """Engine steps of one source tree against another's, in the same run: a refactor's cost.
 
 Each tree runs the same batches in its own process (PYTHONPATH=tree), alternating A, B,
-A, B... so drift in the machine's speed falls on both. A batch is all of one shape:
+B, A, A, B... so drift in the machine's speed falls on both. A batch is all of one shape:
 
 - decode: 64 prompts of 64 tokens, each decoding 48 tokens (seeded sampling, so host
   work is done as in rollouts);
 - shared: 32 questions of 32 tokens after one shared 1,024-token prefix, 24 tokens each
   (prefix sharing, shared-prefix attention, prefill chunks beside decodes).
 
-It prints each tree's median seconds per engine step and the ratio B / A.
+It prints each tree's median seconds per engine step and the ratio B / A, and whether the
+two trees drew the very same tokens (a digest of every output).
 
     .venv/bin/python benchmarks/bench_engine_step.py --a /tmp/base --b . [--rounds 3]
 """
@@ -23,7 +24,7 @@ import subprocess
 import sys
 
 _CHILD = r"""
-import json, random, sys, time
+import hashlib, json, random, sys, time
 import torch
 from prefixflow import LLM, SamplingParams
 torch.set_num_threads(int(sys.argv[1]))
@@ -34,7 +35,7 @@ shapes = {
     "decode": ([ids(64) for _ in range(64)], 48),
     "shared": ([p + ids(32) for p in [ids(1024)] for _ in range(32)], 24),
 }
-out = {}
+out, tokens = {}, hashlib.sha256()
 for name, (prompts, n) in shapes.items():
     eng = llm.engine
     for warm in (True, False):
@@ -43,10 +44,12 @@ for name, (prompts, n) in shapes.items():
             eng.add_request(f"{name}-{warm}-{i}", p, params)
         steps, t0 = 0, time.perf_counter()
         while eng.has_unfinished():
-            eng.step()
+            for o in eng.step():
+                tokens.update(f"{o.request_id} {o.outputs[0].token_ids}".encode())
             steps += 1
         if not warm:
             out[name] = (time.perf_counter() - t0) / steps
+out["tokens"] = tokens.hexdigest()
 print(json.dumps(out))
 """
 
@@ -74,15 +77,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     times: dict[str, dict[str, list[float]]] = {"a": {}, "b": {}}
+    digests: dict[str, set[str]] = {"a": set(), "b": set()}
     for r in range(args.rounds):
-        for side in ("a", "b"):
-            for name, s in run(getattr(args, side), args.threads).items():
+        # A then B, then B then A: neither tree always runs on a machine just warmed up.
+        for side in ("a", "b") if r % 2 == 0 else ("b", "a"):
+            result = run(getattr(args, side), args.threads)
+            digests[side].add(result.pop("tokens"))
+            for name, s in result.items():
                 times[side].setdefault(name, []).append(s)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"{'batch':<8} {'A s/step':>10} {'B s/step':>10} {'B / A':>7}")
     for name in times["a"]:
         a, b = statistics.median(times["a"][name]), statistics.median(times["b"][name])
         print(f"{name:<8} {a:>10.4f} {b:>10.4f} {b / a:>7.3f}")
+    same = len(digests["a"] | digests["b"]) == 1
+    print(f"outputs: {'identical' if same else 'DIFFERENT'} in every run of both trees")
 
 
 if __name__ == "__main__":
