@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from torch import nn
+
 from prefixflow.model.llama import LlamaForCausalLM
 
 # architecture -> (class, whether q/k/v projections carry a bias)
@@ -38,6 +44,33 @@ def architecture_of(hf_config) -> str:
 
 
 def build_model(hf_config) -> LlamaForCausalLM:
+    """The model with its parameters allocated but not initialised: load_weights fills
+    every one (and refuses a checkpoint that lacks any), so drawing random values first
+    would be wasted (0.6 s of every start of the default model)."""
     cls, qkv_bias = _ARCHITECTURES[architecture_of(hf_config)]
     qkv_bias = qkv_bias or bool(getattr(hf_config, "attention_bias", False))
-    return cls(hf_config, qkv_bias=qkv_bias)
+    with _parameters_left_uninitialised():
+        return cls(hf_config, qkv_bias=qkv_bias)
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parameters_left_uninitialised() -> Iterator[None]:
+    """nn.Linear and nn.Embedding skip their random initialisation meanwhile (as
+    transformers' no_init_weights does); a lock keeps two builds from interleaving."""
+    classes = (nn.Linear, nn.Embedding)
+    with _INIT_LOCK:
+        saved = [cls.__dict__["reset_parameters"] for cls in classes]
+        for cls in classes:
+            cls.reset_parameters = _skip
+        try:
+            yield
+        finally:
+            for cls, fn in zip(classes, saved, strict=True):
+                cls.reset_parameters = fn
+
+
+def _skip(self: nn.Module) -> None:
+    pass
