@@ -12,15 +12,14 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS = 24
 
 
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+def hf_greedy_choices(hf_model, ids: list[int], continuation: list[int]) -> list[int]:
+    """transformers' greedy choice after ids + continuation[:i], for every i, from one
+    forward pass. It equals `continuation` exactly when transformers' greedy decoding
+    yields it: each greedy step takes the argmax after the same prefix (a generate() loop
+    per prompt gave the same verdict at 15 times the cost)."""
     with torch.inference_mode():
-        out = hf_model.generate(
-            torch.tensor([ids]),
-            max_new_tokens=n,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        )
-    return out[0, len(ids) :].tolist()
+        logits = hf_model(torch.tensor([ids + continuation])).logits[0]  # (L, V)
+    return logits[len(ids) - 1 : -1].argmax(dim=-1).tolist()
 
 
 def test_greedy_batch_equals_transformers(llm_f32, hf_model, prompts):
@@ -33,7 +32,7 @@ def test_greedy_batch_equals_transformers(llm_f32, hf_model, prompts):
     for p, o in zip(prompts, outs, strict=True):
         ours = o.outputs[0].token_ids
         assert len(ours) == NEW_TOKENS
-        ref = hf_greedy(hf_model, p["ids"], NEW_TOKENS)
+        ref = hf_greedy_choices(hf_model, p["ids"], ours)
         if ours != ref:
             first = next(i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b)
             mismatches.append((p["kind"], len(p["ids"]), first))
