@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.prompts import make_prompts
@@ -23,13 +25,37 @@ def llm_f32():
 
 @pytest.fixture(scope="session")
 def hf_model(default_gguf):
-    """transformers' own load of the same GGUF file (its own dequantisation), float32."""
+    """transformers' own load of the same GGUF file (its own dequantisation), float32.
+
+    Its dequantisation takes some 15 s; the tensors it gives are saved once, beside the
+    engine's own GGUF conversions (keyed by the file), and later runs put them into
+    transformers' model built from the same converted config.
+    """
     import torch
+    from safetensors.torch import load_model, save_model
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(
-        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
-    )
+    from prefixflow.model.loader import gguf_cache_dir, load_hf_config, resolve_model
+
+    saved = gguf_cache_dir(default_gguf) / "transformers-reference-float32.safetensors"
+    m = None
+    if saved.exists():
+        try:
+            config = load_hf_config(resolve_model(str(default_gguf)))
+            m = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            load_model(m, str(saved))
+        except Exception:  # a damaged copy is made again below
+            m = None
+    if m is None:
+        m = AutoModelForCausalLM.from_pretrained(
+            str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+        )
+        try:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            save_model(m, str(saved) + ".tmp")
+            os.replace(str(saved) + ".tmp", saved)
+        except OSError:
+            pass  # a read-only cache only costs the dequantisation next time
     m.generation_config.eos_token_id = None  # we compare fixed-length continuations
     m.generation_config.pad_token_id = 2
     return m.eval()
