@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,17 +29,20 @@ def llm_f32():
 def hf_model(default_gguf):
     """transformers' own load of the same GGUF file (its own dequantisation), float32.
 
-    Its dequantisation takes some 15 s; the tensors it gives are saved once, beside the
-    engine's own GGUF conversions (keyed by the file), and later runs put them into
-    transformers' model built from the same converted config.
+    Its dequantisation takes some 15 s; the tensors it gives are saved once in the cache
+    folder, named by a digest of the file's bytes (so every clone and virtualenv finds
+    them), and later runs put them into transformers' model built from the same config.
     """
     import torch
     from safetensors.torch import load_model, save_model
     from transformers import AutoModelForCausalLM
 
-    from prefixflow.model.loader import gguf_cache_dir, load_hf_config, resolve_model
+    from prefixflow.model.loader import load_hf_config, resolve_model
 
-    saved = gguf_cache_dir(default_gguf) / "transformers-reference-float32.safetensors"
+    with open(default_gguf, "rb") as f:
+        digest = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+    root = Path(os.environ.get("PREFIXFLOW_CACHE_DIR", Path.home() / ".cache" / "prefixflow"))
+    saved = root / "transformers-reference" / f"{digest}-float32.safetensors"
     m = None
     if saved.exists():
         try:
