@@ -33,6 +33,7 @@ from types import ModuleType
 
 import torch
 
+from prefixflow.utils.cache_dir import cache_root
 from prefixflow.utils.hardware import cpu_flags
 
 logger = logging.getLogger("prefixflow")
@@ -66,12 +67,6 @@ def isa_args(flags: frozenset[str]) -> list[str]:
 
 def compile_args() -> list[str]:
     return ["-O3", "-DNDEBUG", "-fopenmp", *isa_args(cpu_flags())]
-
-
-def cache_root() -> Path:
-    """prefixflow's cache, as the GGUF conversions use it (PREFIXFLOW_CACHE_DIR moves it)."""
-    root = os.environ.get("PREFIXFLOW_CACHE_DIR") or Path.home() / ".cache" / "prefixflow"
-    return Path(root).expanduser().absolute()
 
 
 def _source_files() -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import pytest
 
@@ -38,11 +37,11 @@ def hf_model(default_gguf):
     from transformers import AutoModelForCausalLM
 
     from prefixflow.model.loader import load_hf_config, resolve_model
+    from prefixflow.utils.cache_dir import cache_root
 
     with open(default_gguf, "rb") as f:
         digest = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
-    root = Path(os.environ.get("PREFIXFLOW_CACHE_DIR", Path.home() / ".cache" / "prefixflow"))
-    saved = root / "transformers-reference" / f"{digest}-float32.safetensors"
+    saved = cache_root() / "transformers-reference" / f"{digest}-float32.safetensors"
     m = None
     if saved.exists():
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from prefixflow.model.default import default_model_path
+from prefixflow.utils.cache_dir import cache_root
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ def _load_converted(src: ModelSource, auto_cls, marker: str):
 def gguf_cache_dir(gguf_path: Path) -> Path:
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("PREFIXFLOW_CACHE_DIR", Path.home() / ".cache" / "prefixflow"))
-    return root / "gguf" / key
+    return cache_root() / "gguf" / key
 
 
 def iter_weights(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
