@@ -116,7 +116,9 @@ class KVManager:
         page_size = self.page_size
         # At least the last token is computed, to have logits to sample from.
         max_pages = (req.num_tokens - 1) // page_size
-        hit = PrefixHit(self.cache.match(req.token_ids, max_pages))
+        # The prompt's chain is the one the planner hashed (kept on the Request).
+        prompt_chain = req.page_hashes(page_size)
+        hit = PrefixHit(self.cache.match(req.token_ids, max_pages, prompt_chain))
         if self.disk is not None and max_pages:
             hit.disk_keys = self.disk.keys(req.token_ids, page_size, max_pages)
             hit.num_on_disk = self.disk.count_present(hit.disk_keys[len(hit.pages) :])

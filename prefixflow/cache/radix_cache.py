@@ -20,6 +20,8 @@ it on write, see cache/kv_manager.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.page_hash import next_page_hash, root_digest, token_bytes
 
@@ -48,19 +50,24 @@ class RadixCache:
     def __len__(self) -> int:
         return len(self._page_of)
 
-    def match(self, token_ids: list[int], max_pages: int) -> list[int]:
+    def match(
+        self, token_ids: list[int], max_pages: int, digests: Sequence[bytes] = ()
+    ) -> list[int]:
         """Pages holding the longest cached prefix of token_ids, at most max_pages.
 
-        Takes a reference on each returned page for the caller.
+        Takes a reference on each returned page for the caller. digests: the chain of the
+        first pages of token_ids where the caller has it already (a Request keeps its
+        prompt's), so it is not hashed again; the pages after are hashed here. A wrong
+        digest can only miss: a hit also compares the page's tokens.
         """
         width = 8 * self.page_size
         num_pages = min(max_pages, len(token_ids) // self.page_size)
         buf = token_bytes(token_ids[: num_pages * self.page_size])
         pages: list[int] = []
         parent, digest = _ROOT, _ROOT_DIGEST
-        for a in range(0, len(buf), width):
+        for p, a in enumerate(range(0, len(buf), width)):
             tokens = buf[a : a + width]
-            digest = next_page_hash(digest, tokens)
+            digest = digests[p] if p < len(digests) else next_page_hash(digest, tokens)
             page = self._page_of.get(digest)
             if page is None:
                 break

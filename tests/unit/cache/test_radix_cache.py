@@ -149,3 +149,19 @@ def test_colliding_digests_never_serve_another_prefixs_kv(monkeypatch, digest, s
             holds[pages[i]] = tuple(tokens[: (i + 1) * page_size])
         cache.insert(tokens, pages, len(hit), len(tokens) // page_size)
         pool.release(pages[::-1])
+
+
+def test_a_match_given_the_prompts_chain_equals_one_that_hashes_it():
+    """Digests the caller kept are used, not recomputed; the pages after them are hashed
+    here; and digests that do not name these tokens cannot make a hit."""
+    from prefixflow.page_hash import page_hash_chain
+
+    pool = PagePool(16, 4)
+    cache = RadixCache(pool)
+    tokens = list(range(20))
+    pages = pool.allocate(5)
+    cache.insert(tokens, pages, 0, 5)
+    chain = page_hash_chain(tokens, 4)
+    assert cache.match(tokens, 5, chain[:2]) == pages == cache.match(tokens, 5)
+    wrong = page_hash_chain(list(range(100, 120)), 4)
+    assert cache.match(tokens, 5, wrong) == []
