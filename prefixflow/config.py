@@ -1,6 +1,7 @@
 """Every engine option, defined once: name, type, default, allowed values and help.
 
-`EngineConfig` (and the `SchedulerConfig` inside it) is the single definition. `LLM(**options)`
+`EngineConfig` (and the `SchedulerConfig` and `LimitsConfig` inside it) is the single
+definition. `LLM(**options)`
 builds one with `EngineConfig.from_options`, and the CLI flags of `run-batch`, `serve` and
 `bench` are generated from the same fields (entrypoints/engine_args.py), so a new option is
 added here and nowhere else. vLLM's spellings are accepted as aliases where ours differ.
@@ -161,6 +162,52 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one request may ask, so that no request can take the engine or server down.
+
+    The request front (inputs/limits.py) checks each before a request is queued, for
+    `LLM`, batch files and the server alike; a request past one is refused with an error
+    that names the limit's option.
+    """
+
+    max_n: int | None = option(
+        None,
+        "most samples per request (n, and best_of); default: the KV cache's pages, so "
+        "that every sample could hold a page of its own",
+    )
+    max_request_tokens: int | None = option(
+        None,
+        "most tokens one request may hold, prompt + n x max_tokens (max_tokens unset: the "
+        "room the context leaves); default: the KV cache's size in tokens",
+    )
+    max_logprobs: int = option(20, "most logprobs, top_logprobs and prompt_logprobs (vLLM's)")
+    max_stop_strings: int = option(64, "most stop strings per request")
+    max_stop_string_length: int = option(1024, "most characters in one stop string")
+    max_logit_bias: int = option(1024, "most logit_bias entries per request")
+    max_choices: int = option(1024, "most choices of a structured output's choice list")
+    max_grammar_bytes: int = option(
+        256 * 1024, "most bytes of a structured output's JSON schema, regex, grammar or choices"
+    )
+    max_schema_depth: int = option(64, "deepest nesting of a structured output's JSON schema")
+    max_body_size: int = option(
+        16 << 20,
+        "largest request body (HTTP) or batch file line, in bytes (or 16MiB, 512KB)",
+        parse=parse_memory,
+    )
+    max_queued_requests: int = option(
+        1024,
+        "most samples (n counts each) the server holds beyond those running; past it a new "
+        "request gets 429 with Retry-After",
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The model, its KV cache, attention, and the speed-ups that can be switched off."""
 
@@ -231,6 +278,7 @@ class EngineConfig:
         True, "the paged path copies pages into buffers kept from step to step"
     )
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -268,8 +316,7 @@ class EngineConfig:
         for o in list(by_name.values()):
             for alias in o.aliases:
                 by_name[alias] = o
-        engine: dict[str, Any] = {}
-        sched: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {name: {} for name in ("engine", *_SECTIONS)}
         ignored = []
         for key, value in options.items():
             opt = by_name.get(key)
@@ -280,21 +327,25 @@ class EngineConfig:
                 close = difflib.get_close_matches(key, by_name, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"unknown engine option {key!r}{hint}")
-            target = sched if opt.section == "scheduler" else engine
+            target = sections[opt.section]
             if opt.name in target:
                 raise TypeError(f"option {opt.name!r} given twice (once as {key!r})")
             target[opt.name] = value if opt.parse is None else opt.parse(value)
         if ignored:
             warnings.warn(f"prefixflow ignores the vLLM settings {sorted(ignored)}", stacklevel=3)
-        return cls(**engine, scheduler=SchedulerConfig(**sched))
+        engine = sections.pop("engine")
+        return cls(**engine, **{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
 
     def options(self) -> dict[str, Any]:
         """The flat options of this config (the inverse of from_options)."""
         return {
-            o.name: getattr(self.scheduler if o.section == "scheduler" else self, o.name)
+            o.name: getattr(self if o.section == "engine" else getattr(self, o.section), o.name)
             for o in engine_options()
         }
 
+
+# EngineConfig's fields that hold a section of options, each its own dataclass.
+_SECTIONS: dict[str, type] = {"scheduler": SchedulerConfig, "limits": LimitsConfig}
 
 # vLLM settings that have no meaning here: accepted with a warning by LLM().
 VLLM_IGNORED = frozenset(
@@ -325,18 +376,18 @@ class Option:
     help: str
     choices: tuple[str, ...] | None
     aliases: tuple[str, ...]
-    section: str  # "engine" or "scheduler"
+    section: str  # "engine", or the EngineConfig field of its section ("scheduler", "limits")
     parse: Callable[[Any], Any] | None = None  # what users pass -> the field's type
 
 
 def engine_options() -> list[Option]:
-    """Every option of EngineConfig and SchedulerConfig, flat, in definition order."""
+    """Every option of EngineConfig and its sections, flat, in definition order."""
     out = []
-    for cls, section in ((EngineConfig, "engine"), (SchedulerConfig, "scheduler")):
+    for section, cls in {"engine": EngineConfig, **_SECTIONS}.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if "help" not in f.metadata:
-                continue  # EngineConfig.scheduler: its fields are listed themselves
+                continue  # EngineConfig's sections: their fields are listed themselves
             choices = f.metadata["choices"]
             out.append(
                 Option(

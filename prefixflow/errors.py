@@ -19,6 +19,9 @@ KV_CACHE_TOO_SMALL = "kv_cache_too_small"
 INVALID_JSON = "invalid_json"
 DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
 UNSUPPORTED_URL = "unsupported_url"
+LIMIT_EXCEEDED = "limit_exceeded"  # past an option of config.LimitsConfig (inputs/limits.py)
+BODY_TOO_LARGE = "body_too_large"
+QUEUE_FULL = "queue_full"  # the server's waiting queue is full: retry after Retry-After
 
 
 class RequestError(ValueError):

@@ -10,8 +10,6 @@ from prefixflow.structured.spec import StructuredOutputs
 
 # Below this a temperature means greedy decoding, as in vLLM.
 _GREEDY_EPS = 1e-5
-# vLLM's default max_logprobs (and OpenAI's limit on top_logprobs).
-MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -105,16 +103,16 @@ class SamplingParams:
             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).",
         )
         check(
-            self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            self.logprobs is None or (is_int(self.logprobs) and self.logprobs >= 0),
             "logprobs",
-            f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}.",
+            f"logprobs must be an integer >= 0, got {self.logprobs!r}.",
         )
         check(
             self.prompt_logprobs is None
-            or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            or (is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
             "prompt_logprobs",
-            f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
-            f"got {self.prompt_logprobs!r}.",
+            f"prompt_logprobs must be an integer >= 0 (at most max_logprobs, the engine's "
+            f"option), got {self.prompt_logprobs!r}.",
         )
         check(
             self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63 - self.n),

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from prefixflow.analyze.census import CensusResult, PrefixCensus
 from prefixflow.errors import RequestError
-from prefixflow.inputs.batch_file import custom_id_of, error_line, parse_line
+from prefixflow.inputs.batch_file import (
+    LineTooLong,
+    custom_id_of,
+    error_line,
+    parse_line,
+    read_lines,
+)
 from prefixflow.inputs.openai_requests import prepare
 from prefixflow.inputs.request_front import RequestFront
 
@@ -47,9 +53,13 @@ def analyze_batch(
     bad: list[BadLine] = []
     num_bad = 0
     with open(path, "rb") as f:
-        for line_no, data in enumerate(f, start=1):
+        for line_no, data in read_lines(f, front.limits.max_body_size):
             if progress is not None:
                 progress.update(1)
+            if isinstance(data, LineTooLong):
+                num_bad += 1
+                _list(bad, None, data.error(line_no), line_no)
+                continue
             try:
                 raw = data.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"prefixflow: error: cannot load the tokenizer: {e}", file=sys.stderr)
         return 2
-    total = None if args.no_progress else count_lines(path)
+    total = None if args.no_progress else count_lines(path, front.limits.max_body_size)
     bar = tqdm(total=total, desc="analyze", unit="line", disable=args.no_progress, file=sys.stderr)
     with bar:
         analysis = analyze_batch(path, front, args.page_size, bar)

@@ -30,12 +30,13 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         t0 = time.perf_counter()
-        self.front = front = RequestFront(config.model, config.max_model_len)
+        self.front = front = RequestFront(config.model, config.max_model_len, limits=config.limits)
         self.runner = ModelRunner(
             config, front.source, front.hf_config, front.codec, front.grammars
         )
         front.limit_context(self.runner.max_model_len)  # a draft model's context too
         pool = PagePool(self.runner.num_pages, config.page_size)
+        front.set_kv_budget(pool.num_pages, pool.page_size)
         self.scheduler = Scheduler(config.scheduler, pool, self.runner.disk)
         self.output = OutputProcessor(front.codec)
         self.codec, self.model_name = front.codec, front.model_name

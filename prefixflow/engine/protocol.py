@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from prefixflow.engine.stats import EngineStats
+from prefixflow.inputs.request_front import RequestFront
 from prefixflow.request import RequestOutput
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.tokenizer import TextCodec
@@ -14,6 +15,7 @@ class BatchEngine(Protocol):
     model_name: str
     codec: TextCodec  # what the requests are tokenized and the outputs detokenized with
     load_seconds: float
+    front: RequestFront  # what a request may ask (its limits)
 
     @property
     def stats(self) -> EngineStats: ...

@@ -63,19 +63,21 @@ class Scheduler:
         """Queue a request; `siblings` are the other samples of its prompt (n > 1).
 
         Siblings share the request's prefill and fork off when it samples its first
-        token; they need prefix sharing on. Without it, add every sample alone.
+        token; they need prefix sharing on (without it, add every sample alone). They run
+        in waves of max_num_seqs, each led by one that reads the cached prompt.
         """
-        siblings = siblings or []
-        if siblings and not self.kv.prefix_sharing:
+        samples = [req, *(siblings or [])]
+        if len(samples) > 1 and not self.kv.prefix_sharing:
             raise ValueError("samples share a prefill only with prefix sharing on")
-        for r in [req, *siblings]:
+        for r in samples:
             self.kv.check_fits(r)
             if r.request_id in self.requests:
                 raise RequestError(f"request id {r.request_id!r} is already in use")
-        req.lead(siblings)
-        for r in [req, *siblings]:
-            self.requests[r.request_id] = r
-        self.queue.add(req)
+        self.requests.update((r.request_id, r) for r in samples)
+        for i in range(0, len(samples), self.config.max_num_seqs):
+            leader, *wave = samples[i : i + self.config.max_num_seqs]
+            leader.lead(wave)
+            self.queue.add(leader)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -89,10 +91,6 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.queue or self.running)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.requests)
 
     # ---- one step ----
     def schedule(self) -> SchedulerOutput:

@@ -25,10 +25,12 @@ from prefixflow.entrypoints.openai.serving import response_body
 from prefixflow.errors import DUPLICATE_CUSTOM_ID, RequestError
 from prefixflow.inputs.batch_file import (
     DEFAULT_WINDOW,
+    LineTooLong,
     count_lines,
     custom_id_of,
     error_line,
     parse_line,
+    read_lines,
     result_line,
 )
 from prefixflow.inputs.openai_requests import PreparedRequest, prepare
@@ -130,8 +132,12 @@ class BatchRunner:
     def in_flight(self) -> int:
         return len(self._pending) + len(self._ready)
 
-    def submit(self, line_no: int, data: bytes | str) -> None:
+    def submit(self, line_no: int, data: bytes | str | LineTooLong) -> None:
         """Parse, validate and queue one input line; a bad one gets its error line now."""
+        if isinstance(data, LineTooLong):
+            if not self._skip_done(line_no, None):
+                self._fail(None, data.error(line_no), line_no)
+            return
         try:
             raw = data.decode("utf-8") if isinstance(data, bytes) else data
         except UnicodeDecodeError as e:
@@ -302,9 +308,10 @@ def run_batch(
 ) -> BatchSummary:
     """Run a batch file; without `overwrite`, resume after what `output_path` already holds."""
     done = DoneLines() if overwrite else read_done(output_path)
-    total = count_lines(input_path) if progress else None
+    limit = engine.front.limits.max_body_size
+    total = count_lines(input_path, limit) if progress else None
     # Binary input: a line of invalid UTF-8 gets an error line instead of stopping the job.
     mode = "w" if overwrite else "a"
     with open(input_path, "rb") as f, open(output_path, mode, encoding="utf-8") as out:
         runner = BatchRunner(engine, out, done, window, ordered)
-        return runner.run(enumerate(f, start=1), total, progress)
+        return runner.run(read_lines(f, limit), total, progress)

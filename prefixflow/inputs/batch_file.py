@@ -4,15 +4,48 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from prefixflow.errors import DUPLICATE_CUSTOM_ID, INVALID_JSON, RequestError
+from prefixflow.errors import BODY_TOO_LARGE, DUPLICATE_CUSTOM_ID, INVALID_JSON, RequestError
 
 METHOD = "POST"
 # Requests run-batch reads ahead and keeps in flight: bounds memory, and is what the prefix
 # planner sees at once.
 DEFAULT_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class LineTooLong:
+    """A line past max_body_size, skipped without holding it: its size is all that is kept."""
+
+    size: int
+    limit: int
+
+    def error(self, line_no: int) -> RequestError:
+        return RequestError(
+            f"line {line_no}: {self.size} bytes, above max_body_size ({self.limit}); split "
+            "it, or raise the engine option max_body_size (--max-body-size)",
+            "body",
+            BODY_TOO_LARGE,
+        )
+
+
+def read_lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | LineTooLong]]:
+    """(line number, bytes) of each line, 1-based; a line over `limit` bytes (its newline
+    aside) comes as a LineTooLong, read past in pieces of `limit` bytes."""
+    line_no = 0
+    while raw := f.readline(limit + 1):
+        line_no += 1
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield line_no, raw
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n") and (raw := f.readline(limit + 1)):
+            size += len(raw)
+        yield line_no, LineTooLong(size - raw.endswith(b"\n"), limit)
 
 
 @dataclass
@@ -95,10 +128,9 @@ def error_line(custom_id: str | None, err: RequestError, line_no: int) -> dict:
     }
 
 
-def count_lines(path: Path) -> int:
+def count_lines(path: Path, limit: int) -> int:
     """Non-blank lines of a file (the progress bar's total), one buffered pass."""
-    n = 0
     with open(path, "rb") as f:
-        for raw in f:
-            n += bool(raw.strip())
-    return n
+        return sum(
+            isinstance(raw, LineTooLong) or bool(raw.strip()) for _, raw in read_lines(f, limit)
+        )

@@ -9,15 +9,9 @@ and the server alike; nothing is shortened silently. A request without `max_toke
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 from prefixflow import errors
 from prefixflow.errors import RequestError
 from prefixflow.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from prefixflow.structured.compiler import GrammarCompiler
 
 
 def checked_prompt(
@@ -26,19 +20,15 @@ def checked_prompt(
     params: SamplingParams,
     max_model_len: int,
     vocab_size: int,
-    grammars: Callable[[], GrammarCompiler],
 ) -> tuple[str | None, list[int]]:
     """The prompt as it will run (truncate_prompt_tokens: its last k tokens, vLLM's), after
-    check_request and, for a structured output, compiling its grammar (cached by
-    `grammars()`). Raises RequestError (nothing queued)."""
+    check_request. Raises RequestError (nothing queued)."""
     k = params.truncate_prompt_tokens
     if k == -1:
         k = max_model_len - 1  # room for one output token
     if k is not None and len(ids) > k:
         text, ids = None, ids[-k:]
     check_request(text, ids, params, max_model_len, vocab_size)
-    if params.structured_outputs is not None:
-        grammars().check(params.structured_outputs)
     return text, ids
 
 
@@ -83,6 +73,14 @@ def check_request(
             "max_tokens",
             errors.CONTEXT_LENGTH_EXCEEDED,
         )
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and k > vocab_size:
+            raise RequestError(
+                f"{name} ({k}) is above the vocabulary size {vocab_size}",
+                name,
+                errors.INVALID_VALUE,
+            )
     if any(t >= vocab_size for t in params.stop_token_ids):
         raise RequestError(
             f"stop_token_ids must be below the vocabulary size {vocab_size}",

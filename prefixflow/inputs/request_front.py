@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import threading
 
+from prefixflow.config import LimitsConfig
 from prefixflow.errors import RequestError
 from prefixflow.inputs.checks import checked_prompt
+from prefixflow.inputs.limits import KVBudget, check_limits
 from prefixflow.model.loader import (
     ModelSource,
     eos_token_ids,
@@ -30,11 +32,18 @@ from prefixflow.tokenizer import TextCodec
 
 class RequestFront:
     def __init__(
-        self, model: str | None = None, max_len: int | None = None, runs_model: bool = True
+        self,
+        model: str | None = None,
+        max_len: int | None = None,
+        runs_model: bool = True,
+        limits: LimitsConfig | None = None,
     ) -> None:
         """model: a folder, .gguf file or Hub id (None: the embedded default); max_len: a
         cap on prompt + output tokens below the model's context; runs_model: refuse an
-        architecture prefixflow cannot run (off where only the tokenizer is needed)."""
+        architecture prefixflow cannot run (off where only the tokenizer is needed);
+        limits: what one request may ask (inputs/limits.py)."""
+        self.limits = limits or LimitsConfig()
+        self.kv: KVBudget | None = None  # known once the engine sized its KV cache
         self.source: ModelSource = resolve_model(model)
         self.model_name = self.source.name
         self.hf_config = load_hf_config(self.source)
@@ -52,6 +61,10 @@ class RequestFront:
     def limit_context(self, max_len: int) -> None:
         """Requests hold at most max_len tokens (another model of the engine holds fewer)."""
         self.max_model_len = min(self.max_model_len, max_len)
+
+    def set_kv_budget(self, num_pages: int, page_size: int) -> None:
+        """The KV cache's size: the default bound of n and of a request's tokens."""
+        self.kv = KVBudget(num_pages, page_size)
 
     def grammars(self) -> GrammarCompiler:
         """The grammar compiler, built on first use (it converts the tokenizer once)."""
@@ -71,7 +84,18 @@ class RequestFront:
             text, ids = prompt, (self.codec.encode(prompt) if prompt else [])
         else:
             text, ids = prompt_text, list(prompt)
-        return checked_prompt(text, ids, params, self.max_model_len, self.vocab_size, self.grammars)
+        return self._checked(text, ids, params)
+
+    def _checked(
+        self, text: str | None, ids: list[int], params: SamplingParams
+    ) -> tuple[str | None, list[int]]:
+        """The checks, cheapest first: a grammar is compiled only for a request within
+        every limit."""
+        text, ids = checked_prompt(text, ids, params, self.max_model_len, self.vocab_size)
+        check_limits(len(ids), params, self.limits, self.max_model_len, self.kv)
+        if params.structured_outputs is not None:
+            self.grammars().check(params.structured_outputs)
+        return text, ids
 
     def samples(self, request_id: str, ids: list[int], params: SamplingParams) -> list[Request]:
         """The Requests of a prompt's n samples; prompt logprobs come from the first only."""
@@ -88,14 +112,7 @@ class RequestFront:
         params = prev.sampling_params
         if params is None or prev.finished:
             raise RequestError("continue_from takes a partial output (finish_reason 'partial')")
-        _, ids = checked_prompt(
-            prev.prompt,
-            list(prev.prompt_token_ids),
-            params,
-            self.max_model_len,
-            self.vocab_size,
-            self.grammars,
-        )
+        _, ids = self._checked(prev.prompt, list(prev.prompt_token_ids), params)
         samples: list[Request | CompletionOutput] = []
         for i, before in enumerate(prev.outputs):
             if before.finish_reason != FinishReason.PARTIAL:

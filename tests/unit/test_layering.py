@@ -61,7 +61,15 @@ ALLOWED: dict[str, set[str]] = {
         "tokenizer",
         "utils",
     },
-    "inputs": {"errors", "model", "request", "sampling_params", "structured", "tokenizer"},
+    "inputs": {
+        "config",
+        "errors",
+        "model",
+        "request",
+        "sampling_params",
+        "structured",
+        "tokenizer",
+    },
     # the surfaces
     "llm": {"config", "engine", "errors", "request", "runner", "sampling_params"},
     "__init__": {"llm", "request", "sampling_params", "LLM", "SamplingParams"},

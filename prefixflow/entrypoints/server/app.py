@@ -2,9 +2,11 @@
 
 /v1/completions and /v1/chat/completions (streamed as server-sent events or not) and
 /v1/models (routes_openai.py), /update_weights_from_disk (routes_admin.py), /health and
-/metrics (routes_monitoring.py). Anything wrong with a request is a 400 with an
-OpenAI-shaped error body, never a 500. A client that disconnects aborts its request,
-which frees its pages.
+/metrics (routes_monitoring.py). Anything wrong with a request is a 4xx with an
+OpenAI-shaped error body, never a 500: 400 past a limit of what one request may ask
+(inputs/limits.py), 413 past max_body_size (body_limit.py), 429 with Retry-After when the
+server holds max_queued_requests samples beyond its running ones (backpressure.py). A
+client that disconnects aborts its request, which frees its pages.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.server import routes_admin, routes_monitoring, routes_openai
 from prefixflow.entrypoints.server.auth import check_api_key
+from prefixflow.entrypoints.server.backpressure import RequestGate
+from prefixflow.entrypoints.server.body_limit import BodySizeLimit
 from prefixflow.entrypoints.server.error_response import validation_error
 from prefixflow.entrypoints.server.metrics import ServerCounters, metrics_registry
 from prefixflow.entrypoints.server.state import ServerState, state_of
@@ -26,18 +30,21 @@ from prefixflow.entrypoints.server.state import ServerState, state_of
 
 def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     counters = ServerCounters()
+    limits = engine.config.limits
     server = ServerState(
         engine=engine,
         runner=AsyncEngine(engine),
         counters=counters,
         registry=metrics_registry(engine, counters),
         api_key=api_key,
+        gate=RequestGate(engine.config.scheduler.max_num_seqs + limits.max_queued_requests),
     )
     app = FastAPI(title="prefixflow", lifespan=_lifespan)
     app.state.server = server
     app.state.engine = server.runner  # what tests and tools reach for
     app.middleware("http")(check_api_key)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(BodySizeLimit, limit=limits.max_body_size)  # outermost: first to see
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_monitoring.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
@@ -16,6 +17,8 @@ async def check_api_key(
     # Middleware, not a route dependency: unknown paths (and /docs) are behind the key too.
     api_key = state_of(request.app).api_key
     if api_key is not None and request.url.path != "/health":
-        if request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode()
+        # Compared in constant time: a timing difference would leak the key byte by byte.
+        if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             return error_response(401, "missing or wrong API key", code="invalid_api_key")
     return await call_next(request)

@@ -15,6 +15,7 @@ class ServerCounters:
     requests_ok: int = 0
     requests_failed: int = 0  # refused (400) or aborted by a disconnect
     disconnects: int = 0
+    queue_full: int = 0  # refused with 429 (backpressure.py)
 
 
 class _EngineCollector:
@@ -34,6 +35,7 @@ class _EngineCollector:
         yield req
         for name, text, value in (
             ("disconnects", "Requests aborted by a client disconnect", c.disconnects),
+            ("queue_full", "Requests refused with 429: the server held its most", c.queue_full),
             ("prompt_tokens", "Prompt tokens", st.prompt_tokens),
             (
                 "prompt_tokens_cached",

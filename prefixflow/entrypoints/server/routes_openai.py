@@ -20,7 +20,7 @@ from prefixflow.entrypoints.openai.serving import response_body
 from prefixflow.entrypoints.server.error_response import error_response
 from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
 from prefixflow.entrypoints.server.streaming import StreamState, holdback, stream_events
-from prefixflow.errors import INVALID_JSON, RequestError
+from prefixflow.errors import INVALID_JSON, QUEUE_FULL, RequestError
 from prefixflow.inputs.openai_requests import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
@@ -55,7 +55,7 @@ async def chat_completions(request: Request, server: ServerStateDep) -> Response
 
 
 async def _serve(request: Request, server: ServerState, url: str) -> Response:
-    engine, runner, counters = server.engine, server.runner, server.counters
+    engine, counters = server.engine, server.counters
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -66,43 +66,80 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
     except RequestError as e:
         counters.requests_failed += 1
         return JSONResponse(e.body(), status_code=400)
+    samples = len(prepared.prompts) * prepared.params.n
+    if not server.gate.enter(samples):
+        counters.requests_failed += 1
+        counters.queue_full += 1
+        return _queue_full(server, samples)
+    done = BackgroundTask(_release, server, samples)  # however the response ends
+    try:
+        return await _run(request, server, url, prepared, done)
+    except BaseException:
+        await done()
+        raise
+
+
+async def _run(
+    request: Request, server: ServerState, url: str, prepared: PreparedRequest, done: BackgroundTask
+) -> Response:
+    """Queue the request's prompts and answer; `done` runs once it ended, however."""
+    runner, counters = server.runner, server.counters
     base = uuid.uuid4().hex
     rids = [f"{base}-{i}" for i in range(len(prepared.prompts))]
+    done.kwargs["rids"] = rids
     try:
         for rid, (text, ids) in zip(rids, prepared.prompts, strict=True):
             await runner.add(rid, ids, prepared.params, text, prepared.stream)
     except EngineDeadError as e:
-        _cancel(runner, rids)
-        return error_response(503, str(e), code="engine_failed")
+        response = error_response(503, str(e), code="engine_failed")
     except ValueError as e:
-        _cancel(runner, rids)
         counters.requests_failed += 1
         err = e if isinstance(e, RequestError) else RequestError(str(e))
-        return JSONResponse(err.body(), status_code=400)
-    except BaseException:  # cancelled while queueing: leave nothing running
-        _cancel(runner, rids)
-        raise
+        response = JSONResponse(err.body(), status_code=400)
+    else:
+        response = await _answer(request, server, url, prepared, rids)
+    response.background = done
+    return response
+
+
+async def _answer(
+    request: Request, server: ServerState, url: str, prepared: PreparedRequest, rids: list[str]
+) -> Response:
     if prepared.stream:
         state = StreamState(
             url,
-            engine.model_name,
+            server.engine.model_name,
             prepared.params.n,
             holdback(prepared.params.stop),
             prepared.include_usage,
         )
-        # The background task runs however the response ends, even when the client
-        # left before the stream started and the generator never ran.
+        # Its background task (_release) runs however the response ends, even when the
+        # client left before the stream started and the generator never ran.
         return StreamingResponse(
-            stream_events(runner, rids, state, counters),
+            stream_events(server.runner, rids, state, server.counters),
             media_type="text/event-stream",
-            background=BackgroundTask(_cancel, runner, rids),
         )
     return await _respond(request, server, rids, prepared)
 
 
-def _cancel(runner: AsyncEngine, rids: list[str]) -> None:
-    for rid in rids:
-        runner.cancel(rid)
+def _queue_full(server: ServerState, samples: int) -> Response:
+    gate = server.gate
+    wait = gate.retry_after(samples)
+    message = (
+        f"the server holds {gate.in_flight} samples, its most (max_num_seqs + "
+        f"max_queued_requests = {gate.capacity}); retry after {wait} s"
+    )
+    response = error_response(429, message, code=QUEUE_FULL)
+    response.headers["Retry-After"] = str(wait)
+    return response
+
+
+async def _release(server: ServerState, samples: int, rids: list[str] | None = None) -> None:
+    """A request ended: abort what of it still runs and give its samples' room back (on
+    the event loop, which alone touches the gate)."""
+    for rid in rids or []:
+        server.runner.cancel(rid)
+    server.gate.leave(samples)
 
 
 async def _final(runner: AsyncEngine, rid: str) -> RequestOutput:

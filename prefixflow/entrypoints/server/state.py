@@ -1,4 +1,5 @@
-"""What every route shares: the engine, its thread, the counters /metrics reports, the key.
+"""What every route shares: the engine, its thread, the counters /metrics reports, the key,
+the gate that bounds the samples held.
 
 build_app makes one ServerState and puts it on app.state; routes take it as a dependency
 (ServerStateDep) rather than closing over it, so each route group lives in its own file.
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.engine.engine import Engine
+from prefixflow.entrypoints.server.backpressure import RequestGate
 from prefixflow.entrypoints.server.metrics import ServerCounters
 
 
@@ -24,6 +26,7 @@ class ServerState:
     counters: ServerCounters
     registry: CollectorRegistry
     api_key: str | None
+    gate: RequestGate  # max_queued_requests: the samples the server holds
 
 
 def state_of(app: FastAPI) -> ServerState:

@@ -167,7 +167,7 @@ def test_single_request_prefill_then_decode():
     sched, pool = make_scheduler()
     req = make_request("a", prompt_len=6, max_tokens=3)
     sched.add(req)
-    assert sched.has_unfinished() and sched.num_unfinished == 1
+    assert sched.has_unfinished() and len(sched.requests) == 1
 
     out = sched.schedule()
     assert len(out.seqs) == 1
