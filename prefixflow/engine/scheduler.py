@@ -100,10 +100,11 @@ class Scheduler:
         seqs, budget, preempted = self._schedule_running(budget, drafts)
         # Admitting while preempting would thrash: wait until pressure eases.
         self.policy.begin_step(self.running, self.kv.pool)
+        seated = sum(1 + len(r.fork_siblings) for r in self.running)  # with forks to come
         while not preempted and budget > 0 and self.queue:
             req = self.queue.peek()
             seats = 1 + len(req.fork_siblings)
-            if self.running and len(self.running) + seats > self.config.max_num_seqs:
+            if self.running and seated + seats > self.config.max_num_seqs:
                 break
             n = self._admit(req, budget)
             if n == 0:
@@ -113,6 +114,7 @@ class Scheduler:
             self.running.append(req)
             seqs.append(self._seq(req, n))
             budget -= n
+            seated += seats
         kv = self.kv.end_step()
         new_data, self._new_data = self._new_data, []
         return SchedulerOutput(seqs=seqs, new_requests=new_data, **vars(kv))

@@ -140,6 +140,31 @@ def test_samples_copy_the_shared_partial_page_before_writing():
     assert len({r.page_ids[1] for r in samples}) == 3
 
 
+def test_samples_beyond_max_num_seqs_run_in_waves_from_the_cached_prompt():
+    # n = 10 with 4 seats: no step holds more than 4 rows (the sampler sees no more), and
+    # each later wave reads the prompt's full pages from the cache, computing only the
+    # partial page's 2 tokens again.
+    pool = PagePool(64, 4)
+    sched = Scheduler(SchedulerConfig(watermark=0.0, max_num_seqs=4), pool)
+    runner = PageTableRunner(pool)
+    samples = [
+        Request(f"p#{i}", list(range(1, 11)), SamplingParams(max_tokens=3)) for i in range(10)
+    ]
+    for r in samples:
+        runner.track(r)
+    sched.add(samples[0], samples[1:])
+    rows = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        rows.append(sum(1 + len(s.forks) for s in out.seqs))
+        sched.update(out, runner.execute(out))
+    assert max(rows) == 4
+    assert all(r.num_output_tokens == 3 for r in samples)
+    assert len({tuple(r.output_token_ids) for r in samples}) == 10
+    assert runner.prompt_tokens_computed == 10 + 2 * 2  # waves of 4, 4 and 2
+    assert pool.num_free == pool.num_pages
+
+
 def test_aborting_samples_before_the_fork():
     # The leader goes: the next sample leads; an aborted sibling never runs.
     pool = PagePool(32, 4)
