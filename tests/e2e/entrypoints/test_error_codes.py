@@ -1,5 +1,6 @@
 """One validation of a request: LLM, run-batch and the server give the same error code
-for each kind of invalid request."""
+for each kind of invalid request, and refuse each request past a limit (inputs/limits.py)
+before building anything for it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ CASES = {
     ),
     "negative temperature": ({"prompt": "Hi", "temperature": -1}, ("Hi", {"temperature": -1})),
     "top_p of 0": ({"prompt": "Hi", "top_p": 0}, ("Hi", {"top_p": 0})),
-    "too many logprobs": ({"prompt": "Hi", "logprobs": 50}, ("Hi", {"logprobs": 50})),
     "min_tokens above max_tokens": (
         {"prompt": "Hi", "max_tokens": 2, "min_tokens": 5},
         ("Hi", {"max_tokens": 2, "min_tokens": 5}),
@@ -37,6 +37,26 @@ CASES = {
         ("Hi", {"stop_token_ids": [10**6]}),
     ),
 }
+# The hostile ones: each past a limit, refused at once by all three.
+DEEP_SCHEMA = '{"properties": {"a": ' * 3000 + '{"type": "string"}' + "}}" * 3000
+WIDE_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(20000)}}
+LIMITS = {
+    "logprobs of 50": {"logprobs": 50},
+    "n of 100000": {"n": 100_000, "max_tokens": 4},
+    "n of 10^9": {"n": 10**9},
+    "n x max_tokens beyond the KV cache": {"n": 64, "max_tokens": 8000},
+    "200,000 logit_bias entries": {"logit_bias": {str(i): 1 for i in range(200_000)}},
+    "1,000 stop strings": {"stop": [f"s{i}" for i in range(1000)]},
+    "a stop string of 100,000 characters": {"stop": ["x" * 100_000]},
+    "20,000 choices": {"structured_outputs": {"choice": [f"c{i}" for i in range(20_000)]}},
+    "a schema 3,000 deep": {"structured_outputs": {"json": DEEP_SCHEMA}},
+    "a schema 20,000 wide": {"structured_outputs": {"json": WIDE_SCHEMA}},
+}
+for _kind, _fields in LIMITS.items():
+    _kwargs = {k: v for k, v in _fields.items() if k != "logit_bias"}
+    if "logit_bias" in _fields:
+        _kwargs["logit_bias"] = {int(t): b for t, b in _fields["logit_bias"].items()}
+    CASES[_kind] = ({"prompt": "Hi", **_fields}, ("Hi", _kwargs))
 
 
 def _llm_code(llm, prompt, kwargs) -> str:
@@ -71,6 +91,7 @@ def test_same_error_code_from_every_entry_point(llm_f32, client, kind):
     from_server = r.json()["error"]["code"]
     assert from_llm == from_batch == from_server, kind
     assert from_llm != "invalid_request"  # each kind has a code of its own kind
+    assert (from_llm == "limit_exceeded") == (kind in LIMITS)
     assert not llm_f32.engine.has_unfinished()
 
 

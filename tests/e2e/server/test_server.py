@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -25,22 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
+@contextmanager
+def start_server(port: int, args: list[str]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`prefixflow serve` on a port, with these flags; (its URL, its process) once healthy."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefixflow",
-            "serve",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--kv-cache-memory",
-            "1GiB",
-        ],
+        [sys.executable, "-m", "prefixflow", "serve", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -55,13 +46,21 @@ def server():
                 break
         except httpx.HTTPError:
             time.sleep(0.3)
-    yield base, proc
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield base, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
+@pytest.fixture(scope="module")
+def server():
+    with start_server(free_port(), ["--dtype", "float32", "--kv-cache-memory", "1GiB"]) as s:
+        yield s
+
+
+def metric(base: str, name: str, headers: dict | None = None) -> float:
+    text = httpx.get(f"{base}/metrics", headers=headers).text
     m = re.search(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M)
     assert m, name
     return float(m.group(1))
