@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from prefixflow.errors import CONTEXT_LENGTH_EXCEEDED, RequestError
+
 
 class TextCodec:
     """Wraps a transformers tokenizer with the few operations the engine needs.
@@ -19,8 +21,26 @@ class TextCodec:
         self._piece_cache: dict[int, str] = {}
         self.vocab_size = len(tokenizer)
         self.lock = threading.Lock()  # also taken by whoever else reads the tokenizer
+        # A text with more characters than this cannot fit the context (the request front
+        # sets it): refused before tokenizing, which holds the lock for seconds on megabytes.
+        self.max_text_chars: int | None = None
+        self._chars_per_token = _most_chars_per_token(tokenizer)
+
+    def limit_text(self, max_tokens: int) -> None:
+        """Texts that cannot fit `max_tokens` tokens are refused without tokenizing them."""
+        self.max_text_chars = max_tokens * self._chars_per_token
+
+    def _check_length(self, text: str) -> None:
+        if self.max_text_chars is not None and len(text) > self.max_text_chars:
+            raise RequestError(
+                f"the prompt has {len(text)} characters, more than the model's context can "
+                "hold in tokens; shorten the prompt",
+                "prompt",
+                CONTEXT_LENGTH_EXCEEDED,
+            )
 
     def encode(self, text: str) -> list[int]:
+        self._check_length(text)
         with self.lock:
             return self.tokenizer(text).input_ids
 
@@ -50,6 +70,7 @@ class TextCodec:
     def encode_chat(self, messages: list[dict], **kwargs) -> tuple[str, list[int]]:
         """The templated prompt and its ids. The template already holds any special tokens."""
         text = self.apply_chat_template(messages, **kwargs)
+        self._check_length(text)
         with self.lock:
             return text, self.tokenizer(text, add_special_tokens=False).input_ids
 
@@ -74,3 +95,13 @@ def _flatten(message: dict) -> dict:
         text = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
         return {**message, "content": text}
     return message
+
+
+def _most_chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters of text one token covers: its longest vocabulary
+    entry (a byte-level BPE writes a byte per character, SentencePiece a character per
+    character), times 4 where a normalizer may shorten the text before it is split."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalized = backend is None or backend.normalizer is not None
+    return longest * (4 if normalized else 1)

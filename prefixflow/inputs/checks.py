@@ -14,21 +14,16 @@ from prefixflow.errors import RequestError
 from prefixflow.sampling_params import SamplingParams
 
 
-def checked_prompt(
-    text: str | None,
-    ids: list[int],
-    params: SamplingParams,
-    max_model_len: int,
-    vocab_size: int,
+def truncated(
+    text: str | None, ids: list[int], params: SamplingParams, max_model_len: int
 ) -> tuple[str | None, list[int]]:
-    """The prompt as it will run (truncate_prompt_tokens: its last k tokens, vLLM's), after
-    check_request. Raises RequestError (nothing queued)."""
+    """The prompt as it will run: truncate_prompt_tokens keeps its last k tokens (vLLM's);
+    the text of a cut prompt is not known."""
     k = params.truncate_prompt_tokens
     if k == -1:
         k = max_model_len - 1  # room for one output token
     if k is not None and len(ids) > k:
-        text, ids = None, ids[-k:]
-    check_request(text, ids, params, max_model_len, vocab_size)
+        return None, ids[-k:]
     return text, ids
 
 

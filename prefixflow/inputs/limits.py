@@ -44,7 +44,9 @@ def check_limits(
     if max_n is not None and params.n > max_n:
         _refuse("n", f"n is {params.n}, above max_n ({max_n}{by_kv})", "max_n")
     by_kv = "" if limits.max_request_tokens else ": the KV cache's tokens, by default"
-    max_tokens = limits.max_request_tokens or (kv.tokens if kv else None)
+    max_tokens = limits.max_request_tokens
+    if max_tokens is None and kv is not None and params.n > 1:  # one sample: the KV manager's
+        max_tokens = kv.tokens
     room = params.max_tokens or max(0, max_model_len - num_prompt_tokens)
     total = num_prompt_tokens + params.n * room
     if max_tokens is not None and total > max_tokens:
@@ -53,7 +55,8 @@ def check_limits(
             "n",
             f"the request may hold {total} tokens, prompt ({num_prompt_tokens}) + n "
             f"({params.n}) x max_tokens ({room}{unset}), above max_request_tokens "
-            f"({max_tokens}{by_kv}); lower n or max_tokens",
+            f"({max_tokens}{by_kv}); lower n or max_tokens"
+            + (", or give the KV cache more memory (--kv-cache-memory)" if by_kv else ""),
             "max_request_tokens",
         )
     for name in ("logprobs", "prompt_logprobs"):

@@ -13,7 +13,7 @@ import threading
 
 from prefixflow.config import LimitsConfig
 from prefixflow.errors import RequestError
-from prefixflow.inputs.checks import checked_prompt
+from prefixflow.inputs.checks import check_request, truncated
 from prefixflow.inputs.limits import KVBudget, check_limits
 from prefixflow.model.loader import (
     ModelSource,
@@ -53,14 +53,20 @@ class RequestFront:
         self.eos_token_ids = eos_token_ids(self.source, self.hf_config, self.codec.tokenizer)
         self.vocab_size: int = self.hf_config.vocab_size
         self.max_model_len = max_model_len(self.hf_config)
-        if max_len is not None:
-            self.limit_context(max_len)
+        self.limit_context(max_len or self.max_model_len)
         self._compiler: GrammarCompiler | None = None
         self._compiler_lock = threading.Lock()
 
     def limit_context(self, max_len: int) -> None:
         """Requests hold at most max_len tokens (another model of the engine holds fewer)."""
         self.max_model_len = min(self.max_model_len, max_len)
+        self.codec.limit_text(self.max_model_len)
+
+    def check_limits(self, ids: list[int], params: SamplingParams) -> None:
+        """The limits alone: counts, no tokenizer, no grammar (the server asks them before
+        it takes room in its queue, so a request that can never run is not told to retry)."""
+        _, ids = truncated(None, ids, params, self.max_model_len)
+        check_limits(len(ids), params, self.limits, self.max_model_len, self.kv)
 
     def set_kv_budget(self, num_pages: int, page_size: int) -> None:
         """The KV cache's size: the default bound of n and of a request's tokens."""
@@ -89,10 +95,11 @@ class RequestFront:
     def _checked(
         self, text: str | None, ids: list[int], params: SamplingParams
     ) -> tuple[str | None, list[int]]:
-        """The checks, cheapest first: a grammar is compiled only for a request within
-        every limit."""
-        text, ids = checked_prompt(text, ids, params, self.max_model_len, self.vocab_size)
+        """The checks, cheapest first: the limits count, the request's own check reads its
+        token ids, and a grammar is compiled only for a request that passed both."""
+        text, ids = truncated(text, ids, params, self.max_model_len)
         check_limits(len(ids), params, self.limits, self.max_model_len, self.kv)
+        check_request(text, ids, params, self.max_model_len, self.vocab_size)
         if params.structured_outputs is not None:
             self.grammars().check(params.structured_outputs)
         return text, ids

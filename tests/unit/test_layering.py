@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2] / "prefixflow"
 # side; the third the surfaces that wire or expose the rest.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "tokenizer": set(),
+    "tokenizer": {"errors"},
     "page_hash": set(),
     "structured": {"errors", "tokenizer"},
     "sampling_params": {"errors", "structured"},

@@ -62,7 +62,10 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
         counters.requests_failed += 1
         return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
     try:
-        prepared = prepare(url, body, engine.codec)
+        # Off the event loop: templating and tokenizing a long prompt takes a while.
+        prepared = await asyncio.to_thread(prepare, url, body, engine.codec)
+        for _, ids in prepared.prompts:
+            engine.front.check_limits(ids, prepared.params)
     except RequestError as e:
         counters.requests_failed += 1
         return JSONResponse(e.body(), status_code=400)

@@ -48,6 +48,13 @@ PROBES = {
     ),
     "a prompt of 10^6 token ids": ("/v1/completions", completion(prompt=[1] * 10**6), {}, {400}),
     "a prompt of 60K tokens": ("/v1/completions", completion(prompt="hello " * 60_000), {}, {400}),
+    # Refused by its length before it is tokenized (which would hold the tokenizer 10 s).
+    "a prompt of 12 million characters": (
+        "/v1/completions",
+        completion(prompt="hello " * 2_000_000),
+        {},
+        {400},
+    ),
     "a schema 3,000 deep": (
         "/v1/chat/completions",
         chat(
@@ -187,6 +194,9 @@ def fill_then_one_more(base: str) -> int:
             r = s.__enter__()
             assert r.status_code == 200
             streams.append(s)
+        # A request that can never run is told so, not to retry, however full the server.
+        r = client.post(f"{base}/v1/completions", content=completion(n=100_000))
+        assert r.status_code == 400, r.text
         r = client.post(f"{base}/v1/completions", content=completion())
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "queue_full"

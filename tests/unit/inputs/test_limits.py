@@ -48,6 +48,7 @@ def test_requests_at_the_limits_pass():
     for params in (
         SamplingParams(n=100, max_tokens=15),  # 10 + 100 x 15 = 1,510 tokens, 100 samples
         SamplingParams(max_tokens=None),  # 10 + 990 of room
+        SamplingParams(max_tokens=2000),  # one sample past the KV cache: the KV manager's check
         SamplingParams(logprobs=20, prompt_logprobs=20, stop=["y" * 1024] * 64),
         SamplingParams(logit_bias={i: 1.0 for i in range(1024)}),
         SamplingParams(structured_outputs={"choice": ["a"] * 1024}),
