@@ -62,11 +62,12 @@ class RequestFront:
         self.max_model_len = min(self.max_model_len, max_len)
         self.codec.limit_text(self.max_model_len)
 
-    def check_limits(self, ids: list[int], params: SamplingParams) -> None:
-        """The limits alone: counts, no tokenizer, no grammar (the server asks them before
-        it takes room in its queue, so a request that can never run is not told to retry)."""
+    def check(self, ids: list[int], params: SamplingParams) -> None:
+        """Every check but the grammar's, from counts and ids alone (the server's, before a
+        request takes room in its queue)."""
         _, ids = truncated(None, ids, params, self.max_model_len)
         check_limits(len(ids), params, self.limits, self.max_model_len, self.kv)
+        check_request(None, ids, params, self.max_model_len, self.vocab_size)
 
     def set_kv_budget(self, num_pages: int, page_size: int) -> None:
         """The KV cache's size: the default bound of n and of a request's tokens."""

@@ -10,12 +10,14 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from prefixflow.engine.async_engine import AsyncEngine, EngineDeadError
+from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.openai.serving import response_body
 from prefixflow.entrypoints.server.error_response import error_response
 from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
@@ -62,10 +64,8 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
         counters.requests_failed += 1
         return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
     try:
-        # Off the event loop: templating and tokenizing a long prompt takes a while.
-        prepared = await asyncio.to_thread(prepare, url, body, engine.codec)
-        for _, ids in prepared.prompts:
-            engine.front.check_limits(ids, prepared.params)
+        # Off the event loop: templating, tokenizing and checking a long prompt take a while.
+        prepared = await asyncio.to_thread(_prepare, url, body, engine)
     except RequestError as e:
         counters.requests_failed += 1
         return JSONResponse(e.body(), status_code=400)
@@ -74,7 +74,7 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
         counters.requests_failed += 1
         counters.queue_full += 1
         return _queue_full(server, samples)
-    done = BackgroundTask(_release, server, samples)  # however the response ends
+    done = _Release(server, samples)
     try:
         return await _run(request, server, url, prepared, done)
     except BaseException:
@@ -82,14 +82,40 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
         raise
 
 
+def _prepare(url: str, body: object, engine: Engine) -> PreparedRequest:
+    """The request parsed and checked (but for its grammar) before it takes room in the
+    queue, so a request that can never run is not told to retry."""
+    prepared = prepare(url, body, engine.codec)
+    for _, ids in prepared.prompts:
+        engine.front.check(ids, prepared.params)
+    return prepared
+
+
+class _Release:
+    """What ends a request however its response ends, once: abort what of it still runs
+    and give its samples' room back. On the event loop, which alone touches the gate."""
+
+    def __init__(self, server: ServerState, samples: int) -> None:
+        self.server, self.samples = server, samples
+        self.rids: list[str] = []
+        self.done = False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for rid in self.rids:
+            self.server.runner.cancel(rid)
+        self.server.gate.leave(self.samples)
+
+
 async def _run(
-    request: Request, server: ServerState, url: str, prepared: PreparedRequest, done: BackgroundTask
+    request: Request, server: ServerState, url: str, prepared: PreparedRequest, done: _Release
 ) -> Response:
     """Queue the request's prompts and answer; `done` runs once it ended, however."""
     runner, counters = server.runner, server.counters
     base = uuid.uuid4().hex
-    rids = [f"{base}-{i}" for i in range(len(prepared.prompts))]
-    done.kwargs["rids"] = rids
+    done.rids = rids = [f"{base}-{i}" for i in range(len(prepared.prompts))]
     try:
         for rid, (text, ids) in zip(rids, prepared.prompts, strict=True):
             await runner.add(rid, ids, prepared.params, text, prepared.stream)
@@ -100,14 +126,15 @@ async def _run(
         err = e if isinstance(e, RequestError) else RequestError(str(e))
         response = JSONResponse(err.body(), status_code=400)
     else:
-        response = await _answer(request, server, url, prepared, rids)
-    response.background = done
+        response = await _answer(request, server, url, prepared, done)
+    response.background = BackgroundTask(done)
     return response
 
 
 async def _answer(
-    request: Request, server: ServerState, url: str, prepared: PreparedRequest, rids: list[str]
+    request: Request, server: ServerState, url: str, prepared: PreparedRequest, done: _Release
 ) -> Response:
+    rids = done.rids
     if prepared.stream:
         state = StreamState(
             url,
@@ -116,12 +143,11 @@ async def _answer(
             holdback(prepared.params.stop),
             prepared.include_usage,
         )
-        # Its background task (_release) runs however the response ends, even when the
-        # client left before the stream started and the generator never ran.
-        return StreamingResponse(
-            stream_events(server.runner, rids, state, server.counters),
-            media_type="text/event-stream",
-        )
+        # Its background task (`done`) runs however the response ends, even when the
+        # client left before the stream started and the generator never ran; the stream
+        # ends it too, for a server (ASGI 2.4) that skips the task when the client left.
+        events = stream_events(server.runner, rids, state, server.counters)
+        return StreamingResponse(_then(events, done), media_type="text/event-stream")
     return await _respond(request, server, rids, prepared)
 
 
@@ -137,12 +163,12 @@ def _queue_full(server: ServerState, samples: int) -> Response:
     return response
 
 
-async def _release(server: ServerState, samples: int, rids: list[str] | None = None) -> None:
-    """A request ended: abort what of it still runs and give its samples' room back (on
-    the event loop, which alone touches the gate)."""
-    for rid in rids or []:
-        server.runner.cancel(rid)
-    server.gate.leave(samples)
+async def _then(events: AsyncIterator[str], done: _Release) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await done()
 
 
 async def _final(runner: AsyncEngine, rid: str) -> RequestOutput:

@@ -195,8 +195,9 @@ def fill_then_one_more(base: str) -> int:
             assert r.status_code == 200
             streams.append(s)
         # A request that can never run is told so, not to retry, however full the server.
-        r = client.post(f"{base}/v1/completions", content=completion(n=100_000))
-        assert r.status_code == 400, r.text
+        for never in (completion(n=100_000), completion(prompt=[1] * 10_000)):
+            r = client.post(f"{base}/v1/completions", content=never)
+            assert r.status_code == 400, r.text
         r = client.post(f"{base}/v1/completions", content=completion())
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "queue_full"
