@@ -4,8 +4,9 @@ Starts the server, measures its capacity (a closed loop of 16 normal requests), 
 Poisson arrivals at --load times that rate: ~70% normal requests (greedy ones checked
 against reference texts, sampled ones for their n choices), ~15% hostile ones (each must
 be refused with a 4xx) and ~15% abandoned ones (closed early). It checks that (a) resident
-memory less the KV pages touched stops growing after --settle-minutes, (b) no request is
-lost or duplicated, (c) no 5xx appears, and exits 1 if any of them fails. At twice the
+memory less the KV pages touched does not grow after --settle-minutes (the later half of
+the load against the earlier half), (b) no request is lost or duplicated, (c) no 5xx
+appears, and exits 1 if any of them fails. At twice the
 capacity half the offered work cannot be served: the server turns it away with 429 and
 Retry-After, and a request still turned away after 5 minutes of retries is counted as
 turned away, not lost (the server answered it). Not part of the test suite; run by hand:
@@ -323,26 +324,27 @@ async def sampler(mon: httpx.AsyncClient, pid: int, t: Tally, samples: list) -> 
 
 
 def memory_verdict(samples: list[dict], settle_at: float, stop_at: float) -> dict:
-    """The most RSS less the KV touched (the cache fills up to its budget by design) reaches
-    under load after the settle point, against the most it reached in the minute before.
-    The drain after the load runs another mix (the queue's leftovers), so its high-water
-    mark is reported but not judged."""
+    """Whether RSS less the KV touched (the cache fills up to its budget by design) grows
+    under load after the settle point: the later half of that window against the earlier
+    half, by mean (a leak climbs) and by peak (the allocator's swings are ~100 MB), each
+    within 5% + 64 MB. The drain runs another mix; its high-water mark is only reported."""
     use_kv = any(s["kv"] is not None for s in samples)
     pts = [(s["at"], net(s)) for s in samples if s["rss"] and (s["kv"] is not None or not use_kv)]
-    base = [v for at, v in pts if settle_at - 60 <= at <= settle_at]
-    if not base and pts:
-        base = [min(pts, key=lambda p: abs(p[0] - settle_at))[1]]
-    rest = [v for at, v in pts if settle_at < at <= stop_at]
-    if not base or not rest:
-        return {"ok": False, "why": "no samples under load after the settle point"}
-    limit = max(base) * 1.05 + 64 * MB
+    load = [(at, v) for at, v in pts if settle_at < at <= stop_at]
+    if len(load) < 4:
+        return {"ok": False, "why": "too few samples under load after the settle point"}
+    mid = (settle_at + stop_at) / 2
+    early = [v for at, v in load if at <= mid]
+    late = [v for at, v in load if at > mid]
+    mean_early, mean_late = sum(early) / len(early), sum(late) / len(late)
     drain = [v for at, v in pts if at > stop_at]
     return {
-        "ok": max(rest) <= limit,
+        "ok": mean_late <= mean_early * 1.05 + 64 * MB and max(late) <= max(early) * 1.05 + 64 * MB,
         "measure": "rss - kv_bytes_touched" if use_kv else "rss",
-        "settle_max_mb": round(max(base) / MB),
-        "load_after_settle_max_mb": round(max(rest) / MB),
-        "limit_mb": round(limit / MB),
+        "early_mean_mb": round(mean_early / MB),
+        "late_mean_mb": round(mean_late / MB),
+        "early_max_mb": round(max(early) / MB),
+        "late_max_mb": round(max(late) / MB),
         "drain_max_mb": drain and round(max(drain) / MB),
     }
 

@@ -183,6 +183,7 @@ class LimitsConfig:
     max_logprobs: int = option(20, "most logprobs, top_logprobs and prompt_logprobs (vLLM's)")
     max_stop_strings: int = option(64, "most stop strings per request")
     max_stop_string_length: int = option(1024, "most characters in one stop string")
+    max_stop_token_ids: int = option(1024, "most stop_token_ids per request")
     max_logit_bias: int = option(1024, "most logit_bias entries per request")
     max_choices: int = option(1024, "most choices of a structured output's choice list")
     max_grammar_bytes: int = option(

@@ -161,6 +161,15 @@ class Request:
         self.weight_version = leader.weight_version
         self.num_prompt_logprobs = leader.num_prompt_logprobs  # the leader returns them
 
+    def split_off(self, keep: int) -> Request:
+        """Keep the first `keep` siblings; the others become a group of their own, led by
+        the first of them (returned): a later wave, that reads the cached prompt."""
+        heir, *rest = self.fork_siblings[keep:]
+        self.fork_siblings = self.fork_siblings[:keep]
+        heir.fork_leader = None
+        heir.lead(rest)
+        return heir
+
     def leave_group(self) -> Request | None:
         """Leave the samples of its prompt that have not forked yet (it is aborted). A
         leader hands the lead to the next sample, returned: it now computes the prompt."""

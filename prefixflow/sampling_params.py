@@ -56,7 +56,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        # Each id once (a stop check scans them every token): at most the vocabulary.
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias:  # clamped to [-100, 100], as vLLM and OpenAI do

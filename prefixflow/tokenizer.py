@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Sequence
 
@@ -11,9 +12,10 @@ from prefixflow.errors import CONTEXT_LENGTH_EXCEEDED, RequestError
 class TextCodec:
     """Wraps a transformers tokenizer with the few operations the engine needs.
 
-    Calls are serialised by a lock: the server encodes on its event loop while the engine
-    thread decodes, and a fast tokenizer used from two threads at once can fail
-    ("Already borrowed").
+    Calls are serialised by a lock: the server encodes on worker threads and answers on
+    its event loop while the engine thread decodes, and a fast tokenizer used from two
+    threads at once can fail ("Already borrowed"). The engine's output processor decodes
+    with a fork of its own (fork()), so it never waits for another thread's encoding.
     """
 
     def __init__(self, tokenizer) -> None:
@@ -26,23 +28,34 @@ class TextCodec:
         self.max_text_chars: int | None = None
         self._chars_per_token = _most_chars_per_token(tokenizer)
 
+    def fork(self) -> TextCodec:
+        """A codec of its own tokenizer and lock: the engine thread's detokenizing never
+        waits while another thread tokenizes a long prompt."""
+        forked = TextCodec(copy.deepcopy(self.tokenizer))
+        forked.max_text_chars = self.max_text_chars
+        return forked
+
     def limit_text(self, max_tokens: int) -> None:
         """Texts that cannot fit `max_tokens` tokens are refused without tokenizing them."""
         self.max_text_chars = max_tokens * self._chars_per_token
 
-    def _check_length(self, text: str) -> None:
+    def encode(
+        self, text: str, add_special_tokens: bool = True, keep_end: bool = False
+    ) -> list[int]:
+        """Its token ids. A text longer than max_text_chars is refused before tokenizing
+        (RequestError), or with keep_end (truncate_prompt_tokens keeps the last tokens)
+        cut to its last max_text_chars characters, which hold more tokens than fit."""
         if self.max_text_chars is not None and len(text) > self.max_text_chars:
-            raise RequestError(
-                f"the prompt has {len(text)} characters, more than the model's context can "
-                "hold in tokens; shorten the prompt",
-                "prompt",
-                CONTEXT_LENGTH_EXCEEDED,
-            )
-
-    def encode(self, text: str) -> list[int]:
-        self._check_length(text)
+            if not keep_end:
+                raise RequestError(
+                    f"the prompt has {len(text)} characters, more than the model's context "
+                    "can hold in tokens; shorten the prompt",
+                    "prompt",
+                    CONTEXT_LENGTH_EXCEEDED,
+                )
+            text = text[-self.max_text_chars :]
         with self.lock:
-            return self.tokenizer(text).input_ids
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     def apply_chat_template(
         self,
@@ -70,9 +83,7 @@ class TextCodec:
     def encode_chat(self, messages: list[dict], **kwargs) -> tuple[str, list[int]]:
         """The templated prompt and its ids. The template already holds any special tokens."""
         text = self.apply_chat_template(messages, **kwargs)
-        self._check_length(text)
-        with self.lock:
-            return text, self.tokenizer(text, add_special_tokens=False).input_ids
+        return text, self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         with self.lock:

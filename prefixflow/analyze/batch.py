@@ -75,7 +75,7 @@ def analyze_batch(
             try:
                 item = parse_line(line_no, raw, seen)
                 custom_id = item.custom_id
-                prepared = prepare(item.url, item.body, front.codec)
+                prepared = prepare(item.url, item.body, front)
                 params = prepared.params
                 prompts = [front.prompt(ids, params, text) for text, ids in prepared.prompts]
             except ValueError as e:

@@ -38,7 +38,7 @@ class Engine:
         pool = PagePool(self.runner.num_pages, config.page_size)
         front.set_kv_budget(pool.num_pages, pool.page_size)
         self.scheduler = Scheduler(config.scheduler, pool, self.runner.disk)
-        self.output = OutputProcessor(front.codec)
+        self.output = OutputProcessor(front.codec.fork())
         self.codec, self.model_name = front.codec, front.model_name
         self.load_seconds = time.perf_counter() - t0
         self._counts = EngineStats()  # what only the engine sees; stats adds the rest

@@ -33,6 +33,13 @@ class RequestQueue:
         """A preempted request (or one that takes over a preempted prompt): next to start."""
         self.resumed.appendleft(req)
 
+    def split_head(self, keep: int) -> None:
+        """The first request keeps `keep` of its samples' siblings, and the others, led by
+        one of them, wait right behind it (a wave as large as the seats free)."""
+        req = self.pop()
+        self.add_first(req.split_off(keep))
+        self.add_first(req)
+
     def peek(self) -> Request:
         return self.resumed[0] if self.resumed else self.waiting[0]
 

@@ -15,8 +15,8 @@ sends) is the KV manager's (cache/kv_manager.py). Prefix sharing (on unless
   Running requests take the token budget first, so a request is only admitted once every
   prefill ahead of it is scheduled to its end and its shared pages are in the cache;
 - the n samples of one prompt are one request until its prompt is computed; the step that
-  samples its first token samples all n from the same logits, then the others fork off,
-  sharing its pages.
+  samples its first token samples them from the same logits, then they fork off, sharing
+  its pages. A prompt with more samples than seats free runs in waves.
 """
 
 from __future__ import annotations
@@ -60,12 +60,9 @@ class Scheduler:
 
     # ---- queue ----
     def add(self, req: Request, siblings: list[Request] | None = None) -> None:
-        """Queue a request; `siblings` are the other samples of its prompt (n > 1).
-
-        Siblings share the request's prefill and fork off when it samples its first
-        token; they need prefix sharing on (without it, add every sample alone). They run
-        in waves of max_num_seqs, each led by one that reads the cached prompt.
-        """
+        """Queue a request; `siblings` are the other samples of its prompt (n > 1), which
+        share its prefill and fork off when it samples its first token (in waves of the
+        seats free). They need prefix sharing on; without it, add every sample alone."""
         samples = [req, *(siblings or [])]
         if len(samples) > 1 and not self.kv.prefix_sharing:
             raise ValueError("samples share a prefill only with prefix sharing on")
@@ -74,10 +71,8 @@ class Scheduler:
             if r.request_id in self.requests:
                 raise RequestError(f"request id {r.request_id!r} is already in use")
         self.requests.update((r.request_id, r) for r in samples)
-        for i in range(0, len(samples), self.config.max_num_seqs):
-            leader, *wave = samples[i : i + self.config.max_num_seqs]
-            leader.lead(wave)
-            self.queue.add(leader)
+        req.lead(samples[1:])
+        self.queue.add(req)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -103,9 +98,12 @@ class Scheduler:
         seated = sum(1 + len(r.fork_siblings) for r in self.running)  # with forks to come
         while not preempted and budget > 0 and self.queue:
             req = self.queue.peek()
-            seats = 1 + len(req.fork_siblings)
-            if self.running and seated + seats > self.config.max_num_seqs:
-                break
+            room, seats = self.config.max_num_seqs - seated, 1 + len(req.fork_siblings)
+            if seats > room:
+                if room < 1:
+                    break
+                self.queue.split_head(room - 1)  # the rest of its samples wait next in line
+                seats = room
             n = self._admit(req, budget)
             if n == 0:
                 break

@@ -156,7 +156,7 @@ class BatchRunner:
             custom_id = item.custom_id
             if self._skip_done(line_no, custom_id):
                 return
-            prepared = prepare(item.url, item.body, self.engine.codec)
+            prepared = prepare(item.url, item.body, self.engine.front)
             index = self._take_index()
             pending = _Pending(custom_id, index, prepared, request_ids)
             for j, (text, ids) in enumerate(prepared.prompts):

@@ -37,12 +37,9 @@ def check_limits(
     max_model_len: int,
     kv: KVBudget | None,
 ) -> None:
-    """Raise RequestError if the request passes a limit. kv: None where no KV cache is
-    known (a Ray driver: its replicas check again)."""
-    by_kv = "" if limits.max_n else ": the KV cache's pages, by default"
-    max_n = limits.max_n or (kv.num_pages if kv else None)
-    if max_n is not None and params.n > max_n:
-        _refuse("n", f"n is {params.n}, above max_n ({max_n}{by_kv})", "max_n")
+    """Raise RequestError if the request (one prompt) passes a limit. kv: None where no KV
+    cache is known."""
+    check_counts(params, 1, limits, kv)
     by_kv = "" if limits.max_request_tokens else ": the KV cache's tokens, by default"
     max_tokens = limits.max_request_tokens
     if max_tokens is None and kv is not None and params.n > 1:  # one sample: the KV manager's
@@ -59,6 +56,20 @@ def check_limits(
             + (", or give the KV cache more memory (--kv-cache-memory)" if by_kv else ""),
             "max_request_tokens",
         )
+
+
+def check_counts(
+    params: SamplingParams, num_prompts: int, limits: LimitsConfig, kv: KVBudget | None
+) -> None:
+    """The limits that need no token: checked before any prompt is tokenized. A request of
+    several prompts (completions takes a list) has n samples of each."""
+    by_kv = "" if limits.max_n else ": the KV cache's pages, by default"
+    max_n = limits.max_n or (kv.num_pages if kv else None)
+    samples = params.n * num_prompts
+    if max_n is not None and samples > max_n:
+        what = f"{num_prompts} prompts x n ({params.n}) is {samples} samples"
+        what = f"n is {params.n}" if num_prompts == 1 else what
+        _refuse("n", f"{what}, above max_n ({max_n}{by_kv})", "max_n")
     for name in ("logprobs", "prompt_logprobs"):
         k = getattr(params, name)
         if k is not None and k > limits.max_logprobs:
@@ -78,6 +89,13 @@ def check_limits(
             f"a stop string of {longest} characters, above max_stop_string_length "
             f"({limits.max_stop_string_length})",
             "max_stop_string_length",
+        )
+    if len(params.stop_token_ids) > limits.max_stop_token_ids:
+        _refuse(
+            "stop_token_ids",
+            f"{len(params.stop_token_ids)} stop_token_ids, above max_stop_token_ids "
+            f"({limits.max_stop_token_ids})",
+            "max_stop_token_ids",
         )
     bias = len(params.logit_bias or {})
     if bias > limits.max_logit_bias:
@@ -137,7 +155,7 @@ def json_depth(text: str) -> int:
             depth += 1
             deepest = max(deepest, depth)
         elif ch in "]}":
-            depth -= 1
+            depth = max(depth - 1, 0)
     return deepest
 
 

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from prefixflow import errors
 from prefixflow.errors import RequestError
 from prefixflow.inputs.openai_protocol import ChatCompletionRequest, CompletionRequest
+from prefixflow.inputs.request_front import RequestFront
 from prefixflow.sampling_params import SamplingParams
-from prefixflow.tokenizer import TextCodec
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -45,12 +45,33 @@ def describe_validation_error(e: ValidationError) -> RequestError:
     return RequestError("; ".join(parts), param, code)
 
 
-def prepare(url: str, body: object, codec: TextCodec) -> PreparedRequest:
+@dataclass
+class ParsedRequest:
+    """A body validated, its sampling params built and its counted limits checked; its
+    prompts not yet templated or tokenized (parse, then tokenize)."""
+
+    url: str
+    request: CompletionRequest | ChatCompletionRequest
+    params: SamplingParams
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.request.prompts()) if self.url == COMPLETIONS else 1
+
+
+def prepare(url: str, body: object, front: RequestFront) -> PreparedRequest:
     """Parse a body and tokenize its prompts. Raises RequestError saying what to fix.
 
     What a request may ask for (prompt length, token ids, sampling values) is checked
-    where every entry point meets: SamplingParams and the request front (request_front.py).
+    where every entry point meets: SamplingParams and the request front (request_front.py);
+    its limits that need no token are checked before any prompt is tokenized.
     """
+    return tokenize(parse(url, body, front), front)
+
+
+def parse(url: str, body: object, front: RequestFront) -> ParsedRequest:
+    """Validate a body and check the limits that need no token (cheap: no template, no
+    tokenizer). Raises RequestError."""
     if url not in SUPPORTED_URLS:
         raise RequestError(
             f"url {url!r} is not supported; use {' or '.join(SUPPORTED_URLS)}",
@@ -62,26 +83,40 @@ def prepare(url: str, body: object, codec: TextCodec) -> PreparedRequest:
     try:
         if url == COMPLETIONS:
             req = CompletionRequest.model_validate(body)
-            prompts = [
-                (p, codec.encode(p) if p else []) if isinstance(p, str) else (None, list(p))
-                for p in req.prompts()
-            ]
             params = req.completion_sampling_params()
             if req.echo and req.stream:
                 raise RequestError("echo is not supported with stream; ask without stream", "echo")
         else:
             req = ChatCompletionRequest.model_validate(body)
+            params = req.sampling_params(req.max_new_tokens(), req.num_logprobs())
+    except ValidationError as e:
+        raise describe_validation_error(e) from e
+    parsed = ParsedRequest(url, req, params)
+    front.check_counts(params, parsed.num_prompts)
+    if url == COMPLETIONS:  # prompts of token ids: their length is known already
+        for p in req.prompts():
+            if not isinstance(p, str):
+                front.check(p, params)
+    return parsed
+
+
+def tokenize(parsed: ParsedRequest, front: RequestFront) -> PreparedRequest:
+    """Template and tokenize a parsed request's prompts. Raises RequestError."""
+    url, req, params = parsed.url, parsed.request, parsed.params
+    try:
+        if url == COMPLETIONS:
+            prompts = [
+                (p, front.tokens(p, params)) if isinstance(p, str) else (None, list(p))
+                for p in req.prompts()
+            ]
+        else:
             messages = [m.as_template_dict() for m in req.messages]
-            text, ids = codec.encode_chat(
+            text = front.codec.apply_chat_template(
                 messages,
                 add_generation_prompt=req.add_generation_prompt,
                 chat_template=req.chat_template,
             )
-            params = req.sampling_params(req.max_new_tokens(), req.num_logprobs())
-            prompts = [(text, ids)]
-
-    except ValidationError as e:
-        raise describe_validation_error(e) from e
+            prompts = [(text, front.tokens(text, params, special=False))]
     except RequestError:
         raise
     except ValueError as e:  # the chat template refused the messages

@@ -14,7 +14,7 @@ import threading
 from prefixflow.config import LimitsConfig
 from prefixflow.errors import RequestError
 from prefixflow.inputs.checks import check_request, truncated
-from prefixflow.inputs.limits import KVBudget, check_limits
+from prefixflow.inputs.limits import KVBudget, check_counts, check_limits
 from prefixflow.model.loader import (
     ModelSource,
     eos_token_ids,
@@ -62,6 +62,18 @@ class RequestFront:
         self.max_model_len = min(self.max_model_len, max_len)
         self.codec.limit_text(self.max_model_len)
 
+    def tokens(self, text: str, params: SamplingParams, special: bool = True) -> list[int]:
+        """A text prompt's ids (special: the tokenizer's own BOS). One that cannot fit the
+        context is refused before it is tokenized, unless truncate_prompt_tokens keeps
+        only its end (then only its end is tokenized)."""
+        keep_end = params.truncate_prompt_tokens is not None
+        return self.codec.encode(text, special, keep_end) if text else []
+
+    def check_counts(self, params: SamplingParams, num_prompts: int) -> None:
+        """The limits that need no token (n x prompts, logprobs, stop, logit_bias, a
+        structured output's size): asked before any prompt is tokenized."""
+        check_counts(params, num_prompts, self.limits, self.kv)
+
     def check(self, ids: list[int], params: SamplingParams) -> None:
         """Every check but the grammar's, from counts and ids alone (the server's, before a
         request takes room in its queue)."""
@@ -88,7 +100,8 @@ class RequestFront:
         """The prompt as it will run: (its text if known, its token ids). Text is tokenized;
         ids come with the text they came from, if any. Raises RequestError."""
         if isinstance(prompt, str):
-            text, ids = prompt, (self.codec.encode(prompt) if prompt else [])
+            check_counts(params, 1, self.limits, self.kv)
+            text, ids = prompt, self.tokens(prompt, params)
         else:
             text, ids = prompt_text, list(prompt)
         return self._checked(text, ids, params)

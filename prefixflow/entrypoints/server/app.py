@@ -31,20 +31,22 @@ from prefixflow.entrypoints.server.state import ServerState, state_of
 def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     counters = ServerCounters()
     limits = engine.config.limits
+    gate = RequestGate(engine.config.scheduler.max_num_seqs + limits.max_queued_requests)
     server = ServerState(
         engine=engine,
         runner=AsyncEngine(engine),
         counters=counters,
-        registry=metrics_registry(engine, counters),
+        registry=metrics_registry(engine, counters, gate),
         api_key=api_key,
-        gate=RequestGate(engine.config.scheduler.max_num_seqs + limits.max_queued_requests),
+        gate=gate,
     )
     app = FastAPI(title="prefixflow", lifespan=_lifespan)
     app.state.server = server
     app.state.engine = server.runner  # what tests and tools reach for
+    # The last added is the outermost: the key is checked before a body is read.
+    app.add_middleware(BodySizeLimit, limit=limits.max_body_size)
     app.middleware("http")(check_api_key)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_middleware(BodySizeLimit, limit=limits.max_body_size)  # outermost: first to see
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_monitoring.router)

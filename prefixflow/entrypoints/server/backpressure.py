@@ -16,6 +16,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
 # Finishes within this many seconds give the rate Retry-After is computed from.
 RATE_WINDOW_S = 30.0
 
@@ -55,3 +58,41 @@ class RequestGate:
         oldest = self._clock() - RATE_WINDOW_S
         while self._finished and self._finished[0][0] < oldest:
             self._finished.popleft()
+
+
+class Ticket:
+    """A request's room in the gate, given back once however the request ends (answered,
+    refused, failed, or its client gone), after `on_end` (aborting what still runs)."""
+
+    def __init__(self, gate: RequestGate, samples: int) -> None:
+        self.gate, self.samples = gate, samples
+        self.on_end: Callable[[], None] = lambda: None
+        self._ended = False
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            self.on_end()
+        finally:
+            self.gate.leave(self.samples)
+
+
+class EndsTicket(Response):
+    """A response that ends its request's ticket once it is sent or given up on: a
+    background task alone is skipped when a client leaves (ASGI 2.4 servers)."""
+
+    def __init__(self, response: Response, ticket: Ticket) -> None:
+        self.response, self.ticket = response, ticket
+        self.background = None  # FastAPI's own background tasks, if it adds any
+        self.status_code = response.status_code
+        self.raw_headers = response.raw_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.ticket.end()
+        if self.background is not None:
+            await self.background()

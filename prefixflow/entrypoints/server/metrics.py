@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from prefixflow.engine.engine import Engine
+from prefixflow.entrypoints.server.backpressure import RequestGate
 
 
 @dataclass
@@ -19,9 +20,10 @@ class ServerCounters:
 
 
 class _EngineCollector:
-    def __init__(self, engine: Engine, counters: ServerCounters) -> None:
+    def __init__(self, engine: Engine, counters: ServerCounters, gate: RequestGate) -> None:
         self.engine = engine
         self.counters = counters
+        self.gate = gate
 
     def collect(self):
         yield from self._counters()
@@ -62,6 +64,11 @@ class _EngineCollector:
             ("queue_length", "Sequences waiting to start", sched.num_waiting),
             ("running_sequences", "Sequences running", sched.num_running),
             ("unfinished_requests", "Requests in the engine", eng.num_unfinished_requests),
+            (
+                "server_samples",
+                "Samples the server holds, running or queued (max_queued_requests bounds it)",
+                self.gate.in_flight,
+            ),
             ("weight_version", "Weight updates since start", eng.weight_version),
             ("kv_pages_used", "KV pages in use", kv.num_used_pages),
             ("kv_pages_total", "KV pages", kv.num_pages),
@@ -82,9 +89,11 @@ class _EngineCollector:
             yield GaugeMetricFamily(f"prefixflow_{name}", text, value)
 
 
-def metrics_registry(engine: Engine, counters: ServerCounters) -> CollectorRegistry:
+def metrics_registry(
+    engine: Engine, counters: ServerCounters, gate: RequestGate
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_EngineCollector(engine, counters))
+    registry.register(_EngineCollector(engine, counters, gate))
     return registry
 
 

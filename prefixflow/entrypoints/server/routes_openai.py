@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions.
 
-Bodies are validated by the same pydantic models and `prepare` as run-batch; each prompt
+Bodies are validated by the same pydantic models and `prepare` (parse, then tokenize) as run-batch; each prompt
 of a request is its own engine request. Streamed responses are built in streaming.py.
 """
 
@@ -10,24 +10,25 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 
 from prefixflow.engine.async_engine import AsyncEngine, EngineDeadError
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.openai.serving import response_body
+from prefixflow.entrypoints.server.backpressure import EndsTicket, Ticket
 from prefixflow.entrypoints.server.error_response import error_response
 from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
 from prefixflow.entrypoints.server.streaming import StreamState, holdback, stream_events
-from prefixflow.errors import INVALID_JSON, QUEUE_FULL, RequestError
+from prefixflow.errors import INVALID_JSON, LIMIT_EXCEEDED, QUEUE_FULL, RequestError
 from prefixflow.inputs.openai_requests import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
+    ParsedRequest,
     PreparedRequest,
-    prepare,
+    parse,
+    tokenize,
 )
 from prefixflow.request import RequestOutput
 
@@ -56,99 +57,65 @@ async def chat_completions(request: Request, server: ServerStateDep) -> Response
     return await _serve(request, server, CHAT_COMPLETIONS)
 
 
+# Bodies above this are validated on a worker thread, not on the event loop.
+INLINE_BODY_BYTES = 1 << 16
+
+
 async def _serve(request: Request, server: ServerState, url: str) -> Response:
-    engine, counters = server.engine, server.counters
+    engine, counters, gate = server.engine, server.counters, server.gate
     try:
-        body = json.loads(await request.body())
+        raw = await request.body()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         counters.requests_failed += 1
         return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
     try:
-        # Off the event loop: templating, tokenizing and checking a long prompt take a while.
-        prepared = await asyncio.to_thread(_prepare, url, body, engine)
+        # Validated and its counted limits checked before it may take room, and cheaply:
+        # a refusal (429) must cost the server little, however often it is asked again.
+        if len(raw) <= INLINE_BODY_BYTES:
+            parsed = parse(url, body, engine.front)
+        else:
+            parsed = await asyncio.to_thread(parse, url, body, engine.front)
     except RequestError as e:
         counters.requests_failed += 1
         return JSONResponse(e.body(), status_code=400)
-    samples = len(prepared.prompts) * prepared.params.n
-    if not server.gate.enter(samples):
+    samples = parsed.num_prompts * parsed.params.n
+    if samples > gate.capacity:  # it could never enter a busy server: not a retry
+        counters.requests_failed += 1
+        return error_response(400, _too_many(samples, gate.capacity), "n", LIMIT_EXCEEDED)
+    if not gate.enter(samples):
         counters.requests_failed += 1
         counters.queue_full += 1
         return _queue_full(server, samples)
-    done = _Release(server, samples)
+    ticket = Ticket(gate, samples)
     try:
-        return await _run(request, server, url, prepared, done)
+        # Off the event loop: templating, tokenizing and checking a long prompt take a while.
+        prepared = await asyncio.to_thread(_tokenize, parsed, engine)
+        return EndsTicket(await _run(request, server, url, prepared, ticket), ticket)
+    except RequestError as e:
+        ticket.end()
+        counters.requests_failed += 1
+        return JSONResponse(e.body(), status_code=400)
     except BaseException:
-        await done()
+        ticket.end()
         raise
 
 
-def _prepare(url: str, body: object, engine: Engine) -> PreparedRequest:
-    """The request parsed and checked (but for its grammar) before it takes room in the
-    queue, so a request that can never run is not told to retry."""
-    prepared = prepare(url, body, engine.codec)
+def _tokenize(parsed: ParsedRequest, engine: Engine) -> PreparedRequest:
+    """The request's prompts tokenized and checked in full but for the grammar (compiled
+    on the engine thread, once per schema)."""
+    prepared = tokenize(parsed, engine.front)
     for _, ids in prepared.prompts:
         engine.front.check(ids, prepared.params)
     return prepared
 
 
-class _Release:
-    """What ends a request however its response ends, once: abort what of it still runs
-    and give its samples' room back. On the event loop, which alone touches the gate."""
-
-    def __init__(self, server: ServerState, samples: int) -> None:
-        self.server, self.samples = server, samples
-        self.rids: list[str] = []
-        self.done = False
-
-    async def __call__(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        for rid in self.rids:
-            self.server.runner.cancel(rid)
-        self.server.gate.leave(self.samples)
-
-
-async def _run(
-    request: Request, server: ServerState, url: str, prepared: PreparedRequest, done: _Release
-) -> Response:
-    """Queue the request's prompts and answer; `done` runs once it ended, however."""
-    runner, counters = server.runner, server.counters
-    base = uuid.uuid4().hex
-    done.rids = rids = [f"{base}-{i}" for i in range(len(prepared.prompts))]
-    try:
-        for rid, (text, ids) in zip(rids, prepared.prompts, strict=True):
-            await runner.add(rid, ids, prepared.params, text, prepared.stream)
-    except EngineDeadError as e:
-        response = error_response(503, str(e), code="engine_failed")
-    except ValueError as e:
-        counters.requests_failed += 1
-        err = e if isinstance(e, RequestError) else RequestError(str(e))
-        response = JSONResponse(err.body(), status_code=400)
-    else:
-        response = await _answer(request, server, url, prepared, done)
-    response.background = BackgroundTask(done)
-    return response
-
-
-async def _answer(
-    request: Request, server: ServerState, url: str, prepared: PreparedRequest, done: _Release
-) -> Response:
-    rids = done.rids
-    if prepared.stream:
-        state = StreamState(
-            url,
-            server.engine.model_name,
-            prepared.params.n,
-            holdback(prepared.params.stop),
-            prepared.include_usage,
-        )
-        # Its background task (`done`) runs however the response ends, even when the
-        # client left before the stream started and the generator never ran; the stream
-        # ends it too, for a server (ASGI 2.4) that skips the task when the client left.
-        events = stream_events(server.runner, rids, state, server.counters)
-        return StreamingResponse(_then(events, done), media_type="text/event-stream")
-    return await _respond(request, server, rids, prepared)
+def _too_many(samples: int, capacity: int) -> str:
+    return (
+        f"the request has {samples} samples (n x prompts), more than the server holds at "
+        f"once ({capacity}: max_num_seqs + max_queued_requests); ask for fewer, or start "
+        "the server with a larger --max-queued-requests"
+    )
 
 
 def _queue_full(server: ServerState, samples: int) -> Response:
@@ -163,12 +130,41 @@ def _queue_full(server: ServerState, samples: int) -> Response:
     return response
 
 
-async def _then(events: AsyncIterator[str], done: _Release) -> AsyncIterator[str]:
+async def _run(
+    request: Request, server: ServerState, url: str, prepared: PreparedRequest, ticket: Ticket
+) -> Response:
+    """Queue the request's prompts and answer; the ticket's end aborts what still runs."""
+    runner, counters = server.runner, server.counters
+    base = uuid.uuid4().hex
+    rids = [f"{base}-{i}" for i in range(len(prepared.prompts))]
+    ticket.on_end = lambda: _cancel(runner, rids)
     try:
-        async for event in events:
-            yield event
-    finally:
-        await done()
+        for rid, (text, ids) in zip(rids, prepared.prompts, strict=True):
+            await runner.add(rid, ids, prepared.params, text, prepared.stream)
+    except EngineDeadError as e:
+        return error_response(503, str(e), code="engine_failed")
+    except ValueError as e:
+        counters.requests_failed += 1
+        err = e if isinstance(e, RequestError) else RequestError(str(e))
+        return JSONResponse(err.body(), status_code=400)
+    if prepared.stream:
+        state = StreamState(
+            url,
+            server.engine.model_name,
+            prepared.params.n,
+            holdback(prepared.params.stop),
+            prepared.include_usage,
+        )
+        # The ticket ends however the stream ends (EndsTicket), even when the client left
+        # before it started and the generator never ran.
+        events = stream_events(runner, rids, state, counters)
+        return StreamingResponse(events, media_type="text/event-stream")
+    return await _respond(request, server, rids, prepared)
+
+
+def _cancel(runner: AsyncEngine, rids: list[str]) -> None:
+    for rid in rids:
+        runner.cancel(rid)
 
 
 async def _final(runner: AsyncEngine, rid: str) -> RequestOutput:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -40,6 +41,24 @@ def chat(**fields) -> bytes:
 PROBES = {
     "n = 100,000": ("/v1/completions", completion(n=100_000), {}, {400}),
     "n = 10^9": ("/v1/completions", completion(n=10**9), {}, {400}),
+    "100,000 prompts x n = 4": (
+        "/v1/completions",
+        completion(prompt=[[1]] * 100_000, n=4),
+        {},
+        {400},
+    ),
+    "more samples than the server holds": (
+        "/v1/completions",
+        completion(n=SEATS + QUEUED + 1, max_tokens=1),
+        {},
+        {400},
+    ),
+    "100,000 stop_token_ids": (
+        "/v1/completions",
+        completion(stop_token_ids=list(range(100_000))),
+        {},
+        {400},
+    ),
     "n x max_tokens beyond the KV cache": (
         "/v1/completions",
         completion(n=200, max_tokens=2000),
@@ -91,6 +110,12 @@ PROBES = {
     "logprobs = 21": ("/v1/completions", completion(logprobs=21), {}, {400}),
     "top_logprobs = 21": ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), {}, {400}),
     "a 40 MB body": ("/v1/completions", b'{"prompt": "' + b"a" * 40_000_000 + b'"}', {}, {413}),
+    "a 40 MB body without the key (not read)": (
+        "/v1/completions",
+        b'{"prompt": "' + b"a" * 40_000_000 + b'"}',
+        {"Authorization": "Bearer nope"},
+        {401},
+    ),
     "invalid UTF-8": ("/v1/completions", b'{"prompt": "\xff\xfe\xfa"}', {}, {400}),
     "JSON nested 100,000 deep": ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, {}, {400}),
     "a wrong API key": ("/v1/completions", completion(), {"Authorization": "Bearer nope"}, {401}),
@@ -123,7 +148,9 @@ def server():
         yield base, proc
 
 
-def post(base: str, path: str, body: bytes, headers: dict | None = None) -> httpx.Response:
+def post(
+    base: str, path: str, body: bytes | Iterator[bytes], headers: dict | None = None
+) -> httpx.Response:
     headers = {**AUTH, "Content-Type": "application/json", **(headers or {})}
     return httpx.post(f"{base}{path}", content=body, headers=headers, timeout=60)
 
@@ -149,6 +176,9 @@ def test_hostile_requests_get_4xx_and_leave_the_server_as_it_was(server):
             error = r.json()["error"]
             assert error["message"], name
         assert seconds < 10, (name, seconds)
+    chunked = post(base, "/v1/completions", (b"a" * 1_000_000 for _ in range(40)))
+    table.append(("a 40 MB body in chunks", chunked.status_code, 0.0))
+    assert chunked.status_code == 413
     abandoned = abandon_streams(base, 48)
     table.append(("48 streams abandoned at once", abandoned, 0.0))
     backpressure = fill_then_one_more(base)
@@ -221,3 +251,4 @@ def wait_until_idle(base: str) -> None:
         time.sleep(0.2)
     assert metric(base, "prefixflow_unfinished_requests") == 0
     assert metric(base, "prefixflow_kv_pages_used") == 0
+    assert metric(base, "prefixflow_server_samples") == 0  # every request gave its room back

@@ -15,6 +15,7 @@ from prefixflow.analyze.batch import analyze_batch
 from prefixflow.analyze.estimate import estimate
 from prefixflow.analyze.report import as_dict, text, write_chart
 from prefixflow.entrypoints.run_batch import run_batch
+from prefixflow.entrypoints.server.backpressure import RequestGate
 from prefixflow.entrypoints.server.metrics import ServerCounters, metrics_registry, render
 from tests.prompts import PARAGRAPHS, QUESTIONS
 
@@ -69,7 +70,7 @@ def test_bad_page_files_are_recomputed_and_outputs_stay_the_same(tmp_path, expec
     assert tokens(llm.generate(prompts(), GREEDY, use_tqdm=False)) == expected
     assert eng.stats.disk_prompt_tokens - from_disk >= len(ids) // 2
     assert eng.stats.prompt_computed_tokens - before < len(ids)
-    scraped = render(metrics_registry(eng, ServerCounters())).decode()
+    scraped = render(metrics_registry(eng, ServerCounters(), RequestGate(1))).decode()
     assert f"prefixflow_prompt_tokens_from_disk_total {eng.stats.disk_prompt_tokens}.0" in scraped
     assert f"prefixflow_prompt_tokens_cached_total {eng.stats.cached_prompt_tokens}.0" in scraped
 

@@ -165,6 +165,30 @@ def test_samples_beyond_max_num_seqs_run_in_waves_from_the_cached_prompt():
     assert pool.num_free == pool.num_pages
 
 
+def test_a_wave_takes_the_seats_free_without_waiting_for_the_others_to_end():
+    pool = PagePool(64, 4)
+    sched = Scheduler(SchedulerConfig(watermark=0.0, max_num_seqs=4), pool)
+    runner = PageTableRunner(pool)
+    long = [Request(f"long{i}", [1, 2, 3], SamplingParams(max_tokens=20)) for i in range(2)]
+    samples = [Request(f"p#{i}", [7, 8, 9, 10, 11], SamplingParams(max_tokens=2)) for i in range(4)]
+    for r in [*long, *samples]:
+        runner.track(r)
+    for r in long:
+        sched.add(r)
+    out = sched.schedule()
+    sched.update(out, runner.execute(out))
+    sched.add(samples[0], samples[1:])
+    out = sched.schedule()  # two seats free: a wave of two starts now
+    assert [s.request_id for s in out.seqs] == ["long0", "long1", "p#0"]
+    assert [f.request_id for f in out.seqs[2].forks] == ["p#1"]
+    while any(not r.is_finished for r in samples):
+        sched.update(out, runner.execute(out))
+        out = sched.schedule()
+        assert sum(1 + len(s.forks) for s in out.seqs) <= 4
+    assert not long[0].is_finished  # the later wave did not wait for them
+    assert all(r.num_output_tokens == 2 for r in samples)
+
+
 def test_aborting_samples_before_the_fork():
     # The leader goes: the next sample leads; an aborted sibling never runs.
     pool = PagePool(32, 4)

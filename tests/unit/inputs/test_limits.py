@@ -34,6 +34,7 @@ def refused(params: SamplingParams, limits: LimitsConfig | None = None, prompt: 
         (SamplingParams(prompt_logprobs=21), "max_logprobs"),
         (SamplingParams(stop=["x"] * 65), "max_stop_strings"),
         (SamplingParams(stop=["x" * 1025]), "max_stop_string_length"),
+        (SamplingParams(stop_token_ids=list(range(1025))), "max_stop_token_ids"),
         (SamplingParams(logit_bias={i: 1.0 for i in range(1025)}), "max_logit_bias"),
         (SamplingParams(structured_outputs={"choice": ["a"] * 1025}), "max_choices"),
         (SamplingParams(structured_outputs={"regex": "a" * 300_000}), "max_grammar_bytes"),
@@ -60,7 +61,7 @@ def test_set_limits_replace_the_kv_cache_defaults():
     big = LimitsConfig(max_n=1000, max_request_tokens=10**6)
     check_limits(10, SamplingParams(n=1000, max_tokens=32), big, 1000, KV)
     refused(SamplingParams(n=5, max_tokens=1), LimitsConfig(max_n=4))
-    # No KV cache known (a Ray driver): only the set limits apply; the replicas check again.
+    # No KV cache known (analyze reads a batch without a model): only the set limits apply.
     check_limits(10, SamplingParams(n=10**6, max_tokens=1), LimitsConfig(), 1000, None)
 
 
