@@ -204,7 +204,9 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is not None and not (isinstance(value, int) and value >= 1):
+            if value is not None and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            ):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prefixflow.errors import CONTEXT_LENGTH_EXCEEDED, RequestError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TextCodec:
@@ -108,7 +112,7 @@ def _flatten(message: dict) -> dict:
     return message
 
 
-def _most_chars_per_token(tokenizer) -> int:
+def _most_chars_per_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """An upper bound on the characters of text one token covers: its longest vocabulary
     entry (a byte-level BPE writes a byte per character, SentencePiece a character per
     character), times 4 where a normalizer may shorten the text before it is split."""

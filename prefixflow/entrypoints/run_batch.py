@@ -181,7 +181,7 @@ class BatchRunner:
 
     def run(
         self,
-        lines: Iterable[tuple[int, bytes | str]],
+        lines: Iterable[tuple[int, bytes | str | LineTooLong]],
         total: int | None = None,
         progress: bool = True,
     ) -> BatchSummary:
@@ -235,7 +235,7 @@ class BatchRunner:
             s.replica_requests, s.reassigned_requests = replicas
         return s
 
-    def _refill(self, source: Iterator[tuple[int, bytes | str]]):
+    def _refill(self, source: Iterator[tuple[int, bytes | str | LineTooLong]]):
         """Read lines until the window is full; None once the input is exhausted."""
         while self.in_flight < self.window:
             try:
