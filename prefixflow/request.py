@@ -66,6 +66,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.num_plans = 0  # prefix plans it waited through (request_queue.py ages it)
         # The model weights it runs under (set when it first starts), and the version each
         # output token was sampled under.
         self.weight_version: int | None = None

@@ -3,7 +3,8 @@
 Preempted requests go first (they hold outputs a user waits for), then waiting ones in
 planned order: with prefix sharing, the PrefixPlanner orders them by the batch's prefix
 tree (engine/prefix_plan.py) so requests sharing a prefix run together; new arrivals wait
-at the end until the next plan. Pure Python.
+at the end until the next plan, and one passed over by MAX_PLANS plans goes first. Pure
+Python.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from collections import deque
 
 from prefixflow.engine.prefix_plan import plan_order
 from prefixflow.request import Request
+
+# Plans a request may wait through before it goes first (about 40 s on a busy server).
+MAX_PLANS = 4
 
 
 class RequestQueue:
@@ -62,7 +66,11 @@ class RequestQueue:
             return
         if self._num_unplanned * 2 < len(self.waiting) or self._num_unplanned == 0:
             return
-        queue = list(self.waiting)
-        order = plan_order(queue, self.page_size)
-        self.waiting = deque(queue[i] for i in order)
+        # A request passed over by MAX_PLANS plans goes first, in arrival order: under a
+        # steady stream of arrivals the planner's order alone could starve one forever.
+        aged = [r for r in self.waiting if r.num_plans >= MAX_PLANS]
+        fresh = [r for r in self.waiting if r.num_plans < MAX_PLANS]
+        for r in fresh:
+            r.num_plans += 1
+        self.waiting = deque(aged + [fresh[i] for i in plan_order(fresh, self.page_size)])
         self._num_unplanned = 0

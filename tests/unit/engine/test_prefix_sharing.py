@@ -312,3 +312,20 @@ def test_outputs_identical_with_the_planner_on_and_off(seed):
     fifo, runner_fifo, _ = run(batch, True, page_size=page_size, budget=32, plan=False)
     assert planned == fifo
     assert runner_planned.prompt_tokens_computed <= runner_fifo.prompt_tokens_computed
+
+
+def test_a_request_passed_over_by_the_planner_goes_first_after_max_plans():
+    from prefixflow.engine.request_queue import MAX_PLANS, RequestQueue
+
+    # Under a steady stream of requests with more decode work, the planner alone would
+    # put the light one last at every plan; aged, it goes first.
+    queue = RequestQueue(page_size=4, plan=True)
+    queue.add(Request("light", list(range(100, 112)), SamplingParams(max_tokens=1)))
+    started = []
+    for i in range(MAX_PLANS + 1):
+        for j in range(len(queue)):  # as many arrive as wait: the queue is planned again
+            queue.add(Request(f"heavy{i}.{j}", [i, j, *range(10)], SamplingParams(max_tokens=500)))
+        queue.plan()
+        started.append(queue.pop().request_id)
+    assert started[:MAX_PLANS] == [f"heavy{i}.0" for i in range(MAX_PLANS)]
+    assert started[MAX_PLANS] == "light"
