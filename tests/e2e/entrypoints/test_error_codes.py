@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from prefixflow import SamplingParams
-from prefixflow.entrypoints.run_batch import BatchRunner, run_batch
+from prefixflow.entrypoints.run_batch import BatchRunner
 from prefixflow.entrypoints.server.app import build_app
 from prefixflow.errors import RequestError
 
@@ -98,34 +98,3 @@ def test_same_error_code_from_every_entry_point(llm_f32, client, kind):
 def test_weight_updates_need_an_api_key(client, default_gguf):
     r = client.post("/update_weights_from_disk", json={"model_path": str(default_gguf)})
     assert r.status_code == 403 and "--api-key" in r.json()["error"]["message"]
-
-
-def test_hostile_lines_of_a_batch_file_get_error_lines_and_the_rest_runs(llm_f32, tmp_path):
-    def line(custom_id: str, **body) -> bytes:
-        req = {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
-        return json.dumps(req).encode()
-
-    limit = llm_f32.engine.front.limits.max_body_size
-    lines = [
-        line("good-1", prompt="Hello", max_tokens=3, temperature=0),
-        line("huge-n", prompt="Hello", n=100_000, max_tokens=4),
-        line("too-long", prompt="a" * (limit + 10)),  # read past, never held whole
-        b'{"custom_id": "bad-utf8", "body": "\xff\xfe"}',
-        b"[" * 100_000 + b"]" * 100_000,
-        line("good-2", prompt="Hello", max_tokens=3, temperature=0),
-    ]
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_bytes(b"\n".join(lines) + b"\n")
-    summary = run_batch(inp, out, llm_f32.engine, progress=False, ordered=True)
-    results = [json.loads(s) for s in out.read_text().splitlines()]
-    codes = [r["error"]["code"] if r["error"] else 200 for r in results]
-    assert codes == [
-        200,
-        "limit_exceeded",
-        "body_too_large",
-        "invalid_request",
-        "invalid_json",
-        200,
-    ]
-    assert results[0]["response"]["body"]["choices"] == results[5]["response"]["body"]["choices"]
-    assert summary.requests_ok == 2
