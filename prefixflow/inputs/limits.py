@@ -37,9 +37,9 @@ def check_limits(
     max_model_len: int,
     kv: KVBudget | None,
 ) -> None:
-    """Raise RequestError if the request (one prompt) passes a limit. kv: None where no KV
-    cache is known."""
-    check_counts(params, 1, limits, kv)
+    """Raise RequestError if the request (one prompt) passes the limit on its tokens; the
+    limits that need no token are check_counts's, asked first. kv: None where no KV cache
+    is known."""
     by_kv = "" if limits.max_request_tokens else ": the KV cache's tokens, by default"
     max_tokens = limits.max_request_tokens
     if max_tokens is None and kv is not None and params.n > 1:  # one sample: the KV manager's

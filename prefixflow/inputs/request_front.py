@@ -75,8 +75,8 @@ class RequestFront:
         check_counts(params, num_prompts, self.limits, self.kv)
 
     def check(self, ids: list[int], params: SamplingParams) -> None:
-        """Every check but the grammar's, from counts and ids alone (the server's, before a
-        request takes room in its queue)."""
+        """Every check but the counted limits (check_counts, asked first) and the grammar's,
+        from ids alone (the server's, before a request takes room in its queue)."""
         _, ids = truncated(None, ids, params, self.max_model_len)
         check_limits(len(ids), params, self.limits, self.max_model_len, self.kv)
         check_request(None, ids, params, self.max_model_len, self.vocab_size)
@@ -99,8 +99,8 @@ class RequestFront:
     ) -> tuple[str | None, list[int]]:
         """The prompt as it will run: (its text if known, its token ids). Text is tokenized;
         ids come with the text they came from, if any. Raises RequestError."""
+        check_counts(params, 1, self.limits, self.kv)  # before any tokenizing
         if isinstance(prompt, str):
-            check_counts(params, 1, self.limits, self.kv)
             text, ids = prompt, self.tokens(prompt, params)
         else:
             text, ids = prompt_text, list(prompt)
@@ -133,6 +133,7 @@ class RequestFront:
         params = prev.sampling_params
         if params is None or prev.finished:
             raise RequestError("continue_from takes a partial output (finish_reason 'partial')")
+        check_counts(params, 1, self.limits, self.kv)
         _, ids = self._checked(prev.prompt, list(prev.prompt_token_ids), params)
         samples: list[Request | CompletionOutput] = []
         for i, before in enumerate(prev.outputs):

@@ -10,15 +10,21 @@ import pytest
 from prefixflow.config import EngineConfig, LimitsConfig
 from prefixflow.errors import BODY_TOO_LARGE, LIMIT_EXCEEDED, RequestError
 from prefixflow.inputs.batch_file import LineTooLong, read_lines
-from prefixflow.inputs.limits import KVBudget, check_limits, json_depth
+from prefixflow.inputs.limits import KVBudget, check_counts, check_limits, json_depth
 from prefixflow.sampling_params import SamplingParams
 
 KV = KVBudget(num_pages=100, page_size=16)  # 1,600 tokens
 
 
+def check_all(prompt: int, params: SamplingParams, limits: LimitsConfig, kv=KV) -> None:
+    """Both halves, as the request front asks them: the counts, then the tokens."""
+    check_counts(params, 1, limits, kv)
+    check_limits(prompt, params, limits, 1000, kv)
+
+
 def refused(params: SamplingParams, limits: LimitsConfig | None = None, prompt: int = 10):
     with pytest.raises(RequestError) as e:
-        check_limits(prompt, params, limits or LimitsConfig(), 1000, KV)
+        check_all(prompt, params, limits or LimitsConfig())
     assert e.value.code == LIMIT_EXCEEDED
     return e.value
 
@@ -54,15 +60,15 @@ def test_requests_at_the_limits_pass():
         SamplingParams(logit_bias={i: 1.0 for i in range(1024)}),
         SamplingParams(structured_outputs={"choice": ["a"] * 1024}),
     ):
-        check_limits(10, params, LimitsConfig(), 1000, KV)
+        check_all(10, params, LimitsConfig())
 
 
 def test_set_limits_replace_the_kv_cache_defaults():
     big = LimitsConfig(max_n=1000, max_request_tokens=10**6)
-    check_limits(10, SamplingParams(n=1000, max_tokens=32), big, 1000, KV)
+    check_all(10, SamplingParams(n=1000, max_tokens=32), big)
     refused(SamplingParams(n=5, max_tokens=1), LimitsConfig(max_n=4))
     # No KV cache known (analyze reads a batch without a model): only the set limits apply.
-    check_limits(10, SamplingParams(n=10**6, max_tokens=1), LimitsConfig(), 1000, None)
+    check_all(10, SamplingParams(n=10**6, max_tokens=1), LimitsConfig(), kv=None)
 
 
 def test_schema_depth_is_measured_without_recursion():
