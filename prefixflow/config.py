@@ -215,7 +215,13 @@ class EngineConfig:
     """The model, its KV cache, attention, and the speed-ups that can be switched off."""
 
     model: str | None = option(
-        None, "Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+        None,
+        "Hugging Face model folder, .gguf file or Hub id (org/name, from the Hugging Face "
+        "cache; default: embedded SmolLM2-135M-Instruct)",
+    )
+    revision: str | None = option(None, "branch, tag or commit of a Hub id (default: main)")
+    chat_template: str | None = option(
+        None, "a Jinja chat template (a file, or the template itself) in place of the model's"
     )
     dtype: str = option(
         "auto",
