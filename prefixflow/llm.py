@@ -89,20 +89,29 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         *,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
         min_finished: int | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation and generate (min_finished:
-        as in generate)."""
+        """Apply the chat template to each conversation and generate (min_finished: as in
+        generate). vLLM's template options, the same for every conversation:
+        chat_template (its text; default: the engine's chat_template option, else the
+        model's), add_generation_prompt, continue_final_message (leave the last message
+        open for the model to continue; not with add_generation_prompt) and
+        chat_template_kwargs (variables for the template). Raises RequestError before any
+        work starts."""
+        front = self.engine.front
+        options = front.chat_options(
+            chat_template, chat_template_kwargs, add_generation_prompt, continue_final_message
+        )
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = _as_params_list(sampling_params, len(convs))
         items = []
-        for i, conv in enumerate(convs):
+        for i, (conv, p) in enumerate(zip(convs, params, strict=True)):
             try:
-                text, ids = self.engine.codec.encode_chat(
-                    conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-                )
-            except ValueError as e:
-                raise RequestError(f"conversation {i}: {e}", "messages") from e
+                text, ids = front.chat_prompt(conv, options, p)
+            except RequestError as e:
+                raise e.with_prefix(f"conversation {i}: ") from e
             items.append((ids, text, None))
         return self._run(items, params, use_tqdm, min_finished)
 

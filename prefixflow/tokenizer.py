@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prefixflow.errors import CONTEXT_LENGTH_EXCEEDED, RequestError
 
@@ -22,8 +24,11 @@ class TextCodec:
     with a fork of its own (fork()), so it never waits for another thread's encoding.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, chat_template: str | None = None) -> None:
+        """chat_template: the text of a template in place of the model's (the engine's
+        chat_template option, read by load_chat_template)."""
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self._piece_cache: dict[int, str] = {}
         self.vocab_size = len(tokenizer)
         self.lock = threading.Lock()  # also taken by whoever else reads the tokenizer
@@ -35,7 +40,7 @@ class TextCodec:
     def fork(self) -> TextCodec:
         """A codec of its own tokenizer and lock: the engine thread's detokenizing never
         waits while another thread tokenizes a long prompt."""
-        forked = TextCodec(copy.deepcopy(self.tokenizer))
+        forked = TextCodec(copy.deepcopy(self.tokenizer), self.chat_template)
         forked.max_text_chars = self.max_text_chars
         return forked
 
@@ -66,9 +71,19 @@ class TextCodec:
         messages: list[dict],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        """The conversation as prompt text, by `chat_template` (a request's), else the
+        engine's, else the model's. continue_final_message leaves the last message open;
+        chat_template_kwargs are variables for the template, checked by the request front
+        (inputs/chat_template.py) against template_call_names. Raises ValueError."""
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "this model's tokenizer has no chat template; give one with the engine option "
+                "chat_template (--chat-template) or the request's chat_template"
+            )
         from jinja2 import TemplateError
 
         try:
@@ -77,12 +92,20 @@ class TextCodec:
                     [_flatten(m) for m in messages],
                     tokenize=False,
                     add_generation_prompt=add_generation_prompt,
-                    chat_template=chat_template,
+                    continue_final_message=continue_final_message,
+                    chat_template=template,
+                    **(chat_template_kwargs or {}),
                 )
         except TemplateError as e:
             raise ValueError(f"the chat template rejected these messages: {e}") from e
         except Exception as e:  # a template's own bug (a type error, a division by zero)
             raise ValueError(f"the chat template failed on these messages: {e!r}") from e
+
+    @property
+    def template_call_names(self) -> frozenset[str]:
+        """The names the template call takes for itself: a template variable of one of
+        these names would change the call (tokenize, messages), not the template."""
+        return _call_names(type(self.tokenizer))
 
     def encode_chat(self, messages: list[dict], **kwargs) -> tuple[str, list[int]]:
         """The templated prompt and its ids. The template already holds any special tokens."""
@@ -101,6 +124,83 @@ class TextCodec:
                 s = self.tokenizer.decode([token_id])
             self._piece_cache[token_id] = s
         return s
+
+
+def load_chat_template(value: str) -> str:
+    """The text of the engine's chat_template option: the file it names, else the value
+    itself is the template (vLLM's rule). A value that cannot be a template (no '{', '}'
+    or newline) but names no file is refused, as is a template that does not compile;
+    both errors name the value (a ValueError, reported at start-up)."""
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a template's text can be no path at all (NUL, too long)
+        is_file = False
+    if is_file:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"chat_template: cannot read {value}: {e}") from e
+        check_chat_template(text, f"chat_template file {value}")
+        return text
+    if not any(c in value for c in "{}\n"):
+        raise ValueError(
+            f"chat_template {value!r}: no such file (a template itself holds '{{' or '}}')"
+        )
+    check_chat_template(value, "chat_template")
+    return value
+
+
+def check_chat_template(text: str, where: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless the template compiles, as transformers
+    compiles it (its sandbox and extensions, whose cache then holds it)."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # moved in another transformers: a plain sandbox parses as much
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def _compile_jinja_template(t: str) -> object:
+            env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+            return env.from_string(t)
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"{where}: Jinja syntax error on line {e.lineno}: {e.message}") from e
+
+
+# The template call's own arguments, whatever the tokenizer: render_jinja_template's, and
+# the variables it sets itself (messages, tools, documents, add_generation_prompt).
+_RENDER_NAMES = frozenset(
+    {
+        "messages",
+        "conversation",
+        "conversations",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "return_assistant_tokens_mask",
+        "tokenize",
+    }
+)
+
+
+def _call_names(cls: type) -> frozenset[str]:
+    """_RENDER_NAMES and the named parameters of this tokenizer class's
+    apply_chat_template (they differ between transformers versions)."""
+    names = _CALL_NAMES.get(cls)
+    if names is None:
+        params = inspect.signature(cls.apply_chat_template).parameters.values()
+        named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        names = _CALL_NAMES[cls] = _RENDER_NAMES | (named - {"self"})
+    return names
+
+
+_CALL_NAMES: dict[type, frozenset[str]] = {}
 
 
 def _flatten(message: dict) -> dict:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from prefixflow import errors
 from prefixflow.errors import RequestError
+from prefixflow.inputs.chat_template import ChatTemplateOptions
 from prefixflow.inputs.openai_protocol import ChatCompletionRequest, CompletionRequest
 from prefixflow.inputs.request_front import RequestFront
 from prefixflow.sampling_params import SamplingParams
@@ -53,25 +54,33 @@ class ParsedRequest:
     url: str
     request: CompletionRequest | ChatCompletionRequest
     params: SamplingParams
+    chat: ChatTemplateOptions | None = None  # a chat request's, checked
 
     @property
     def num_prompts(self) -> int:
         return len(self.request.prompts()) if self.url == COMPLETIONS else 1
 
 
-def prepare(url: str, body: object, front: RequestFront) -> PreparedRequest:
+def prepare(
+    url: str, body: object, front: RequestFront, request_templates: bool = True
+) -> PreparedRequest:
     """Parse a body and tokenize its prompts. Raises RequestError saying what to fix.
 
-    What a request may ask for (prompt length, token ids, sampling values) is checked
-    where every entry point meets: SamplingParams and the request front (request_front.py);
-    its limits that need no token are checked before any prompt is tokenized.
+    What a request may ask for (prompt length, token ids, sampling values, chat template
+    options) is checked where every entry point meets: SamplingParams and the request
+    front (request_front.py); its limits that need no token are checked before any prompt
+    is tokenized.
     """
-    return tokenize(parse(url, body, front), front)
+    return tokenize(parse(url, body, front, request_templates), front)
 
 
-def parse(url: str, body: object, front: RequestFront) -> ParsedRequest:
+def parse(
+    url: str, body: object, front: RequestFront, request_templates: bool = True
+) -> ParsedRequest:
     """Validate a body and check the limits that need no token (cheap: no template, no
-    tokenizer). Raises RequestError."""
+    tokenizer). request_templates: False refuses a chat request's own chat_template (the
+    server's: a template is code run for the client, as vLLM's server refuses it without
+    --trust-request-chat-template). Raises RequestError."""
     if url not in SUPPORTED_URLS:
         raise RequestError(
             f"url {url!r} is not supported; use {' or '.join(SUPPORTED_URLS)}",
@@ -93,6 +102,21 @@ def parse(url: str, body: object, front: RequestFront) -> ParsedRequest:
         raise describe_validation_error(e) from e
     parsed = ParsedRequest(url, req, params)
     front.check_counts(params, parsed.num_prompts)
+    if url == CHAT_COMPLETIONS:
+        if req.chat_template is not None and not request_templates:
+            raise RequestError(
+                "a chat_template in the request is refused here: a template is code the "
+                "server would run for the client (vLLM's server refuses it too, without "
+                "--trust-request-chat-template); start the server with --chat-template "
+                "to serve another template",
+                "chat_template",
+            )
+        parsed.chat = front.chat_options(
+            req.chat_template,
+            req.chat_template_kwargs,
+            req.add_generation_prompt,
+            req.continue_final_message,
+        )
     if url == COMPLETIONS:  # prompts of token ids: their length is known already
         for p in req.prompts():
             if not isinstance(p, str):
@@ -111,16 +135,11 @@ def tokenize(parsed: ParsedRequest, front: RequestFront) -> PreparedRequest:
             ]
         else:
             messages = [m.as_template_dict() for m in req.messages]
-            text = front.codec.apply_chat_template(
-                messages,
-                add_generation_prompt=req.add_generation_prompt,
-                chat_template=req.chat_template,
-            )
-            prompts = [(text, front.tokens(text, params, special=False))]
+            prompts = [front.chat_prompt(messages, parsed.chat, params)]
     except RequestError:
         raise
-    except ValueError as e:  # the chat template refused the messages
-        raise RequestError(str(e), "messages" if url == CHAT_COMPLETIONS else None) from e
+    except ValueError as e:  # the tokenizer's own refusal: still this request's alone
+        raise RequestError(str(e)) from e
     options = req.stream_options or {}
     echo = url == COMPLETIONS and req.echo
     return PreparedRequest(

@@ -1,18 +1,22 @@
 """RequestFront: everything a request goes through before it is queued, in one place.
 
 It holds what checking a request needs of the model (tokenizer, EOS ids, context length,
-vocabulary, the grammar compiler) and turns a prompt (text or ids) with its parameters
-into the Requests of its n samples: tokenize, truncate, check (inputs/checks.py), compile
-a structured output's grammar once. The engine, the Ray driver and `analyze` all build
+vocabulary, the grammar compiler, the chat template) and turns a prompt (text or ids, or a
+conversation to template: inputs/chat_template.py) with its parameters into the Requests
+of its n samples: tokenize, truncate, check (inputs/checks.py), compile a structured
+output's grammar once. The engine, the Ray driver and `analyze` all build
 one, so a request is refused the same way whichever way it came in. It loads no weights.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from typing import Any
 
-from prefixflow.config import LimitsConfig
+from prefixflow.config import EngineConfig, LimitsConfig
 from prefixflow.errors import RequestError
+from prefixflow.inputs.chat_template import ChatTemplateOptions, check_chat_options
 from prefixflow.inputs.checks import check_request, truncated
 from prefixflow.inputs.limits import KVBudget, check_counts, check_limits
 from prefixflow.model.loader import (
@@ -27,7 +31,7 @@ from prefixflow.model.registry import architecture_of
 from prefixflow.request import CompletionOutput, FinishReason, Request, RequestOutput
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.structured.compiler import GrammarCompiler
-from prefixflow.tokenizer import TextCodec
+from prefixflow.tokenizer import TextCodec, check_chat_template, load_chat_template
 
 
 class RequestFront:
@@ -37,25 +41,40 @@ class RequestFront:
         max_len: int | None = None,
         runs_model: bool = True,
         limits: LimitsConfig | None = None,
+        chat_template: str | None = None,
     ) -> None:
         """model: a folder, .gguf file or Hub id (None: the embedded default); max_len: a
         cap on prompt + output tokens below the model's context; runs_model: refuse an
         architecture prefixflow cannot run (off where only the tokenizer is needed);
-        limits: what one request may ask (inputs/limits.py)."""
+        limits: what one request may ask (inputs/limits.py); chat_template: a template
+        file or text in place of the model's (a missing file or a syntax error is a
+        ValueError naming it, before the model loads)."""
         self.limits = limits or LimitsConfig()
+        template = load_chat_template(chat_template) if chat_template is not None else None
         self.kv: KVBudget | None = None  # known once the engine sized its KV cache
         self.source: ModelSource = resolve_model(model)
         self.model_name = self.source.name
         self.hf_config = load_hf_config(self.source)
         if runs_model:  # refuse an unsupported model before anything else
             architecture_of(self.hf_config)
-        self.codec = TextCodec(load_tokenizer(self.source))
+        self.codec = TextCodec(load_tokenizer(self.source), template)
         self.eos_token_ids = eos_token_ids(self.source, self.hf_config, self.codec.tokenizer)
         self.vocab_size: int = self.hf_config.vocab_size
         self.max_model_len = max_model_len(self.hf_config)
         self.limit_context(max_len or self.max_model_len)
         self._compiler: GrammarCompiler | None = None
         self._compiler_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, runs_model: bool = True) -> RequestFront:
+        """The front of an engine's options: its model, context cap, limits and template."""
+        return cls(
+            config.model,
+            config.max_model_len,
+            runs_model,
+            limits=config.limits,
+            chat_template=config.chat_template,
+        )
 
     def limit_context(self, max_len: int) -> None:
         """Requests hold at most max_len tokens (another model of the engine holds fewer)."""
@@ -73,6 +92,45 @@ class RequestFront:
         """The limits that need no token (n x prompts, logprobs, stop, logit_bias, a
         structured output's size): asked before any prompt is tokenized."""
         check_counts(params, num_prompts, self.limits, self.kv)
+
+    def chat_options(
+        self,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> ChatTemplateOptions:
+        """A chat request's template options, checked (types, both prompts at once,
+        variables the template call keeps for itself) before anything is templated.
+        Raises RequestError."""
+        options = ChatTemplateOptions(
+            chat_template, chat_template_kwargs, add_generation_prompt, continue_final_message
+        )
+        check_chat_options(options, self.codec.template_call_names)
+        return options
+
+    def chat_prompt(
+        self, messages: list[dict], options: ChatTemplateOptions, params: SamplingParams
+    ) -> tuple[str, list[int]]:
+        """A conversation's prompt (text, ids): templated by the request's template, the
+        engine's or the model's, then tokenized as a text prompt is (the template holds
+        the special tokens). Options from chat_options. Raises RequestError."""
+        try:
+            if options.chat_template is not None:
+                check_chat_template(options.chat_template, "chat_template")
+        except ValueError as e:
+            raise RequestError(str(e), "chat_template") from e
+        try:
+            text = self.codec.apply_chat_template(
+                messages,
+                add_generation_prompt=options.add_generation_prompt,
+                chat_template=options.chat_template,
+                continue_final_message=options.continue_final_message,
+                chat_template_kwargs=options.chat_template_kwargs,
+            )
+        except ValueError as e:  # the template refused the messages
+            raise RequestError(str(e), "messages") from e
+        return text, self.tokens(text, params, special=False)
 
     def check(self, ids: list[int], params: SamplingParams) -> None:
         """Every check but the counted limits (check_counts, asked first) and the grammar's,

@@ -72,10 +72,11 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
     try:
         # Validated and its counted limits checked before it may take room, and cheaply:
         # a refusal (429) must cost the server little, however often it is asked again.
+        # A client's own chat_template is refused: it is code the server would run.
         if len(raw) <= INLINE_BODY_BYTES:
-            parsed = parse(url, body, engine.front)
+            parsed = parse(url, body, engine.front, request_templates=False)
         else:
-            parsed = await asyncio.to_thread(parse, url, body, engine.front)
+            parsed = await asyncio.to_thread(parse, url, body, engine.front, False)
     except RequestError as e:
         counters.requests_failed += 1
         return JSONResponse(e.body(), status_code=400)
