@@ -1,7 +1,12 @@
 """The C++ paged-attention kernel (prefixflow/csrc/paged_attention.cpp) and its work lists.
 
 The kernel attends a list of items. An item is some query rows (token indices of the
-step) and a run of KV pages; row i of an item sees keys [0, min(n_keys, causal_base + i + 1)).
+step) and a run of KV pages; row i of an item sees keys [0, min(n_keys, causal_base + i + 1)),
+keys numbered from the item's first page. With a sliding window (window.py), the call's
+every row sees keys [max(0, causal_base + i + 1 - window), min(n_keys, causal_base + i + 1)):
+so an item's first page must be the page its keys are numbered from (a table trimmed to its
+window keeps causal_base relative to its trimmed start), and items that see all their keys
+(SEES_ALL) go in calls without a window. A soft cap caps the scaled scores in float32.
 It writes each row's output (float32) and log-sum-exp. The kernels are compiled on first
 use into a cache folder and loaded from there afterwards (prefixflow/native.py); where they
 cannot run, `load()` is None and the backends take their PyTorch path.
@@ -57,5 +62,20 @@ def attend(
     page_size: int,
     work: KernelWork,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    kernel(out, lse, q, kv_cache, page_size, work.items, work.rows, work.pages, scale, 0)
+    kernel(
+        out,
+        lse,
+        q,
+        kv_cache,
+        page_size,
+        work.items,
+        work.rows,
+        work.pages,
+        scale,
+        0,
+        window or 0,
+        softcap or 0.0,
+    )

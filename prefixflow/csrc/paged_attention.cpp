@@ -7,6 +7,15 @@
 // row gets its attention output (float32) and log-sum-exp, ready for the exact merge of
 // shared-prefix attention.
 //
+// A call may take a sliding window (window > 0): row i then sees keys from
+// max(0, causal_base + i + 1 - window), i.e. itself and the window - 1 keys before it, as
+// transformers' sliding-window causal mask (keys numbered from the item's first page, so
+// a table trimmed to its window keeps causal_base relative to its trimmed start). Units
+// start at the page of their first row's first key, so pages before every row's window
+// are never read. A call may also cap its scores (softcap > 0): each scaled score s
+// becomes softcap * tanh(s / softcap), in float32, before the mask and the softmax
+// (Gemma 2). Both are decided per unit or per block of keys, never per score.
+//
 // Layout (prefixflow/attention/kv_layout.py): a layer's cache is (2, pages, H_kv,
 // page_size * D). With w = 4 / element size (2 for bfloat16, 1 for float32), a page's keys
 // for one head are (D / w, page_size, w) and its values (page_size / w, D, w). So the 16
@@ -47,6 +56,7 @@ namespace {
 
 #if defined(__AVX512F__)
 using pf::exp16;
+using pf::tanh16;
 #endif
 
 constexpr int kMaxQV = 8;     // query vectors per KV head in one unit, at most
@@ -92,6 +102,8 @@ struct Ctx {
   int64_t q_tok_stride, q_head_stride;  // in elements
   int64_t page_stride, head_stride;
   float scale;
+  int window;     // 0: none
+  float softcap;  // 0: none
   // Element offsets of key / value (token t of a page, dimension d) within a head's block.
   int64_t k_at(int t, int d) const { return (static_cast<int64_t>(d / w) * bs + t) * w + d % w; }
   int64_t v_at(int t, int d) const { return (static_cast<int64_t>(t / w) * D + d) * w + t % w; }
@@ -99,6 +111,11 @@ struct Ctx {
 };
 
 inline int row_limit(const Item& it, int row) { return std::min(it.n_keys, it.causal_base + row + 1); }
+
+// The first key a row sees: a query sees itself and the window - 1 positions before it.
+inline int row_first(const Ctx& c, const Item& it, int row) {
+  return c.window > 0 ? std::max(0, it.causal_base + row + 1 - c.window) : 0;
+}
 
 template <typename T>
 inline const T* q_row(const Ctx& c, const Item& it, int head, int qv) {
@@ -121,14 +138,16 @@ void unit_generic(const Ctx& c, const Item& it, const Unit& u, Result& res) {
       const T* src = q_row<T>(c, it, h, u.qv0 + j);
       for (int d = 0; d < D; ++d) qf[d] = to_float<T>(src[d]) * c.scale;
       const int limit = row_limit(it, (u.qv0 + j) / c.G);
+      const int first = std::max(u.k0, row_first(c, it, (u.qv0 + j) / c.G));
       float* o = res.out(v);
       float m = kNegInf, l = 0.f;
       for (int d = 0; d < D; ++d) o[d] = 0.f;
-      for (int key = u.k0; key < std::min(u.k1, limit); ++key) {
+      for (int key = first; key < std::min(u.k1, limit); ++key) {
         const int64_t blk = c.block(c.pages[it.page_off + key / c.bs], h);
         const int t = key % c.bs;
         float s = 0.f;
         for (int d = 0; d < D; ++d) s += qf[d] * to_float<T>(kc[blk + c.k_at(t, d)]);
+        if (c.softcap > 0.f) s = c.softcap * std::tanh(s / c.softcap);
         const float mx = std::max(m, s);
         const float alpha = m == kNegInf ? 0.f : std::exp(m - mx);
         const float p = std::exp(s - mx);
@@ -203,8 +222,46 @@ inline void softmax_block(__m512* s, int vis, __m512* p, __m512* acc, float& m, 
   }
 }
 
-// One unit, T = float (w = 1) or bfloat16 (w = 2), D = 16 * DV, page_size a multiple of 16.
-template <typename T, int DV, int NQV>
+// Lanes [lo, vis) of group b of a block, as a mask.
+inline __mmask16 window_lanes(int lo, int vis, int b) {
+  const int vb = std::max(0, std::min(16, vis - 16 * b));
+  const int lb = std::max(0, std::min(16, lo - 16 * b));
+  return static_cast<__mmask16>(((1u << vb) - 1) & ~((1u << lb) - 1));
+}
+
+// softmax_block for a windowed row: the scores in [lo, vis) count. A copy, not a
+// generalisation: the plain path keeps the code (and register allocation) it measured
+// best with; sharing one template cost a prompt chunk 6%.
+template <int DV>
+inline void softmax_block_window(__m512* s, int lo, int vis, __m512* p, __m512* acc, float& m, __m512& l) {
+  __m512 mv = _mm512_set1_ps(kNegInf);
+  for (int b = 0; b < kBlock / 16; ++b) mv = _mm512_mask_max_ps(mv, window_lanes(lo, vis, b), mv, s[b]);
+  if (vis > lo) {
+    const float mx = std::max(m, _mm512_reduce_max_ps(mv));
+    if (mx != m) {
+      const __m512 av = _mm512_set1_ps(m == kNegInf ? 0.f : std::exp(m - mx));
+      for (int d = 0; d < DV; ++d) acc[d] = _mm512_mul_ps(acc[d], av);
+      l = _mm512_mul_ps(l, av);
+      m = mx;
+    }
+  }
+  const __m512 mxv = _mm512_set1_ps(m);
+  for (int b = 0; b < kBlock / 16; ++b) {
+    const __mmask16 mk = window_lanes(lo, vis, b);
+    p[b] = mk ? _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(s[b], mxv))) : _mm512_setzero_ps();
+  }
+}
+
+// s = softcap * tanh(s / softcap) on a block's scores.
+inline void softcap_block(__m512* s, float softcap) {
+  const __m512 cap = _mm512_set1_ps(softcap);
+  for (int b = 0; b < kBlock / 16; ++b) s[b] = _mm512_mul_ps(cap, tanh16(_mm512_div_ps(s[b], cap)));
+}
+
+// One unit, T = float (w = 1) or bfloat16 (w = 2), D = 16 * DV, page_size a multiple of 16;
+// kExt: the call has a sliding window or a soft cap (chosen once per unit, so plain calls
+// run the very code they ran before either existed).
+template <typename T, int DV, int NQV, bool kExt>
 void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
   constexpr int D = 16 * DV;
   constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
@@ -216,6 +273,7 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
   alignas(64) float qf[kMaxHeads][NQV][D];
   alignas(64) uint32_t qp[kMaxHeads][NQV][D / 2];
   int limit[NQV];
+  int first[NQV];  // kExt: each vector's first visible key
   State<DV> st;
   for (int hi = 0; hi < u.nh; ++hi) {
     for (int j = 0; j < NQV; ++j) {
@@ -231,6 +289,9 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
     }
   }
   for (int j = 0; j < NQV; ++j) limit[j] = row_limit(it, (u.qv0 + j) / c.G);
+  if constexpr (kExt) {
+    for (int j = 0; j < NQV; ++j) first[j] = row_first(c, it, (u.qv0 + j) / c.G);
+  }
   const __m512 scale = _mm512_set1_ps(c.scale);
   __m512 s[kMaxHeads][NQV][NG];                   // a block's scores
   alignas(64) float pf[kMaxHeads][NQV][kBlock];   // its probabilities (w = 1)
@@ -276,7 +337,13 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
       for (int j = 0; j < NQV; ++j) {
         const int vis = std::max(0, std::min(cnt, limit[j] - kb));
         __m512 p[NG];
-        softmax_block<DV>(s[hi][j], vis, p, st.acc[hi][j], st.m[hi][j], st.l[hi][j]);
+        if constexpr (kExt) {
+          if (c.softcap > 0.f) softcap_block(s[hi][j], c.softcap);
+          const int lo = std::max(0, first[j] - kb);
+          softmax_block_window<DV>(s[hi][j], lo, vis, p, st.acc[hi][j], st.m[hi][j], st.l[hi][j]);
+        } else {
+          softmax_block<DV>(s[hi][j], vis, p, st.acc[hi][j], st.m[hi][j], st.l[hi][j]);
+        }
         if constexpr (kBf16) {
           for (int b = 0; b < NG; b += 2) {
             // 32 probabilities as bfloat16 pairs, in key order; the rounded values are the
@@ -338,7 +405,10 @@ inline void dispatch_nqv(const Ctx& c, const Item& it, const Unit& u, Result& re
   if constexpr (N == 0) {
     unit_generic<T>(c, it, u, res);
   } else {
-    if (u.nqv == N) return unit_avx512<T, DV, N>(c, it, u, res);
+    if (u.nqv == N) {
+      if (c.window > 0 || c.softcap > 0.f) return unit_avx512<T, DV, N, true>(c, it, u, res);
+      return unit_avx512<T, DV, N, false>(c, it, u, res);
+    }
     dispatch_nqv<T, DV, N - 1>(c, it, u, res);
   }
 }
@@ -373,7 +443,7 @@ void attend(const Ctx& c, const Item& it, const Unit& u, Result& res) {
 template <typename T>
 void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& kv,
          int64_t page_size, const std::vector<Item>& items, const int32_t* rows, const int32_t* pages,
-         double scale, int64_t key_split) {
+         double scale, int64_t key_split, int64_t window, double softcap) {
   Ctx c;
   c.q = q.data_ptr();
   c.k = kv.data_ptr();
@@ -391,6 +461,8 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
   c.page_stride = kv.stride(1);
   c.head_stride = kv.stride(2);
   c.scale = static_cast<float>(scale);
+  c.window = static_cast<int>(window);
+  c.softcap = static_cast<float>(softcap);
   const int D = c.D, G = c.G;
   const int per_unit = max_qv(c);
   const int threads = at::get_num_threads();
@@ -405,7 +477,9 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
   for (const Item& it : items) {
     const int nh = heads_per_unit(it);
     base_units += static_cast<int64_t>((c.H_kv + nh - 1) / nh) * ((it.n_rows * G + per_unit - 1) / per_unit);
-    max_keys = std::max(max_keys, it.n_keys);
+    // A windowed row reads at most its window, and a unit's rows a few pages more.
+    const int span = c.window > 0 ? std::min(it.n_keys, c.window + it.n_rows + c.bs) : it.n_keys;
+    max_keys = std::max(max_keys, span);
   }
   int chunk = max_keys;
   if (key_split > 0) {
@@ -433,14 +507,17 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
       for (int qv0 = 0; qv0 < total; qv0 += per_unit) {
         const int nqv = std::min(per_unit, total - qv0);
         const int reach = std::max(0, row_limit(it, (qv0 + nqv - 1) / G));
-        const int n_chunks = std::max(1, (reach + chunk - 1) / chunk);
+        // From the page of the first row's first key: the page edge keeps the vector
+        // path's groups of 16 keys within pages.
+        const int lo = std::min(reach, row_first(c, it, qv0 / G) / c.bs * c.bs);
+        const int n_chunks = std::max(1, (reach - lo + chunk - 1) / chunk);
         if (n_chunks == 1) {
-          units.push_back({i, h0, nh, qv0, nqv, 0, reach, -1});
+          units.push_back({i, h0, nh, qv0, nqv, lo, reach, -1});
         } else {
           const int64_t stride = static_cast<int64_t>(nh) * nqv * (D + 2);
           groups.push_back({i, h0, nh, qv0, nqv, n_chunks, part_floats, stride});
           for (int k = 0; k < n_chunks; ++k) {
-            units.push_back({i, h0, nh, qv0, nqv, k * chunk, std::min(reach, (k + 1) * chunk), part_floats});
+            units.push_back({i, h0, nh, qv0, nqv, lo + k * chunk, std::min(reach, lo + (k + 1) * chunk), part_floats});
             part_floats += stride;
           }
         }
@@ -517,7 +594,10 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
 }
 
 void paged_attention(at::Tensor out, at::Tensor lse, at::Tensor q, at::Tensor kv, int64_t page_size,
-                     at::Tensor items, at::Tensor rows, at::Tensor pages, double scale, int64_t key_split) {
+                     at::Tensor items, at::Tensor rows, at::Tensor pages, double scale, int64_t key_split,
+                     int64_t window, double softcap) {
+  TORCH_CHECK(window >= 0 && window < (int64_t{1} << 30), "window must be >= 0 (0: none)");
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "softcap must be >= 0 (0: none)");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) >= q.size(2) && q.stride(0) >= q.size(1) * q.stride(1),
               "q must be a (T, H, D) tensor with contiguous heads");
   TORCH_CHECK(kv.scalar_type() == q.scalar_type(), "q and kv must have the same dtype");
@@ -556,10 +636,10 @@ void paged_attention(at::Tensor out, at::Tensor lse, at::Tensor q, at::Tensor kv
     }
   }
   if (q.scalar_type() == at::kBFloat16) {
-    run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split);
+    run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be bfloat16 or float32");
-    run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split);
+    run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap);
   }
 }
 
@@ -619,7 +699,7 @@ void kv_write(at::Tensor kv, at::Tensor k, at::Tensor v, at::Tensor slots, int64
 TORCH_LIBRARY(prefixflow, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor kv, int page_size, Tensor items, "
-      "Tensor rows, Tensor pages, float scale, int key_split) -> ()");
+      "Tensor rows, Tensor pages, float scale, int key_split, int window=0, float softcap=0.0) -> ()");
   m.def("kv_write(Tensor(a!) kv, Tensor k, Tensor v, Tensor slots, int page_size) -> ()");
 }
 
