@@ -28,6 +28,9 @@ class AttentionShape:
     head_dim: int
     page_size: int
     dtype: torch.dtype
+    # The distinct sliding windows of the model's layers (None: a full-attention layer):
+    # `prepare` builds what each needs once per step, and a layer reads its window's.
+    windows: tuple[int | None, ...] = (None,)
 
     @property
     def group(self) -> int:
@@ -36,9 +39,15 @@ class AttentionShape:
 
 
 class AttentionLayer(Protocol):
-    """What a backend needs to know of the layer it serves."""
+    """What a backend needs to know of the layer it serves.
+
+    `window` and `softcap` (window.py) are read with getattr, defaulting to None, so a
+    model whose layers lack them attends fully and uncapped.
+    """
 
     scale: float
+    window: int | None  # sliding window: a query sees itself and the window - 1 keys before
+    softcap: float | None  # scores become softcap * tanh(scores / softcap)
 
 
 @dataclass

@@ -36,10 +36,27 @@ class PageGather:
         return kv_layout.gather(kv, pages, self.page_size, bufs)
 
 
-def causal_mask(q_len: int, ctx_len: int) -> torch.Tensor:
-    """(Q, L) True where query i (the last Q of L positions) may see key j."""
-    q_pos = torch.arange(ctx_len - q_len, ctx_len)
-    return torch.arange(ctx_len)[None, :] <= q_pos[:, None]
+def decode_batch(
+    tables: list[list[int]],
+    first_keys: list[int],
+    positions: list[int],
+    window: int | None,
+    page_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decodes as one padded batch: (B, W) page ids and the (B, L) bool mask of the keys
+    each row sees (L = W * page_size). Row i's table holds positions from first_keys[i];
+    its query is at positions[i]."""
+    width = max((len(t) for t in tables), default=0)
+    # Padding repeats a page the row holds: a masked key still meets its value in the
+    # product (0 x value), so it must be a finite one, never another sequence's page.
+    padded = torch.tensor([t + t[-1:] * (width - len(t)) for t in tables], dtype=torch.long)
+    key_pos = torch.tensor(first_keys, dtype=torch.long)[:, None]
+    key_pos = key_pos + torch.arange(width * page_size)  # (B, L) absolute positions
+    q_pos = torch.tensor(positions, dtype=torch.long)[:, None]
+    mask = key_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - key_pos < window
+    return padded.view(len(tables), width), mask.view(len(tables), width * page_size)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Attention in PyTorch that also returns its log-sum-exp, for the merge of shared-prefix parts.
 
 The PyTorch path of the shared-prefix backend (the C++ kernel's fallback), and its GEMM path
-for large shared parts in bfloat16.
+for large shared parts in bfloat16; with a soft cap, the one path of every backend (no fused
+kernel caps its scores).
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ def attend_with_lse(
     v: torch.Tensor,  # (B, H_kv, L, D)
     mask: torch.Tensor | None,  # broadcastable to (B, H_kv, Q, L): bool (True = may attend)
     scale: float,  # or additive in q's dtype (additive_mask)
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output (B, H_kv, Q, D) in q's dtype and its log-sum-exp (B, H_kv, Q) in float32.
 
     A query that may attend to no key gets output 0 and lse -inf, which the merge weighs 0.
+    `softcap`: scores become softcap * tanh(scores / softcap) before the mask (window.py);
+    only the explicit product below can do that, so plain layers keep the fused paths.
     """
+    if softcap:
+        return _attend_explicit(q, k, v, mask, scale, softcap)
     if mask is None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return _attend_bf16_unmasked(q, k, v, scale)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
@@ -42,7 +48,45 @@ def attend_with_lse(
             o = o.masked_fill(dead.unsqueeze(-1), 0.0)
             lse = lse.masked_fill(dead, float("-inf"))
         return o, lse
+    return _attend_explicit(q, k, v, mask, scale, None)
+
+
+def _attend_explicit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two GEMMs around a float32 softmax, the scores materialised a pass of query rows at
+    a time so they stay near 64 MB however long the prompt chunk and its context."""
+    B, h_kv, Q, _ = q.shape
+    step = max(1, _SCORES_PER_PASS // (B * h_kv * k.shape[-2]))
+    if Q <= step:
+        return _explicit_pass(q, k, v, mask, scale, softcap)
+    outs, lses = [], []
+    for r in range(0, Q, step):
+        m = mask
+        if m is not None and m.shape[-2] != 1:
+            m = m[..., r : r + step, :]
+        o, lse = _explicit_pass(q[:, :, r : r + step], k, v, m, scale, softcap)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _explicit_pass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)  # (B, H_kv, Q, L)
+    if softcap:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores.masked_fill_(~mask, float("-inf"))
@@ -88,6 +132,7 @@ def attend_causal_with_lse(
     k: torch.Tensor,  # (1, H_kv, Q, D)
     v: torch.Tensor,  # (1, H_kv, Q, D)
     scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal self-attention with its lse: (1, H, Q, D) and (1, H, Q) float32.
 
@@ -96,7 +141,7 @@ def attend_causal_with_lse(
     head, so the KV heads are repeated (they are small next to the scores).
     """
     g = q.shape[1] // k.shape[1]
-    if q.device.type == "cpu" and _CPU_FLASH is not None:
+    if q.device.type == "cpu" and _CPU_FLASH is not None and not softcap:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         o, lse = _CPU_FLASH(q, k, v, 0.0, True, attn_mask=None, scale=scale)[:2]
         return o, lse
@@ -104,5 +149,5 @@ def attend_causal_with_lse(
     B, h_kv, _, D = k.shape
     causal = torch.ones(Q, Q, dtype=torch.bool).tril()
     qf = q.reshape(B, h_kv, g * Q, D)
-    o, lse = attend_with_lse(qf, k, v, causal.repeat(g, 1), scale)
+    o, lse = attend_with_lse(qf, k, v, causal.repeat(g, 1), scale, softcap)
     return o.reshape(B, h_kv * g, Q, D), lse.reshape(B, h_kv * g, Q)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 class SharedPart:
     pages: list[int]  # page ids of the shared run, in order
     members: list[int]  # sequences (by index in the step) whose queries all attend to it
+    first_page: int  # where the run starts in its members' page tables
 
 
 @dataclass
@@ -60,7 +61,7 @@ def plan_prefix_layout(
             and tokens >= min_part_tokens
             and (len(members) - 1) * tokens >= min_shared_tokens
         ):
-            parts.append(SharedPart(head[part_start:depth], members))
+            parts.append(SharedPart(head[part_start:depth], members, part_start))
             part_start = depth
         by_page: dict[int, list[int]] = {}
         for i in members:
@@ -73,4 +74,43 @@ def plan_prefix_layout(
                 stack.append((sub, depth, part_start))
             else:
                 own[sub[0]] = part_start
+    return PrefixLayout(parts, own)
+
+
+def window_layout(
+    layout: PrefixLayout,
+    first_seen: list[int],
+    last_first_seen: list[int],
+    page_size: int,
+) -> PrefixLayout:
+    """The layout for a sliding-window layer, from the full-attention one.
+
+    first_seen[i]: the first key position sequence i's first query sees; last_first_seen[i]:
+    the same for its last query (window.py). For each member of a part, the part is
+    - wholly before its first query's window: nothing to read, the member leaves it;
+    - wholly inside its last query's window (so every query's): the member keeps it, read
+      without a mask;
+    - else cut by the window: the member leaves it and every deeper part, and attends alone
+      to its own pages from there (from the first page its window sees), masked. A
+      member's parts run in position order, so these come in that order along its path.
+    Each member's own pages start no earlier than the first page its window sees.
+    """
+    own = list(layout.own_from_page)
+    cut: dict[int, int] = {}  # member -> the first page of the part its window cuts
+    parts = []
+    for part in layout.parts:  # a member's parts come in depth order (parents first)
+        start = part.first_page * page_size
+        end = start + len(part.pages) * page_size
+        kept = []
+        for i in part.members:
+            if i in cut or end <= first_seen[i]:
+                continue
+            if start >= last_first_seen[i]:
+                kept.append(i)
+            else:
+                cut[i] = part.first_page
+        if kept:
+            parts.append(SharedPart(part.pages, kept, part.first_page))
+    for i in range(len(own)):
+        own[i] = max(cut.get(i, own[i]), first_seen[i] // page_size)
     return PrefixLayout(parts, own)

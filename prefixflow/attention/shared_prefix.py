@@ -12,7 +12,9 @@ or, with `attention_kernels` off or the kernel missing, on PyTorch: gathered pag
 fused CPU flash kernel, and two bfloat16 GEMMs around a softmax for shared parts in
 bfloat16 (lse_attention.py). On the kernel a shared part ran 2-3x faster than those GEMMs
 and a causal prompt 2x faster than the flash kernel. Everything the step needs (layout,
-work lists, page tables, masks) is built once, in `prepare`.
+work lists, page tables, masks) is built once, in `prepare`, for each sliding window of
+the model's layers (window.py): a windowed layer drops the parts its sequences' windows
+have left behind and reads each sequence's own pages from the first its window sees.
 """
 
 from __future__ import annotations
@@ -33,15 +35,21 @@ from prefixflow.attention.backend import (
 from prefixflow.attention.common import (
     PageGather,
     additive_mask,
-    causal_mask,
+    decode_batch,
     fold_gqa,
     unfold_gqa,
 )
 from prefixflow.attention.lse_attention import attend_causal_with_lse, attend_with_lse
 from prefixflow.attention.merge import merge_into
-from prefixflow.attention.paged import PagedAttention, PagedMetadata
-from prefixflow.attention.prefix_groups import SharedPart, plan_prefix_layout
+from prefixflow.attention.paged import PagedAttention, PagedPlan
+from prefixflow.attention.prefix_groups import (
+    PrefixLayout,
+    SharedPart,
+    plan_prefix_layout,
+    window_layout,
+)
 from prefixflow.attention.step_layout import StepLayout
+from prefixflow.attention.window import first_visible, layer_softcap, layer_window, visible
 
 
 @dataclass
@@ -51,7 +59,9 @@ class OwnPrefill:
     rows: slice
     pages: torch.Tensor  # (n,) page ids from its first own page
     keys: int  # tokens of context in those pages
-    mask: torch.Tensor | None  # (G*Q, L) additive; None: a prompt from its start (causal)
+    # (G*Q, L) additive; None: its pages start at its first query and no query's window
+    # ends inside them (plain causal attention)
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -74,11 +84,20 @@ class Part:
 
 
 @dataclass
-class SharedPrefixMetadata(AttentionMetadata):
-    plain: PagedMetadata | None  # nothing shared and no kernel: the plain paged path
+class SharedPrefixPlan:
+    """What the layers of one sliding window read."""
+
+    plain: PagedPlan | None  # nothing shared and no kernel: the plain paged path
     own_work: kernels.KernelWork | None  # own pages on the kernel
     own_torch: OwnTorch | None  # own pages on PyTorch
     parts: list[Part]
+
+
+@dataclass
+class SharedPrefixMetadata(AttentionMetadata):
+    step: StepLayout  # for a window the runner did not name (window_plan)
+    layout: PrefixLayout  # the shared parts of full attention, which windows trim
+    plans: dict[int | None, SharedPrefixPlan]  # by the layers' window (None: full attention)
 
 
 class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
@@ -116,17 +135,37 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
 
     # ---- once per step ----
     def prepare(self, step: StepLayout) -> SharedPrefixMetadata:
-        page_size = step.page_size
-        seqs = step.seqs
         layout = plan_prefix_layout(
-            [s.pages for s in seqs],
-            [(s.ctx_len - s.q_len) // page_size for s in seqs],
+            [s.pages for s in step.seqs],
+            [(s.ctx_len - s.q_len) // step.page_size for s in step.seqs],
             self.min_shared_tokens,
-            page_size,
+            step.page_size,
             self.min_part_tokens,
         )
+        meta = SharedPrefixMetadata(step.slot_mapping, step, layout, {})
+        for w in self.shape.windows:
+            self.window_plan(meta, w)
+        return meta
+
+    def window_plan(self, meta: SharedPrefixMetadata, window: int | None) -> SharedPrefixPlan:
+        """The step's plan for `window`; one the shape did not list is built on first use
+        and kept for the step's other layers."""
+        if window not in meta.plans:
+            meta.plans[window] = self._plan(meta.step, meta.layout, window)
+        return meta.plans[window]
+
+    def _plan(self, step: StepLayout, layout: PrefixLayout, window: int | None) -> SharedPrefixPlan:
+        page_size = step.page_size
+        seqs = step.seqs
+        if window is not None:
+            layout = window_layout(
+                layout,
+                [first_visible(s.ctx_len - s.q_len, window) for s in seqs],
+                [first_visible(s.ctx_len - 1, window) for s in seqs],
+                page_size,
+            )
         if not layout.parts and self.kernel is None:
-            return SharedPrefixMetadata(step.slot_mapping, self.plain.prepare(step), None, None, [])
+            return SharedPrefixPlan(self.plain.plan(step, window), None, None, [])
         own = layout.own_from_page
         own_work = own_torch = None
         if self.kernel is not None:
@@ -141,11 +180,9 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
                     for i, s in enumerate(seqs)
                 ]
             )
-        else:
-            own_torch = self._own_torch(step, own)
-        if self.kernel is not None:
             parts = self._kernel_waves(step, layout.parts)
         else:
+            own_torch = self._own_torch(step, own, window)
             parts = [
                 Part(
                     torch.tensor([r for i in p.members for r in seqs[i].rows], dtype=torch.long),
@@ -154,7 +191,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
                 )
                 for p in layout.parts
             ]
-        return SharedPrefixMetadata(step.slot_mapping, None, own_work, own_torch, parts)
+        return SharedPrefixPlan(None, own_work, own_torch, parts)
 
     def _kernel_waves(self, step: StepLayout, shared: list[SharedPart]) -> list[Part]:
         """The shared parts in as few kernel calls as their rows allow.
@@ -182,25 +219,27 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             for entries in waves
         ]
 
-    def _own_torch(self, step: StepLayout, own: list[int]) -> OwnTorch:
+    def _own_torch(self, step: StepLayout, own: list[int], window: int | None) -> OwnTorch:
         page_size = step.page_size
         g = self.shape.group
         dec = [i for i, s in enumerate(step.seqs) if s.q_len == 1]
-        tables = [step.seqs[i].pages[own[i] :] for i in dec]
-        lens = [step.seqs[i].ctx_len - own[i] * page_size for i in dec]
-        width = max((len(t) for t in tables), default=0)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        mask = (
-            torch.arange(width * page_size) < torch.tensor(lens, dtype=torch.long)[:, None]
-        )  # (B, L)
+        tables, mask = decode_batch(
+            [step.seqs[i].pages[own[i] :] for i in dec],
+            [own[i] * page_size for i in dec],
+            [step.seqs[i].ctx_len - 1 for i in dec],
+            window,
+            page_size,
+        )
         prefills = []
         for i, s in enumerate(step.seqs):
             if s.q_len == 1:
                 continue
-            keys = s.ctx_len - own[i] * page_size
+            first_key = own[i] * page_size
+            keys = s.ctx_len - first_key
             m = None
-            if keys != s.q_len:
-                m = additive_mask(causal_mask(s.q_len, keys).repeat(g, 1), self.shape.dtype)
+            if keys != s.q_len or (window is not None and window < s.q_len):
+                seen = visible(s.q_len, s.ctx_len, window, first_key)
+                m = additive_mask(seen.repeat(g, 1), self.shape.dtype)
             prefills.append(
                 OwnPrefill(
                     slice(s.q_start, s.q_start + s.q_len),
@@ -211,7 +250,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             )
         return OwnTorch(
             torch.tensor([step.seqs[i].q_start for i in dec], dtype=torch.long),
-            padded.view(len(dec), width),
+            tables,
             additive_mask(mask[:, None, None, :], self.shape.dtype),
             prefills,
         )
@@ -228,30 +267,45 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
     ) -> torch.Tensor:
         page_size = self.shape.page_size
         kv_layout.write(kv_cache, k, v, meta.slot_mapping, page_size, self.kernel is not None)
-        scale = layer.scale
-        if meta.plain is not None:
-            return self.plain.attend(q, kv_cache, meta.plain, scale)
+        scale, window, softcap = layer.scale, layer_window(layer), layer_softcap(layer)
+        plan = self.window_plan(meta, window)
+        if plan.plain is not None:
+            return self.plain.attend(q, kv_cache, plan.plain, scale, softcap)
         T, H, D = q.shape
         out = torch.empty(T, H, D, dtype=torch.float32)
         lse = torch.empty(T, H, dtype=torch.float32)
-        if meta.own_work is not None:
-            kernels.attend(self.kernel, out, lse, q, kv_cache, page_size, meta.own_work, scale)
+        if plan.own_work is not None:
+            kernels.attend(
+                self.kernel, out, lse, q, kv_cache, page_size, plan.own_work, scale, window, softcap
+            )
         else:
-            self._attend_own_torch(q, kv_cache, meta.own_torch, scale, out, lse)
-        if meta.parts:
+            self._attend_own_torch(q, kv_cache, plan.own_torch, scale, softcap, out, lse)
+        if plan.parts:
             part_out = torch.empty_like(out)
             part_lse = torch.empty_like(lse)
-        for part in meta.parts:
+        for part in plan.parts:
             rows = part.rows
             if part.work is not None:
+                # A part lies wholly inside every member query's window: no window here.
                 kernels.attend(
-                    self.kernel, part_out, part_lse, q, kv_cache, page_size, part.work, scale
+                    self.kernel,
+                    part_out,
+                    part_lse,
+                    q,
+                    kv_cache,
+                    page_size,
+                    part.work,
+                    scale,
+                    None,
+                    softcap,
                 )
                 o_part, lse_part = part_out[rows], part_lse[rows]
             else:
                 h_kv = self.shape.num_kv_heads
                 kc, vc = self.gather(kv_cache, part.pages, 1)  # (H_kv, P, D)
-                o, s_lse = attend_with_lse(fold_gqa(q[rows], h_kv), kc[None], vc[None], None, scale)
+                o, s_lse = attend_with_lse(
+                    fold_gqa(q[rows], h_kv), kc[None], vc[None], None, scale, softcap
+                )
                 o_part, lse_part = unfold_gqa(o, s_lse, rows.numel(), h_kv)
             acc_o, acc_lse = out[rows], lse[rows]
             merge_into(acc_o, acc_lse, o_part, lse_part)
@@ -264,6 +318,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         kv_cache: torch.Tensor,
         own: OwnTorch,
         scale: float,
+        softcap: float | None,
         out: torch.Tensor,
         lse: torch.Tensor,
     ) -> None:
@@ -275,7 +330,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             B = own.decode_rows.numel()
             kc, vc = self.gather(kv_cache, own.decode_tables, 0)  # (B, H_kv, L, D)
             qd = q[own.decode_rows].view(B, h_kv, g, D)
-            o, s_lse = attend_with_lse(qd, kc, vc, own.decode_mask, scale)
+            o, s_lse = attend_with_lse(qd, kc, vc, own.decode_mask, scale, softcap)
             out[own.decode_rows] = o.reshape(B, H, D).float()
             lse[own.decode_rows] = s_lse.reshape(B, H)
         for p in own.prefills:
@@ -284,10 +339,10 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             Q = p.rows.stop - p.rows.start
             if p.mask is None:  # a prompt from its start: plain causal attention
                 qh = q[p.rows].transpose(0, 1)[None]  # (1, H, Q, D)
-                o, s_lse = attend_causal_with_lse(qh, kc[None], vc[None], scale)
+                o, s_lse = attend_causal_with_lse(qh, kc[None], vc[None], scale, softcap)
                 out[p.rows] = o[0].transpose(0, 1).float()
                 lse[p.rows] = s_lse[0].transpose(0, 1)
                 continue
             qs = fold_gqa(q[p.rows], h_kv)
-            o, s_lse = attend_with_lse(qs, kc[None], vc[None], p.mask, scale)
+            o, s_lse = attend_with_lse(qs, kc[None], vc[None], p.mask, scale, softcap)
             out[p.rows], lse[p.rows] = unfold_gqa(o, s_lse, Q, h_kv)

@@ -47,9 +47,11 @@ def test_greedy_float32_identical_on_every_attention_path(llm_f32, llm_paged, ll
     off = llm_no_kernels.chat(conversations(), params, use_tqdm=False)
     ids = [[o.outputs[0].token_ids for o in outs] for outs in (got, want, off)]
     assert ids[0] == ids[1] == ids[2]
-    assert max(len(m.parts) for m in seen) >= 1  # decodes attended the system prompt once
+    assert (
+        max(len(m.plans[None].parts) for m in seen) >= 1
+    )  # decodes attended the system prompt once
     if backend.kernel is not None:
-        assert all(m.own_work is not None for m in seen)  # and the kernels ran
+        assert all(m.plans[None].own_work is not None for m in seen)  # and the kernels ran
 
 
 def test_samples_identical_on_every_attention_path(llm_f32, llm_paged, llm_no_kernels):

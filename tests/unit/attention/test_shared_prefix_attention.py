@@ -99,7 +99,7 @@ def run_backends(seed: int, dtype: torch.dtype, use_kernels: bool, g_choices=(1,
     )
     meta = backend.prepare(layout)
     if not min_part:
-        assert meta.parts  # the shared path really ran
+        assert meta.plans[None].parts  # the shared path really ran
     got = backend.forward(layer, q, k, v, cache.clone(), meta)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
@@ -111,16 +111,16 @@ def run_backends(seed: int, dtype: torch.dtype, use_kernels: bool, g_choices=(1,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shared_prefix_on_the_kernel_equals_paged_attention(seed, dtype):
     meta = run_backends(seed, dtype, use_kernels=True)
-    assert meta.own_work is not None  # the kernel really ran
+    assert meta.plans[None].own_work is not None  # the kernel really ran
 
 
 @needs_kernel
 def test_kernel_takes_disjoint_parts_in_one_call_and_nested_ones_after():
     metas = [run_backends(seed, torch.float32, use_kernels=True) for seed in range(32)]
-    waves = [p for m in metas for p in m.parts]
+    waves = [p for m in metas for p in m.plans[None].parts]
     # Sibling documents (disjoint rows) share a call; a document after its root, a second.
     assert any(len(p.work.items) > 1 for p in waves)
-    assert any(len(m.parts) > 1 for m in metas)
+    assert any(len(m.plans[None].parts) > 1 for m in metas)
     for p in waves:
         assert p.rows.unique().numel() == p.rows.numel()  # no row twice in one wave
 
@@ -132,7 +132,7 @@ def test_shared_prefix_on_pytorch_equals_paged_attention(seed, dtype, fused, mon
     if not fused:  # the portable path, as on a machine without PyTorch's fused CPU kernel
         monkeypatch.setattr(lse_attention, "_CPU_FLASH", None)
     meta = run_backends(seed, dtype, use_kernels=False, g_choices=(1, 3))
-    assert meta.own_work is None
+    assert meta.plans[None].own_work is None
 
 
 def test_merge_of_two_halves_equals_attention_over_all_keys():
