@@ -50,7 +50,7 @@ def trainable_copy(llm: LLM):
 
     from prefixflow.model.loader import iter_weights, load_hf_config, resolve_model
 
-    src = resolve_model(llm.config.model)
+    src = resolve_model(llm.config.model, llm.config.revision)
     cfg = load_hf_config(src)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     state = {name: t for name, t in iter_weights(src, cfg)}

@@ -1,7 +1,8 @@
 """Find a model's files and load its config, tokenizer and weights.
 
-A model is a Hugging Face folder (config.json, tokenizer files, safetensors weights) or a
-single .gguf file, whose config and tokenizer transformers reads from the GGUF metadata.
+A model is a Hugging Face folder (config.json, tokenizer files, safetensors weights), a
+single .gguf file (its config rebuilt from the GGUF metadata: gguf_config.py, or by
+transformers; its tokenizer by transformers), or a Hub id resolved to either (hub.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prefixflow.utils.cache_dir import cache_root
 @dataclass(frozen=True)
 class ModelSource:
     path: Path  # the folder, or the .gguf file
+    hub_id: str | None = None  # the Hub id it was resolved from, if any
 
     @property
     def is_gguf(self) -> bool:
@@ -29,38 +31,81 @@ class ModelSource:
 
     @property
     def name(self) -> str:
+        if self.hub_id is not None:  # a snapshot folder is named by its commit hash
+            return self.hub_id
         return self.path.stem if self.is_gguf else self.path.name
 
 
-def resolve_model(model: str | os.PathLike | None) -> ModelSource:
+def resolve_model(model: str | os.PathLike | None, revision: str | None = None) -> ModelSource:
+    """The files of a model: a local folder or .gguf file (used as is), a Hub id `org/name`
+    or `org/name/file.gguf` (found in, or downloaded into, huggingface_hub's cache at
+    `revision`: a branch, tag or commit, default main; see loader/hub.py), or None for the
+    embedded default model."""
+    from prefixflow.model.loader.hub import download, looks_like_hub_id
+
     path = default_model_path() if model is None else Path(model).expanduser()
+    hub_id = None
     if not path.exists():
-        raise FileNotFoundError(
-            f"model {str(path)!r} does not exist; give a Hugging Face model folder or a .gguf "
-            "file (prefixflow never downloads weights)"
-        )
+        if not (isinstance(model, str) and looks_like_hub_id(model)):
+            raise FileNotFoundError(
+                f"model {str(path)!r} does not exist (prefixflow never downloads a path, only "
+                "Hub ids); give a Hugging Face model folder, a .gguf file or a Hub id (org/name, "
+                "or org/name/file.gguf)"
+            )
+        path, hub_id = download(model, revision), model
     if path.is_dir() and not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model folder?")
     if path.is_file() and path.suffix != ".gguf":
         raise ValueError(f"{path} is a file but not a .gguf file")
-    return ModelSource(path.resolve())
+    # a file keeps the name it was given: a Hub snapshot's files are links to blobs named
+    # by their hash, without the .gguf
+    path = path.resolve() if path.is_dir() else path.parent.resolve() / path.name
+    return ModelSource(path, hub_id)
 
 
 def load_hf_config(src: ModelSource):
     from transformers import AutoConfig
 
-    return _load_converted(src, AutoConfig, "config.json")
+    def from_gguf():
+        from prefixflow.model.loader.gguf_config import config_dict
+        from prefixflow.model.loader.gguf_file import GGUFFile
+
+        d = config_dict(GGUFFile(src.path))
+        if d is None:  # not a family prefixflow runs: transformers' config, or its error
+            return AutoConfig.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+        return AutoConfig.for_model(**d)
+
+    return _load_converted(src, AutoConfig, "config.json", from_gguf)
 
 
 def load_tokenizer(src: ModelSource):
     from transformers import AutoTokenizer
 
-    return _load_converted(src, AutoTokenizer, "tokenizer.json")
+    def from_gguf():
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        from prefixflow.model.loader.gguf_file import GGUFFile
+
+        kwargs = {"gguf_file": src.path.name}
+        arch = GGUFFile(src.path).architecture
+        if _TRANSFORMERS_ARCH.get(arch, arch) in GGUF_SUPPORTED_ARCHITECTURES:
+            return AutoTokenizer.from_pretrained(str(src.path.parent), **kwargs)
+        # AutoTokenizer first converts the config, and refuses architectures transformers
+        # has no config conversion for; the tokenizer itself does not depend on them
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(str(src.path.parent), **kwargs)
+
+    return _load_converted(src, AutoTokenizer, "tokenizer.json", from_gguf)
 
 
-def _load_converted(src: ModelSource, auto_cls, marker: str):
-    """Load with a transformers Auto class. What it converts from GGUF metadata (seconds of
-    work) is saved once in a cache folder keyed by the file, and read from there after."""
+# GGUF architecture -> transformers' name for it, where they differ
+_TRANSFORMERS_ARCH = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+def _load_converted(src: ModelSource, auto_cls, marker: str, from_gguf):
+    """Load with a transformers Auto class. What is converted from GGUF metadata (seconds
+    of work) is saved once in a cache folder keyed by the file, and read from there after."""
     if not src.is_gguf:
         return auto_cls.from_pretrained(str(src.path))
     cache = gguf_cache_dir(src.path)
@@ -69,7 +114,7 @@ def _load_converted(src: ModelSource, auto_cls, marker: str):
             return auto_cls.from_pretrained(str(cache))
         except Exception:  # a damaged cache is rebuilt below
             pass
-    obj = auto_cls.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+    obj = from_gguf()
     try:
         obj.save_pretrained(str(cache))
     except OSError:
@@ -77,10 +122,14 @@ def _load_converted(src: ModelSource, auto_cls, marker: str):
     return obj
 
 
+# Bumped when a conversion changes, so that no cache made by an older one is read.
+_CONVERSION_VERSION = 2
+
+
 def gguf_cache_dir(gguf_path: Path) -> Path:
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / key
+    ident = f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}:{_CONVERSION_VERSION}"
+    return cache_root() / "gguf" / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def iter_weights(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
@@ -137,10 +186,5 @@ def eos_token_ids(src: ModelSource, hf_config, tokenizer) -> frozenset[int]:
 
 
 def max_model_len(hf_config) -> int:
-    n = int(hf_config.max_position_embeddings)
-    window = getattr(hf_config, "sliding_window", None)
-    uses_window = getattr(hf_config, "use_sliding_window", hf_config.model_type == "mistral")
-    if window and uses_window:
-        # We attend to the full context; beyond the window that would differ from the model.
-        n = min(n, int(window))
-    return n
+    """The model's context. Sliding windows do not shorten it: attention honours them."""
+    return int(hf_config.max_position_embeddings)
