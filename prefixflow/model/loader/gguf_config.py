@@ -29,7 +29,6 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: set_swa_pattern(6); transformers: the same default
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp: n_no_rope_layer_step = 4
-_ROPE_SCALING = {"linear": "linear", "yarn": "yarn", "longrope": "longrope"}
 
 
 def _f32(value) -> float:
@@ -86,7 +85,7 @@ def _head_dim(m: _Meta) -> int:
 def _rope(m: _Meta, default_base: float = 10000.0) -> dict:
     """rope_parameters as transformers 5 writes them, from rope.freq_base and rope.scaling.*."""
     params = {"rope_type": "default", "rope_theta": _f32(m.get("rope.freq_base", default_base))}
-    kind = _ROPE_SCALING.get(str(m.get("rope.scaling.type", "none")))
+    kind = str(m.get("rope.scaling.type", "none"))  # longrope: Phi-3 (its factors are tensors)
     if kind in ("linear", "yarn"):
         params.update(rope_type=kind, factor=_f32(m.get("rope.scaling.factor")))
     if kind == "yarn":
@@ -201,7 +200,9 @@ def _olmo2(m: _Meta) -> dict:
     d = _common(m, "olmo2", "Olmo2ForCausalLM") | {"rope_parameters": _rope(m)}
     if (window := m.get("attention.sliding_window")) is not None:
         # only OLMo 3 has a window (llama.cpp converts it as olmo2 too)
-        pattern = m.get("attention.sliding_window_pattern") or []
+        n = int(m.get("block_count"))
+        # OLMo 3's own default where the file has no pattern: every fourth layer is full
+        pattern = m.get("attention.sliding_window_pattern") or [(i + 1) % 4 != 0 for i in range(n)]
         d.update(model_type="olmo3", architectures=["Olmo3ForCausalLM"])
         d["sliding_window"] = int(window)
         d["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
