@@ -30,7 +30,7 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         t0 = time.perf_counter()
-        self.front = front = RequestFront(config.model, config.max_model_len, limits=config.limits)
+        self.front = front = RequestFront.from_config(config)
         self.runner = ModelRunner(
             config, front.source, front.hf_config, front.codec, front.grammars
         )

@@ -27,7 +27,7 @@ from prefixflow.model.loader import (
     max_model_len,
     resolve_model,
 )
-from prefixflow.model.registry import architecture_of
+from prefixflow.model.registry import arch_of
 from prefixflow.request import CompletionOutput, FinishReason, Request, RequestOutput
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.structured.compiler import GrammarCompiler
@@ -42,21 +42,22 @@ class RequestFront:
         runs_model: bool = True,
         limits: LimitsConfig | None = None,
         chat_template: str | None = None,
+        revision: str | None = None,
     ) -> None:
         """model: a folder, .gguf file or Hub id (None: the embedded default); max_len: a
         cap on prompt + output tokens below the model's context; runs_model: refuse an
         architecture prefixflow cannot run (off where only the tokenizer is needed);
         limits: what one request may ask (inputs/limits.py); chat_template: a template
         file or text in place of the model's (a missing file or a syntax error is a
-        ValueError naming it, before the model loads)."""
+        ValueError naming it, before the model loads); revision: of a Hub id."""
         self.limits = limits or LimitsConfig()
         template = load_chat_template(chat_template) if chat_template is not None else None
         self.kv: KVBudget | None = None  # known once the engine sized its KV cache
-        self.source: ModelSource = resolve_model(model)
+        self.source: ModelSource = resolve_model(model, revision)
         self.model_name = self.source.name
         self.hf_config = load_hf_config(self.source)
-        if runs_model:  # refuse an unsupported model before anything else
-            architecture_of(self.hf_config)
+        if runs_model:  # refuse an unsupported model, or a config it cannot run, first
+            arch_of(self.hf_config)
         self.codec = TextCodec(load_tokenizer(self.source), template)
         self.eos_token_ids = eos_token_ids(self.source, self.hf_config, self.codec.tokenizer)
         self.vocab_size: int = self.hf_config.vocab_size
@@ -74,6 +75,7 @@ class RequestFront:
             runs_model,
             limits=config.limits,
             chat_template=config.chat_template,
+            revision=config.revision,
         )
 
     def limit_context(self, max_len: int) -> None:

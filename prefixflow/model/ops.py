@@ -1,5 +1,6 @@
-"""The elementwise operations of a Llama layer, fused in C++ (csrc/fused_ops.cpp) or in
-plain PyTorch: RMSNorm after the residual add, SiLU x up, and rotary embedding.
+"""The elementwise operations of a decoder layer, fused in C++ (csrc/fused_ops.cpp) or in
+plain PyTorch: RMSNorm after the residual add, SiLU x up, and rotary embedding. Gemma's
+(1 + w) norm and GELU x up run on PyTorch.
 
 `LayerOps(fused=True)` uses the extension's kernels where it was built (one pass and one
 dispatch each instead of several); `fused=False`, or no extension, takes the PyTorch
@@ -26,7 +27,7 @@ class LayerOps:
         residual: torch.Tensor | None = None,  # (T, hidden), updated in place to x + residual
     ) -> torch.Tensor:
         """RMSNorm of x (+ residual), with float32 statistics as the reference computes them."""
-        if self.fused:
+        if self.fused and x.dim() == 2 and x.is_contiguous():
             return torch.ops.prefixflow.add_rms_norm(x, residual, weight, eps)
         if residual is not None:
             residual.add_(x)
@@ -34,6 +35,29 @@ class LayerOps:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return weight * h.to(x.dtype)
+
+    @staticmethod
+    def offset_rms_norm(
+        x: torch.Tensor,  # (..., dim)
+        weight: torch.Tensor,  # (dim,)
+        eps: float,
+        offset: float,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gemma's RMSNorm: scaled by (offset + w), multiplied in float32 and then cast, as
+        transformers does (folding the offset into a bfloat16 weight would round w)."""
+        if residual is not None:
+            residual.add_(x)
+            x = residual
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return (h * (offset + weight.float())).to(x.dtype)
+
+    @staticmethod
+    def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """(T, 2 * I) -> (T, I): GELU(gate, tanh approximation) * up (Gemma)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(T, 2 * I) -> (T, I): SiLU(gate) * up."""

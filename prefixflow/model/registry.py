@@ -1,4 +1,5 @@
-"""Architecture names -> model classes; anything else is refused by name."""
+"""Architecture names -> the shared decoder with its family's switches; anything else is
+refused by name, with the supported list."""
 
 from __future__ import annotations
 
@@ -8,21 +9,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.decoder import CausalLM
+from prefixflow.model.families import ARCHITECTURES, MODEL_TYPES
 
-# architecture -> (class, whether q/k/v projections carry a bias)
-_ARCHITECTURES: dict[str, tuple[type, bool]] = {
-    "LlamaForCausalLM": (LlamaForCausalLM, False),
-    "MistralForCausalLM": (LlamaForCausalLM, False),
-    "Qwen2ForCausalLM": (LlamaForCausalLM, True),
-}
-
-# model_type (config.json, GGUF general.architecture) -> architecture
-MODEL_TYPES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
+__all__ = ["MODEL_TYPES", "UnsupportedArchitectureError", "architecture_of", "build_model"]
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -35,22 +25,26 @@ def architecture_of(hf_config) -> str:
         model_type = getattr(hf_config, "model_type", None)
         archs = [MODEL_TYPES.get(model_type, str(model_type))]
     for a in archs:
-        if a in _ARCHITECTURES:
+        if a in ARCHITECTURES:
             return a
     raise UnsupportedArchitectureError(
         f"architecture {archs[0]!r} is not supported; prefixflow runs "
-        f"{', '.join(sorted(_ARCHITECTURES))}"
+        f"{', '.join(sorted(ARCHITECTURES))}"
     )
 
 
-def build_model(hf_config) -> LlamaForCausalLM:
+def arch_of(hf_config):
+    """The family's switches for this config (refusing one that lacks a field it needs)."""
+    return ARCHITECTURES[architecture_of(hf_config)](hf_config)
+
+
+def build_model(hf_config) -> CausalLM:
     """The model with its parameters allocated but not initialised: load_weights fills
     every one (and refuses a checkpoint that lacks any), so drawing random values first
     would be wasted (0.6 s of every start of the default model)."""
-    cls, qkv_bias = _ARCHITECTURES[architecture_of(hf_config)]
-    qkv_bias = qkv_bias or bool(getattr(hf_config, "attention_bias", False))
+    arch = arch_of(hf_config)
     with _parameters_left_uninitialised():
-        return cls(hf_config, qkv_bias=qkv_bias)
+        return CausalLM(hf_config, arch)
 
 
 _INIT_LOCK = threading.Lock()

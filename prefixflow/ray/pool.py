@@ -48,7 +48,7 @@ class ReplicaPool:
 
         # The driver checks each request as a replica's engine would, so a bad line fails
         # alone here.
-        self.front = RequestFront(config.model, config.max_model_len, limits=config.limits)
+        self.front = RequestFront.from_config(config)
         self.model_name, self.codec = self.front.model_name, self.front.codec
         if address is None:
             ray.init(include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)

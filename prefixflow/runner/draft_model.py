@@ -27,7 +27,7 @@ import dataclasses
 import torch
 
 from prefixflow.attention.backend import AttentionBackend
-from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.decoder import CausalLM
 from prefixflow.runner.step_inputs import forward_step
 from prefixflow.step import PageTables, ScheduledSeq
 
@@ -35,7 +35,7 @@ from prefixflow.step import PageTables, ScheduledSeq
 class DraftModelProposer:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_cache: torch.Tensor,  # the draft's (L, 2, num_pages, H_kv, page_size * D)
         backend: AttentionBackend,
         page_size: int,

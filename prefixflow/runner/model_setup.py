@@ -6,7 +6,7 @@ import torch
 
 from prefixflow.config import EngineConfig
 from prefixflow.model import prepack
-from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.decoder import CausalLM
 from prefixflow.model.loader import (
     ModelSource,
     iter_weights,
@@ -20,7 +20,7 @@ from prefixflow.tokenizer import TextCodec
 
 def load_model(
     src: ModelSource, hf_config, dtype: torch.dtype, config: EngineConfig, packed: bool
-) -> LlamaForCausalLM:
+) -> CausalLM:
     model = build_model(hf_config)
     model.load_weights(iter_weights(src, hf_config))
     model = model.to(dtype).eval()
@@ -32,7 +32,7 @@ def load_model(
 
 def load_draft_model(
     path: str, codec: TextCodec, target_config, dtype, config: EngineConfig, packed: bool
-) -> LlamaForCausalLM:
+) -> CausalLM:
     """The draft model of draft-model speculation; it must share the target's tokenizer."""
     src = resolve_model(path)
     hf_config = load_hf_config(src)

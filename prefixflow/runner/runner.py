@@ -11,7 +11,7 @@ from prefixflow.attention.kv_layout import check_page_size
 from prefixflow.attention.registry import build_backend
 from prefixflow.config import EngineConfig
 from prefixflow.model import prepack
-from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.decoder import CausalLM
 from prefixflow.model.loader import ModelSource, max_model_len
 from prefixflow.model.shapes import head_dim_of
 from prefixflow.runner.attention_setup import attention_config
@@ -84,7 +84,7 @@ class ModelRunner:
                 c.zero_()
             self._pages_zeroed = self.num_pages
 
-    def _backend(self, model: LlamaForCausalLM) -> AttentionBackend:
+    def _backend(self, model: CausalLM) -> AttentionBackend:
         shape = attention_shape(model, self.page_size, self.dtype)
         return build_backend(attention_config(self.config), shape)
 
@@ -221,8 +221,13 @@ class ModelRunner:
         return out
 
 
-def attention_shape(model: LlamaForCausalLM, page_size: int, dtype: torch.dtype) -> AttentionShape:
+def attention_shape(model: CausalLM, page_size: int, dtype: torch.dtype) -> AttentionShape:
     cfg = model.config
     return AttentionShape(
-        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg), page_size, dtype
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        head_dim_of(cfg),
+        page_size,
+        dtype,
+        windows=model.arch.windows,
     )

@@ -7,7 +7,7 @@ import torch
 
 from prefixflow.attention.backend import AttentionBackend, M
 from prefixflow.attention.step_layout import SeqLayout, StepLayout
-from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.decoder import CausalLM
 from prefixflow.step import PageTables, ScheduledSeq
 
 
@@ -46,7 +46,7 @@ def build_step(
 
 
 def forward_step(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     backend: AttentionBackend[M],
     kv_cache: torch.Tensor,  # (L, 2, num_pages, H_kv, page_size * D)
     seqs: list[ScheduledSeq],

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from prefixflow.model import prepack
-from prefixflow.model.llama import LlamaForCausalLM
+from prefixflow.model.decoder import CausalLM
 from prefixflow.model.loader import iter_weights, load_hf_config, resolve_model
 from prefixflow.model.registry import architecture_of
 
@@ -37,7 +37,7 @@ _SAME = (
 )
 
 
-def load_update(model: LlamaForCausalLM, weights: Weights, packed: bool, hf_config) -> None:
+def load_update(model: CausalLM, weights: Weights, packed: bool, hf_config) -> None:
     """Copy the new weights into the model (all of them from a path, any from pairs)."""
     if isinstance(weights, str | os.PathLike):
         src = resolve_model(weights)
@@ -58,7 +58,7 @@ def load_update(model: LlamaForCausalLM, weights: Weights, packed: bool, hf_conf
         prepack.prepack_linears(model)
 
 
-def frozen_copy(model: LlamaForCausalLM, packed: bool) -> LlamaForCausalLM:
+def frozen_copy(model: CausalLM, packed: bool) -> CausalLM:
     """A copy of the model as it is, to finish requests under it (in_flight="keep")."""
     old = copy.deepcopy(model)
     if packed:
