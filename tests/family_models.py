@@ -31,8 +31,33 @@ _COMMON = dict(
 _MOE = dict(num_experts_per_tok=2, norm_topk_prob=True)
 
 
-def family_config(family: str):
-    """The transformers config of the tiny model of `family`."""
+# Quirks of the tiny models that llama.cpp's GGUF cannot state (its loaders hard-code or
+# lack them), turned off for the GGUF variant of each family.
+_NOT_IN_GGUF = {
+    "qwen3": dict(use_sliding_window=False, sliding_window=None),  # no window in llama.cpp
+    "qwen3_moe": dict(mlp_only_layers=[]),  # every layer a mixture
+    "mixtral": dict(sliding_window=None),
+    "olmoe": dict(clip_qkv=None),
+    "smollm3": dict(no_rope_layers=[1, 1, 1]),  # llama.cpp: every fourth layer, fixed
+    "gemma3": dict(query_pre_attn_scalar=16),  # llama.cpp: the head size
+}
+
+
+def family_config(family: str, gguf_expressible: bool = False):
+    """The transformers config of the tiny model of `family` (gguf_expressible: without
+    the quirks a GGUF file cannot state)."""
+    config = _family_config(family)
+    if gguf_expressible:
+        for key, value in _NOT_IN_GGUF.get(family, {}).items():
+            setattr(config, key, value)
+        if family == "qwen3":
+            config.layer_types = ["full_attention"] * config.num_hidden_layers
+        if family == "gemma3":  # llama.cpp's pattern: five local layers, then a global one
+            config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    return config
+
+
+def _family_config(family: str):
     import transformers as tf
 
     c = dict(_COMMON)
@@ -104,13 +129,14 @@ FAMILIES = (
 )
 
 
-def build_family_model(family: str, folder: Path, tokenizer):
+def build_family_model(family: str, folder: Path, tokenizer, gguf_expressible: bool = False):
     """A random-weight model of `family` saved to `folder` (with the test tokenizer);
     returns the transformers model, float32, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(family_config(family), dtype=torch.float32).eval()
+    config = family_config(family, gguf_expressible)
+    ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # norms and biases away from their neutral start, so they matter
         gen = torch.Generator().manual_seed(1)
         for p in ref.parameters():

@@ -75,7 +75,12 @@ def load_hf_config(src: ModelSource):
             return AutoConfig.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
         return AutoConfig.for_model(**d)
 
-    return _load_converted(src, AutoConfig, "config.json", from_gguf)
+    try:
+        return _load_converted(src, AutoConfig, "config.json", from_gguf)
+    except (OSError, ImportError):
+        raise
+    except Exception as e:  # transformers' own validation: a field of the wrong type
+        raise ValueError(f"{src.path}: the model's config is not valid: {e}") from e
 
 
 def load_tokenizer(src: ModelSource):

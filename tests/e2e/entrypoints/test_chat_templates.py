@@ -97,14 +97,6 @@ def test_a_missing_file_or_a_syntax_error_is_named_at_startup(tmp_path):
         RequestFront.from_config(EngineConfig(chat_template="{% if %}"), runs_model=False)
 
 
-ENGINE_WIRED = pytest.mark.xfail(
-    strict=True,
-    reason="engine/engine.py (and ray/pool.py) build the request front without the option: "
-    "RequestFront.from_config(config) passes it; remove this mark once they call it",
-)
-
-
-@ENGINE_WIRED
 def test_run_batch_takes_the_option_and_names_a_missing_file(template_file, tokenizer, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps({"custom_id": "a", "url": CHAT_COMPLETIONS, "body": body()}) + "\n")

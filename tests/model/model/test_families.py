@@ -1,6 +1,7 @@
 """Every supported family, exact to transformers: greedy float32 tokens equal its forward
 with prefix sharing on and off, the shared-prefix kernels on and off, n-gram speculation
-and forced preemption; prompt logprobs within 1e-4.
+and forced preemption; prompt logprobs within 1e-4; the same weights as GGUF give the same
+tokens; a config without a field the family needs is refused by name.
 
 Three engines per family cover every switch: each switch is on in one and off in another.
 """
@@ -58,7 +59,7 @@ def _generate(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> list
 
 
 def test_greedy_tokens_equal_transformers_in_every_mode(family):
-    name, folder, _, prompts, want, (echo, echo_want) = family
+    name, folder, ref, prompts, want, (echo, echo_want) = family
     for run, options in RUNS.items():
         llm = LLM(model=str(folder), dtype="float32", **{"kv_cache_memory": "16MiB", **options})
         spec = "speculation" in run
@@ -74,19 +75,65 @@ def test_greedy_tokens_equal_transformers_in_every_mode(family):
             assert stats.cached_prompt_tokens >= 2 * 32
         if spec:
             assert stats.draft_tokens > 0
+            # prompt logprobs, some read from the prefix cache this run filled
+            _check_prompt_logprobs(llm, ref, prompts[:4], name)
 
 
-def test_prompt_logprobs_equal_transformers(family):
-    name, folder, ref, prompts, *_ = family
-    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="16MiB")
+def _check_prompt_logprobs(llm: LLM, ref, prompts: list[list[int]], name: str) -> None:
     outs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts[:4]],
+        [{"prompt_token_ids": p} for p in prompts],
         SamplingParams(max_tokens=1, prompt_logprobs=1),
         use_tqdm=False,
     )
-    for p, out in zip(prompts, outs, strict=False):
+    for p, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():
             want = torch.log_softmax(ref(torch.tensor([p])).logits[0].float(), -1)
         got = [out.prompt_logprobs[i][p[i]].logprob for i in range(1, len(p))]
         exp = [want[i - 1, p[i]].item() for i in range(1, len(p))]
         assert got == pytest.approx(exp, abs=1e-4), name
+
+
+def test_the_same_weights_as_gguf_give_the_same_tokens(family, tmp_path, tokenizer):
+    from tests.gguf_export import write_gguf
+
+    name, _, _, prompts, *_ = family
+    prompts = prompts[2:6]  # one with the shared prefix, and lengths from 5 to 70
+    folder = tmp_path / "folder"
+    build_family_model(name, folder, tokenizer, gguf_expressible=True)
+    gguf = write_gguf(folder, tmp_path / f"{name}.gguf")
+    lengths = [MAX_TOKENS] * len(prompts)
+    outs = []
+    for path in (folder, gguf):
+        outs.append(
+            _generate(
+                LLM(model=str(path), dtype="float32", kv_cache_memory="16MiB"), prompts, lengths
+            )
+        )
+    assert outs[0] == outs[1]
+
+
+def test_a_config_without_a_field_its_family_needs_is_refused_naming_it(family, tmp_path):
+    import json
+    import shutil
+
+    from prefixflow.model.arch import ConfigFieldError
+
+    name, folder, *_ = family
+    needs = {
+        "qwen3": "head_dim",
+        "qwen3_moe": "num_experts",
+        "mixtral": "num_local_experts",
+        "olmoe": "num_experts_per_tok",
+        "gemma2": "query_pre_attn_scalar",
+        "gemma3": "query_pre_attn_scalar",
+    }
+    if name not in needs:
+        pytest.skip(f"{name} reads no field beyond the common ones")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg[needs[name]] = None
+    (broken / "config.json").write_text(json.dumps(cfg))
+    # transformers' own config classes refuse some nulls first; either way, by name
+    with pytest.raises((ConfigFieldError, ValueError), match=needs[name]):
+        LLM(model=str(broken), dtype="float32", kv_cache_memory="16MiB")
