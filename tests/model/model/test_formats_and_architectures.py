@@ -151,7 +151,7 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path, tokenizer):
         tmp_path
     )
     tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*Gemma3ForCausalLM"):
         LLM(model=str(tmp_path))
 
 
