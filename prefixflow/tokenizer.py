@@ -169,6 +169,8 @@ def check_chat_template(text: str, where: str) -> None:
         _compile_jinja_template(text)
     except TemplateSyntaxError as e:
         raise ValueError(f"{where}: Jinja syntax error on line {e.lineno}: {e.message}") from e
+    except Exception as e:  # a hostile template (nesting deep enough to recurse out)
+        raise ValueError(f"{where}: the template cannot be compiled: {type(e).__name__}") from e
 
 
 # The template call's own arguments, whatever the tokenizer: render_jinja_template's, and

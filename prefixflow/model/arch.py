@@ -42,6 +42,9 @@ class DecoderArch:
     # (Gemma); "post": after both only (OLMo 2)
     norms: str = "pre"
     norm_offset: float = 0.0  # Gemma scales by (1 + w)
+    # The norm's weight multiplies the float32 value before the cast (OLMo 2, Gemma), not
+    # after it (Llama): the same in float32, one rounding apart in bfloat16.
+    norm_weight_in_float32: bool = False
     act: str = "silu"  # the gated MLP's activation: silu or gelu_tanh
     embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden)
     attn_scale: float | None = None  # None: head_dim ** -0.5

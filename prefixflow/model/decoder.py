@@ -23,7 +23,7 @@ class DecoderLayer(nn.Module):
         self.norms = arch.norms
 
         def norm() -> RMSNorm:
-            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, arch.norm_offset)
+            return RMSNorm.of(cfg.hidden_size, cfg.rms_norm_eps, ops, arch)
 
         if arch.norms != "post":
             self.input_layernorm = norm()
@@ -84,7 +84,7 @@ class CausalLM(nn.Module):
         self.ops = LayerOps(fused=False)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, arch, spec, self.ops) for spec in arch.layers)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops, arch.norm_offset)
+        self.norm = RMSNorm.of(cfg.hidden_size, cfg.rms_norm_eps, self.ops, arch)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tie_word_embeddings:

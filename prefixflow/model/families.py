@@ -80,7 +80,9 @@ def olmoe(cfg) -> DecoderArch:
 def olmo2(cfg) -> DecoderArch:
     layers = tuple(LayerSpec() for _ in range(cfg.num_hidden_layers))
     bias = bool(getattr(cfg, "attention_bias", False))
-    return DecoderArch("olmo2", layers, qkv_bias=bias, qk_norm="full", norms="post")
+    return DecoderArch(
+        "olmo2", layers, qkv_bias=bias, qk_norm="full", norms="post", norm_weight_in_float32=True
+    )
 
 
 def _gemma(cfg, family: str, **switches) -> DecoderArch:
@@ -94,6 +96,7 @@ def _gemma(cfg, family: str, **switches) -> DecoderArch:
         switches.pop("layers", None) or _layers(cfg),
         norms="sandwich",
         norm_offset=1.0,
+        norm_weight_in_float32=True,
         act="gelu_tanh",
         embed_scale=cfg.hidden_size**0.5,
         attn_scale=scalar**-0.5,

@@ -19,16 +19,24 @@ from prefixflow.model.shapes import head_dim_of
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, ops: LayerOps, offset: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, eps: float, ops: LayerOps, offset: float = 0.0, float32_weight: bool = False
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.ops = ops
         self.offset = offset
+        self.float32_weight = float32_weight or bool(offset)
+
+    @classmethod
+    def of(cls, dim: int, eps: float, ops: LayerOps, arch: DecoderArch) -> RMSNorm:
+        """The family's norm (arch.py: its offset, and where its weight multiplies)."""
+        return cls(dim, eps, ops, arch.norm_offset, arch.norm_weight_in_float32)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """RMSNorm of x, or of x + residual (residual is then updated to that sum)."""
-        if self.offset:
+        if self.float32_weight:
             return self.ops.offset_rms_norm(x, self.weight, self.eps, self.offset, residual)
         return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
@@ -61,8 +69,8 @@ class Attention(nn.Module):
                 else (self.q_size, self.kv_size)
             )
             eps = cfg.rms_norm_eps
-            self.q_norm = RMSNorm(q_dim, eps, ops, arch.norm_offset)
-            self.k_norm = RMSNorm(k_dim, eps, ops, arch.norm_offset)
+            self.q_norm = RMSNorm.of(q_dim, eps, ops, arch)
+            self.k_norm = RMSNorm.of(k_dim, eps, ops, arch)
 
     def forward(
         self,

@@ -44,8 +44,9 @@ class LayerOps:
         offset: float,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Gemma's RMSNorm: scaled by (offset + w), multiplied in float32 and then cast, as
-        transformers does (folding the offset into a bfloat16 weight would round w)."""
+        """RMSNorm with the weight (plus offset: Gemma's 1 + w) multiplied in float32 and
+        then cast, as transformers' Gemma and OLMo 2 norms do (folding the offset into a
+        bfloat16 weight would round w)."""
         if residual is not None:
             residual.add_(x)
             x = residual

@@ -13,6 +13,7 @@ import torch
 
 from prefixflow.cache.disk_tier import DiskTier
 from prefixflow.config import EngineConfig, parse_disk_size
+from prefixflow.model.registry import arch_of
 from prefixflow.runner.kv_cache import bytes_per_page, kv_shape
 
 # Bumped whenever the bytes of a page would mean something else (attention/kv_layout.py).
@@ -22,6 +23,7 @@ LAYOUT_VERSION = 1
 _CONFIG_FIELDS = (
     "rope_theta",
     "rope_scaling",
+    "rope_parameters",
     "max_position_embeddings",  # some rope scalings depend on it
     "rms_norm_eps",
     "head_dim",
@@ -42,6 +44,8 @@ def kv_fingerprint(
     h.update(f"layout {LAYOUT_VERSION} {dtype} page {page_size} shape {page_shape}".encode())
     config = {name: getattr(hf_config, name, None) for name in _CONFIG_FIELDS}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    # the family's switches (windows, soft caps, routing, ...): keys and values depend on them
+    h.update(repr(arch_of(hf_config)).encode())
     named = [(name, t.detach()) for name, t in weights]
     # hashlib lets go of the GIL on large buffers: the tensors hash on every core at once.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:

@@ -17,7 +17,7 @@ import torch
 from prefixflow.model import prepack
 from prefixflow.model.decoder import CausalLM
 from prefixflow.model.loader import iter_weights, load_hf_config, resolve_model
-from prefixflow.model.registry import architecture_of
+from prefixflow.model.registry import arch_of
 
 Weights = Iterable[tuple[str, torch.Tensor]] | str | os.PathLike
 
@@ -32,6 +32,7 @@ _SAME = (
     "intermediate_size",
     "vocab_size",
     "rope_theta",
+    "rope_parameters",
     "rms_norm_eps",
     "tie_word_embeddings",
 )
@@ -42,12 +43,14 @@ def load_update(model: CausalLM, weights: Weights, packed: bool, hf_config) -> N
     if isinstance(weights, str | os.PathLike):
         src = resolve_model(weights)
         cfg = load_hf_config(src)
-        architecture_of(cfg)
+        arch = arch_of(cfg)
         differ = [
             f"{k} {getattr(cfg, k, None)!r} (running: {getattr(hf_config, k, None)!r})"
             for k in _SAME
             if getattr(cfg, k, None) != getattr(hf_config, k, None)
         ]
+        if arch != model.arch:  # windows, soft caps, routing: the family's switches
+            differ.append(f"the family's switches {arch} (running: {model.arch})")
         if differ:
             raise ValueError(f"{weights} is another model: {', '.join(differ)}")
         model.update_weights(iter_weights(src, cfg), require_all=True)

@@ -191,5 +191,20 @@ def eos_token_ids(src: ModelSource, hf_config, tokenizer) -> frozenset[int]:
 
 
 def max_model_len(hf_config) -> int:
-    """The model's context. Sliding windows do not shorten it: attention honours them."""
-    return int(hf_config.max_position_embeddings)
+    """The model's context. Sliding windows do not shorten it: attention honours them.
+
+    With `longrope` (Phi-3.5, Phi-4-mini), transformers rotates a whole sequence by other
+    factors once it is longer than the original context, so keys cached under one set
+    would be wrong under the other; the context stops at the original length, where
+    outputs are exact, until both tables are served."""
+    from prefixflow.model.rope import rope_parameters
+
+    n = int(hf_config.max_position_embeddings)
+    params = rope_parameters(hf_config)
+    if params.get("rope_type") == "longrope":
+        original = params.get("original_max_position_embeddings") or getattr(
+            hf_config, "original_max_position_embeddings", None
+        )
+        if original:
+            n = min(n, int(original))
+    return n

@@ -88,6 +88,8 @@ def download(model_id: str, revision: str | None = None) -> Path:
                 revision=revision,
                 cache_dir=cache,
                 allow_patterns=ALLOW_PATTERNS,
+                # Mistral's repositories hold the weights twice; the loader reads the HF copy
+                ignore_patterns=["consolidated*"],
                 local_files_only=local_only,
                 etag_timeout=_PROBE_TIMEOUT_S,
             )

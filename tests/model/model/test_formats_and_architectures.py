@@ -178,3 +178,23 @@ def test_bfloat16_stays_close_to_float32(llm_f32, prompts):
         ["The capital of France is"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False
     )
     assert "Paris" in out[0].outputs[0].text
+
+
+def test_longrope_context_stops_at_the_original_length():
+    """transformers rotates a sequence past the original length by its long factors; keys
+    cached under the short ones would then be wrong, so the context stops there."""
+    from transformers import Phi3Config
+
+    from prefixflow.model.loader import max_model_len
+
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8}
+    rope.update(long_factor=[4.0] * 8)
+    cfg = Phi3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=64,
+        rope_parameters=rope,
+    )
+    assert max_model_len(cfg) == 64
+    assert max_model_len(Phi3Config(hidden_size=64, num_attention_heads=4)) == 4096

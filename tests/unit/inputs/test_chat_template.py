@@ -102,3 +102,11 @@ def test_templates_compile_as_transformers_compiles_them():
     check_chat_template("{% for m in messages %}{% break %}{% endfor %}", "t")
     with pytest.raises(ValueError, match="^where: Jinja syntax error"):
         check_chat_template("{{ x ", "where")
+
+
+def test_a_template_nested_past_the_parser_is_that_requests_error():
+    from prefixflow.tokenizer import check_chat_template
+
+    hostile = "{{" + "(" * 3000 + "1" + ")" * 3000 + "}}"
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        check_chat_template(hostile, "chat_template")
