@@ -68,7 +68,7 @@ def test_kernel_equals_reference(seed):
     dtype = rng.choice([torch.float32, torch.bfloat16])
     page_size = rng.choice([2, 4, 16, 32, 64])
     h_kv, g = rng.choice([(1, 1), (3, 3), (2, 8), (1, 3), (3, 1)])
-    D = rng.choice([64, 64, 128, 32])
+    D = rng.choice([64, 64, 128, 32, 256])
     works, T = random_work(rng, 200, page_size)
     kv = torch.randn(2, 200, h_kv, page_size * D).to(dtype)
     q = torch.randn(T, h_kv * g, D).to(dtype)

@@ -298,7 +298,7 @@ def test_kernel_window_and_softcap_equal_reference(seed):
     dtype = rng.choice([torch.float32, torch.bfloat16])
     page_size = rng.choice([2, 4, 16, 32])
     h_kv, g = rng.choice([(1, 1), (3, 3), (2, 8), (1, 3)])
-    D = rng.choice([32, 64, 128])
+    D = rng.choice([32, 64, 128, 256])
     window = rng.choice([1, 3, page_size + 1, 3 * page_size - 1, 100])
     softcap = rng.choice([0.0, 1.5, 20.0])
     free = list(range(300))
