@@ -58,9 +58,11 @@ inline float round_to(float f) {
   }
 }
 
+// offset < 0: Llama's norm, the normed value cast to T before the weight multiplies it;
+// offset >= 0: Gemma's and OLMo 2's, (offset + weight) multiplied in float32, then cast.
 template <typename T>
 void add_rms_norm_impl(at::Tensor& out, const at::Tensor& x, c10::optional<at::Tensor>& residual,
-                       const at::Tensor& weight, double eps) {
+                       const at::Tensor& weight, double eps, double offset = -1.0) {
   const int64_t rows = x.size(0), n = x.size(1);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   T* rp = residual ? reinterpret_cast<T*>(residual->data_ptr()) : nullptr;
@@ -85,6 +87,11 @@ void add_rms_norm_impl(at::Tensor& out, const at::Tensor& x, c10::optional<at::T
       for (int64_t i = 0; i < n; ++i) ss += h[i] * h[i];
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + feps);
       T* orow = op + r * n;
+      if (offset >= 0.0) {
+        const float off = static_cast<float>(offset);
+        for (int64_t i = 0; i < n; ++i) orow[i] = store<T>(h[i] * inv * (off + load<T>(wp, i)));
+        continue;
+      }
       for (int64_t i = 0; i < n; ++i) {
         const T normed = store<T>(h[i] * inv);  // cast to the input dtype, then the weight
         orow[i] = store<T>(load<T>(wp, i) * load<T>(&normed, 0));
@@ -93,8 +100,10 @@ void add_rms_norm_impl(at::Tensor& out, const at::Tensor& x, c10::optional<at::T
   });
 }
 
-// out = rms_norm(x + residual) * weight, with residual updated to x + residual when given.
-at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps) {
+// out = rms_norm(x + residual) * weight, with residual updated to x + residual when given;
+// offset >= 0: * (offset + weight) in float32 (add_offset_rms_norm).
+at::Tensor add_rms_norm_offset(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps,
+                               double offset) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (T, hidden) tensor");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "weight must be a contiguous (hidden,) tensor of x's dtype");
@@ -104,12 +113,22 @@ at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Te
   }
   auto out = at::empty_like(x);
   if (x.scalar_type() == at::kBFloat16) {
-    add_rms_norm_impl<uint16_t>(out, x, residual, weight, eps);
+    add_rms_norm_impl<uint16_t>(out, x, residual, weight, eps, offset);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
-    add_rms_norm_impl<float>(out, x, residual, weight, eps);
+    add_rms_norm_impl<float>(out, x, residual, weight, eps, offset);
   }
   return out;
+}
+
+at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps) {
+  return add_rms_norm_offset(x, residual, weight, eps, -1.0);
+}
+
+at::Tensor add_offset_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps,
+                               double offset) {
+  TORCH_CHECK(offset >= 0.0, "offset must be >= 0");
+  return add_rms_norm_offset(x, residual, weight, eps, offset);
 }
 
 #if defined(__AVX512F__)
@@ -241,12 +260,14 @@ void rotary(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, at
 
 TORCH_LIBRARY_FRAGMENT(prefixflow, m) {
   m.def("add_rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps) -> Tensor");
+  m.def("add_offset_rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps, float offset) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rotary(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(prefixflow, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("add_offset_rms_norm", &add_offset_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary", &rotary);
 }

@@ -36,8 +36,8 @@ class LayerOps:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return weight * h.to(x.dtype)
 
-    @staticmethod
     def offset_rms_norm(
+        self,
         x: torch.Tensor,  # (..., dim)
         weight: torch.Tensor,  # (dim,)
         eps: float,
@@ -47,6 +47,8 @@ class LayerOps:
         """RMSNorm with the weight (plus offset: Gemma's 1 + w) multiplied in float32 and
         then cast, as transformers' Gemma and OLMo 2 norms do (folding the offset into a
         bfloat16 weight would round w)."""
+        if self.fused and x.dim() == 2 and x.is_contiguous():
+            return torch.ops.prefixflow.add_offset_rms_norm(x, residual, weight, eps, offset)
         if residual is not None:
             residual.add_(x)
             x = residual
