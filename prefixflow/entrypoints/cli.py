@@ -1,4 +1,4 @@
-"""The `prefixflow` command: run-batch, serve, analyze, bench and env."""
+"""The `prefixflow` command: run-batch, serve, analyze, bench, eval and env."""
 
 from __future__ import annotations
 
@@ -192,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="prefixflow and its peers on the same workloads")
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+    from prefixflow.entrypoints import eval_cli
+
+    ev = sub.add_parser(
+        "eval", help="lm-evaluation-harness tasks on the engine, in one process (prefixflow[eval])"
+    )
+    eval_cli.add_arguments(ev)
+    ev.set_defaults(func=eval_cli.run)
     from prefixflow.entrypoints import env_info
 
     env = sub.add_parser(
