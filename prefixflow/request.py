@@ -72,6 +72,9 @@ class Request:
         self.weight_version: int | None = None
         self.token_versions: list[int] = []
         self.num_prompt_logprobs = 0  # prompt positions whose logprobs were returned
+        # The first prompt position whose logprob it computes since it last started (it
+        # read those before from the prefix cache); None when it computes none.
+        self.prompt_logprobs_from: int | None = None
         self._page_hashes: tuple[int, list[bytes]] | None = None  # (page size, chain)
 
     @property
@@ -109,18 +112,24 @@ class Request:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        """Prompt logprobs still to compute: such a request computes its whole prompt."""
+        """Prompt logprobs still to return."""
         return (
             self.sampling_params.prompt_logprobs is not None
             and self.num_prompt_logprobs < self.num_prompt_tokens - 1
         )
 
+    @property
+    def next_prompt_logprob(self) -> int | None:
+        """The prompt position whose logprob comes next; None when none is to come."""
+        return self.num_prompt_logprobs + 1 if self.wants_prompt_logprobs else None
+
     def prompt_logprob_span(self, start: int, end: int) -> tuple[int, list[int]]:
-        """For a chunk of positions start..end: where its prompt logprobs start, and the
-        prompt tokens after them whose logprobs it returns."""
+        """For a chunk of positions start..end: the row whose logits give its first prompt
+        logprob, and the prompt tokens from there whose logprobs it returns. The row is
+        start - 1 (before the chunk) after a cached prefix whose logprobs were read."""
         if not self.wants_prompt_logprobs:
             return start, []
-        lp_start = min(max(start, self.num_prompt_logprobs), end)
+        lp_start = min(max(start - 1, self.num_prompt_logprobs), end)
         return lp_start, self.token_ids[lp_start + 1 : min(end, self.num_prompt_tokens - 1) + 1]
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefixflow.logprob_block import LogprobBlock
 from prefixflow.sampling_params import SamplingParams
 
 
@@ -55,6 +56,13 @@ class ScheduledSeq:
     # chunk, whose logprobs the runner returns.
     prompt_logprob_start: int = 0
     prompt_logprob_targets: list[int] = field(default_factory=list)
+    # When prompt_logprob_start is start_pos - 1 (a cached row): that row's final hidden
+    # state, as the runner returned it once, or (request id, position) of a sequence that
+    # computes it in this step.
+    prompt_logprob_prev: bytes | tuple[str, int] | None = None
+    # Positions of this chunk whose final hidden states the runner returns (hidden_rows):
+    # the last rows of pages that keep their prompt logprobs (cache/page_logprobs.py).
+    hidden_positions: list[int] = field(default_factory=list)
     num_output_tokens: int = 0  # generated so far: the sample index for seeded draws
     # Other samples of the same prompt, drawn from this sequence's logits (n > 1 forking);
     # they compute nothing themselves (empty token_ids).
@@ -130,8 +138,11 @@ class RunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     # Sequences that drafted: the accepted drafts, then the token sampled after them.
     speculated: dict[str, list[SampledToken]] = field(default_factory=dict)
-    # prompt_logprobs: for each target token of the step's chunks, its logprob entry.
-    prompt_logprobs: dict[str, list[SampledToken]] = field(default_factory=dict)
+    # prompt_logprobs: each chunk's targets' entries, with the top max_logprobs where the
+    # prefix cache keeps them (so any request may read them), else the request's own k.
+    prompt_logprobs: dict[str, LogprobBlock] = field(default_factory=dict)
+    # The final hidden states at each sequence's hidden_positions, as bytes.
+    hidden_rows: dict[str, list[bytes]] = field(default_factory=dict)
     # The bytes of SchedulerOutput.page_saves' pages: (key, bytes) for the disk tier.
     saved_pages: list[tuple[str, Any]] = field(default_factory=list)
 

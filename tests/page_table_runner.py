@@ -10,6 +10,11 @@ does (spec/verify.py). A sequence that asks for model drafts (num_model_drafts) 
 from `draft_token`, given the context so far, as the runner's draft model would. Pages for
 the disk tier go out and come back as their token ids' bytes, so a page read from disk
 into the wrong place, or under the wrong key, shows up as a wrong context too.
+
+Prompt logprobs: a row's "hidden state" is its context read back from the pages (as
+bytes), and a position's entry a hash of the context before it and its token
+(`fake_entry`), so an entry read from the wrong cached page, or computed from a wrong
+previous row, differs from the one a cold run computes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from prefixflow.cache.page_pool import PagePool
+from prefixflow.logprob_block import LogprobBlock
 from prefixflow.request import Request
 from prefixflow.spec import verify
 from prefixflow.step import PageTables, RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
@@ -28,6 +34,16 @@ from prefixflow.step import PageTables, RunnerOutput, SampledToken, ScheduledSeq
 
 def hashed_token(request_id: str, context: list[int]) -> int:
     return 1000 + zlib.crc32(f"{request_id}:{context}".encode()) % 100_000
+
+
+FAKE_K = 2
+
+
+def fake_entry(context: list[int], token: int) -> tuple[float, int, list[tuple[int, float]]]:
+    """The fake model's (logprob, rank, top-2) of token after context; float32-exact."""
+    h = zlib.crc32(f"{context}".encode())
+    lp = -((h + token) % 997) / 64
+    return lp, 1 + (h + token) % 5, [(h % 50, -(h % 13) / 64), (h % 51 + 50, -(h % 17) / 32)]
 
 
 class PageTableRunner:
@@ -77,6 +93,8 @@ class PageTableRunner:
             )
         result = RunnerOutput()
         for s in seqs:
+            self._prompt_logprobs(s, result)
+        for s in seqs:
             if not s.sample:
                 continue
             k = len(s.draft_token_ids)
@@ -100,6 +118,37 @@ class PageTableRunner:
                 self.tokens[seq.request_id].append(tok)
                 result.sampled[seq.request_id] = SampledToken(tok)
         return result
+
+    def _context(self, request_id: str, end: int) -> list[int]:
+        pages = self.tables[request_id]
+        return [self.slots[pages[p // self.page_size]][p % self.page_size] for p in range(end)]
+
+    def _prompt_logprobs(self, s: ScheduledSeq, result: RunnerOutput) -> None:
+        if s.hidden_positions:
+            result.hidden_rows[s.request_id] = [
+                np.asarray(self._context(s.request_id, p + 1), "<i8").tobytes()
+                for p in s.hidden_positions
+            ]
+        if not s.prompt_logprob_targets:
+            return
+        first = s.prompt_logprob_start
+        context = self._context(s.request_id, first + 1)
+        if first < s.start_pos:  # a cached row: from its stored hidden state, or a peer's
+            prev = s.prompt_logprob_prev
+            if isinstance(prev, tuple):
+                before = self._context(prev[0], prev[1] + 1)
+            else:
+                before = np.frombuffer(prev, "<i8").tolist()
+            assert before == context, (s.request_id, "previous row of another prefix")
+        block = LogprobBlock.empty(first + 1, FAKE_K)
+        for j, token in enumerate(s.prompt_logprob_targets):
+            lp, rank, top = fake_entry(self.tokens[s.request_id][: first + 1 + j], token)
+            block.token_ids.append(token)
+            block.logprobs.append(lp)
+            block.ranks.append(rank)
+            block.top_ids.extend(t for t, _ in top)
+            block.top_logprobs.extend(v for _, v in top)
+        result.prompt_logprobs[s.request_id] = block
 
     def _drafted(self, s: ScheduledSeq) -> ScheduledSeq:
         if not s.num_model_drafts:

@@ -35,6 +35,7 @@ import numpy as np
 
 from prefixflow.cache import page_file
 from prefixflow.cache.page_file import BadPage
+from prefixflow.cache.page_logprobs import PageLogprobs
 from prefixflow.page_hash import page_hash_chain
 
 logger = logging.getLogger("prefixflow")
@@ -121,6 +122,11 @@ class DiskTier:
     def read(self, key: str) -> np.ndarray | None:
         """The page's bytes, checked; None if there is no good file. A bad one is deleted;
         one that cannot be opened (a failing disk) is left alone."""
+        page = self.read_page(key)
+        return None if page is None else page[0]
+
+    def read_page(self, key: str) -> tuple[np.ndarray, PageLogprobs | None] | None:
+        """read(), with the page's prompt logprobs where it was saved with them."""
         path = self._path(key)
         t0 = time.perf_counter()
         try:
@@ -158,10 +164,11 @@ class DiskTier:
         self._known.add(key)
         return True
 
-    def save(self, key: str, data: np.ndarray) -> None:
-        """Write a page (one wants() said to save) in the background."""
+    def save(self, key: str, data: np.ndarray, logprobs: PageLogprobs | None = None) -> None:
+        """Write a page (one wants() said to save) in the background, with its prompt
+        logprobs if it keeps them."""
         if not self._closed:
-            self._queue.put(("write", self.fingerprint, key, data))
+            self._queue.put(("write", self.fingerprint, key, (data, logprobs)))
 
     def flush(self) -> None:
         """Wait until every page handed to save() is written (or failed)."""
@@ -172,7 +179,7 @@ class DiskTier:
         self._closed = True
         _stop(self._queue, self._thread)
 
-    def _do(self, op: str, fingerprint: str, key: str, data: np.ndarray | None) -> None:
+    def _do(self, op: str, fingerprint: str, key: str, data: tuple | None) -> None:
         path = page_file.page_path(self.root, fingerprint, key)
         if op == "touch":
             if not _touch(path):  # evicted meanwhile: save it again when next read
@@ -180,7 +187,7 @@ class DiskTier:
             return
         if path.exists():
             return
-        blob = page_file.encode(fingerprint, key, data)
+        blob = page_file.encode(fingerprint, key, *data)
         tmp = page_file.tmp_path(path, key, f"{os.getpid()}.{threading.get_ident()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,10 @@ the pages appended or replaced, and the sequences the runner must forget.
 Full pages are entered in the radix cache as soon as a step is scheduled to compute them
 (`cache_computed`): every layer writes the step's KV before any of its attention reads, so
 a request admitted later in the same step may already read them. Pure Python.
+
+Prompt logprobs live with the pages too (cache/page_logprobs.py): a request that asks for
+them starts from the cached pages that carry them, reads their entries, and enters its own
+pages with theirs.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from prefixflow.cache.page_logprobs import LogprobPages, PageLogprobs
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.cache.radix_cache import RadixCache
 from prefixflow.errors import KV_CACHE_TOO_SMALL, RequestError
+from prefixflow.logprob_block import LogprobBlock
 from prefixflow.request import Request
+from prefixflow.step import RunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:
     from prefixflow.cache.disk_tier import DiskTier
@@ -93,6 +100,8 @@ class KVManager:
         self.page_size = pool.page_size
         self.cache = RadixCache(pool) if prefix_sharing else None
         self.disk = disk if self.cache is not None else None
+        self.logprobs = LogprobPages(self.cache) if self.cache is not None else None
+        self._saving: dict[str, int] = {}  # disk key -> page, until its bytes come back
         # Sequences whose page tables the runner has, with how many pages it was sent and
         # the pages replaced since (copy-on-write of a shared partial page).
         self._sent: dict[str, int] = {}
@@ -119,6 +128,13 @@ class KVManager:
         # The prompt's chain is the one the planner hashed (kept on the Request).
         prompt_chain = req.page_hashes(page_size)
         hit = PrefixHit(self.cache.match(req.token_ids, max_pages, prompt_chain))
+        first = req.next_prompt_logprob
+        if first is not None:  # only pages that carry the logprobs it asks for
+            keep = self.logprobs.usable(hit.pages, first)
+            if keep < len(hit.pages):
+                self.pool.release(hit.pages[keep:][::-1])
+                del hit.pages[keep:]
+                max_pages = 0  # nor the disk after a miss
         if self.disk is not None and max_pages:
             hit.disk_keys = self.disk.keys(req.token_ids, page_size, max_pages)
             hit.num_on_disk = self.disk.count_present(hit.disk_keys[len(hit.pages) :])
@@ -142,22 +158,45 @@ class KVManager:
             for page, key in zip(hit.pages, hit.disk_keys, strict=False):
                 if self.disk.wants(key):
                     self._saves.append((page, key))
+                    self._saving[key] = page
         req.num_pages_cached = len(hit.pages) + loaded
         return loaded
+
+    def start_logprobs(self, req: Request) -> None:
+        """A request asking for prompt logprobs reads those of its cached positions (at
+        the step's end) and computes the rest, from `req.prompt_logprobs_from`."""
+        first = req.next_prompt_logprob
+        req.prompt_logprobs_from = first
+        if first is None or self.logprobs is None:
+            return
+        end = min(req.num_computed_tokens, req.num_prompt_tokens)
+        if end > first:
+            self.logprobs.read_cached(req.request_id, req.page_ids, first, end)
+            req.num_prompt_logprobs = end - 1
+            req.prompt_logprobs_from = end
 
     def _load_from_disk(self, req: Request, hit: PrefixHit) -> int:
         """A page that fails its checks (torn, corrupt, evicted meanwhile) ends the run: it
         and the pages after it are computed instead, in the pages already allocated."""
         first, loaded = len(hit.pages), 0
+        lp_first = req.next_prompt_logprob
+        logprobs: list[PageLogprobs | None] = []
         for i in range(first, first + hit.num_on_disk):
-            data = self.disk.read(hit.disk_keys[i])
-            if data is None:
+            page = self.disk.read_page(hit.disk_keys[i])
+            if page is None:
                 break
+            data, lp = page
+            if lp_first is not None and lp is None and self.logprobs.needs(i, lp_first):
+                break  # saved without the logprobs this request asks for: a miss
             self._loads.append((req.page_ids[i], data))
+            logprobs.append(lp)
             loaded += 1
         req.num_computed_tokens = (first + loaded) * self.page_size
         if loaded:
             self.cache.insert(req.token_ids, req.page_ids, first, first + loaded)
+            for i, lp in enumerate(logprobs, first):
+                if lp is not None:
+                    self.cache.set_logprobs(req.page_ids[i], lp)
         return loaded
 
     # ---- growth and sharing ----
@@ -199,8 +238,54 @@ class KVManager:
         """Enter the full pages of req's first num_tokens tokens in the prefix cache."""
         end_page = num_tokens // self.page_size
         if self.cache is not None and end_page > req.num_pages_cached:
-            self.cache.insert(req.token_ids, req.page_ids, req.num_pages_cached, end_page)
+            start_page = req.num_pages_cached
+            lp_pages = self._logprob_pages(req)
+            pending = self.cache.insert(req.token_ids, req.page_ids, start_page, end_page, lp_pages)
+            if pending:
+                self.logprobs.promise(req.request_id, pending)
             req.num_pages_cached = end_page
+
+    def _logprob_pages(self, req: Request) -> range:
+        """The indices of the pages whose every prompt logprob req computes: from the
+        first page whose positions all come at or after prompt_logprobs_from, to the last
+        page wholly in the prompt."""
+        first = req.prompt_logprobs_from
+        if first is None:
+            return range(0)
+        start = 0 if first <= 1 else -(-first // self.page_size)
+        return range(start, req.num_prompt_tokens // self.page_size)
+
+    def previous_row(
+        self, req: Request, lp_start: int, start: int, targets: list[int]
+    ) -> bytes | tuple[str, int] | None:
+        """For a chunk whose first prompt logprob comes from the row before it (lp_start,
+        the last row of a cached page): that row's hidden state (page_logprobs.py)."""
+        if not targets or lp_start >= start:
+            return None
+        return self.logprobs.previous_row(req.page_ids[lp_start // self.page_size], lp_start)
+
+    def hidden_positions(self, req: Request) -> list[int]:
+        """Rows whose hidden states the runner returns this step, to store with pages."""
+        return self.logprobs.promised_ends(req.request_id) if self.logprobs else []
+
+    def step_logprobs(
+        self, sched: SchedulerOutput, result: RunnerOutput
+    ) -> dict[str, list[LogprobBlock]]:
+        """The step's prompt logprobs per request, in position order (cached, then
+        computed), once the pages the step completed are stored: before the scheduler's
+        update, which may free the requests that computed them."""
+        if self.logprobs is None:
+            return {rid: [b] for rid, b in result.prompt_logprobs.items()}
+        chunks = [(s.request_id, s.start_pos + len(s.token_ids)) for s in sched.seqs]
+        return self.logprobs.step_done(chunks, result.prompt_logprobs, result.hidden_rows)
+
+    def save_pages(self, saved: list[tuple[str, Any]]) -> None:
+        """Hand the bytes of the pages copied out for the disk tier to it, with their
+        prompt logprobs where the cache has them."""
+        for key, data in saved:
+            page = self._saving.pop(key, None)
+            lp = None if page is None else self.cache.logprobs(page)
+            self.disk.save(key, data, lp if isinstance(lp, PageLogprobs) else None)
 
     def free(self, req: Request) -> None:
         """req's KV is gone (finished or preempted): release its pages, and the runner
@@ -209,6 +294,8 @@ class KVManager:
             self.pool.release(req.page_ids[::-1])
             req.page_ids = []
         req.num_pages_cached = 0
+        if self.logprobs is not None:
+            self.logprobs.forget(req.request_id)
         self._forget_ids.append(req.request_id)
         self._sent.pop(req.request_id, None)
         self._replaced.pop(req.request_id, None)
@@ -217,6 +304,7 @@ class KVManager:
         """No cached prefix is served again (the weights changed)."""
         if self.cache is not None:
             self.cache.clear()
+            self.logprobs.clear()
 
     # ---- what a step sends ----
     def table_diff(self, req: Request) -> TableDiff:

@@ -16,26 +16,34 @@ page nobody holds stays cached but free, handed out last (LRU). When the pool re
 page, the cache forgets it and everything below it. Only full pages are cached; a
 partly filled page belongs to the request writing into it (n samples of one prompt copy
 it on write, see cache/kv_manager.py).
+
+A node may also keep its page's prompt logprobs (cache/page_logprobs.py), or the promise
+of them from a request computing the page this step (PENDING). A page entered with
+logprobs replaces a cached copy of the same prefix without them: otherwise a prefix first
+computed by a plain request would be recomputed by every request that scores it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.page_hash import next_page_hash, root_digest, token_bytes
 
 _ROOT = -1  # the parent of a prompt's first page
 _ROOT_DIGEST = root_digest()
+PENDING = "pending"  # a node's logprobs: computed by a request this step, stored at its end
 
 
 class _Node:
-    __slots__ = ("digest", "parent", "tokens")
+    __slots__ = ("digest", "parent", "tokens", "logprobs")
 
-    def __init__(self, digest: bytes, parent: int, tokens: bytes) -> None:
+    def __init__(self, digest: bytes, parent: int, tokens: bytes, logprobs: Any) -> None:
         self.digest = digest  # the prefix's page hash chain digest, its key
         self.parent = parent  # the page holding the prefix above, or _ROOT
         self.tokens = tokens  # the page's token ids (page_hash.token_bytes)
+        self.logprobs = logprobs  # None, PENDING, or the page's PageLogprobs
 
 
 class RadixCache:
@@ -81,15 +89,24 @@ class RadixCache:
         return pages
 
     def insert(
-        self, token_ids: list[int], page_ids: list[int], start_page: int, end_page: int
-    ) -> None:
+        self,
+        token_ids: list[int],
+        page_ids: list[int],
+        start_page: int,
+        end_page: int,
+        logprobs_pages: range = range(0),
+    ) -> list[tuple[int, int]]:
         """Record that page_ids[start_page:end_page] hold those full pages of token_ids.
 
-        A page whose prefix is already cached under another page stays the caller's own;
-        the cached one remains the shared copy.
+        logprobs_pages: the indices of the pages whose prompt logprobs the caller computes:
+        they are entered PENDING. A page whose prefix is already cached under another
+        page stays the caller's own and the cached one remains the shared copy, unless the
+        caller brings logprobs the cached one lacks: then the caller's page replaces it
+        (and what was cached below it). Returns the (index, page) entered PENDING.
         """
+        pending: list[tuple[int, int]] = []
         if start_page >= end_page:
-            return
+            return pending
         page_size = self.page_size
         if start_page == 0:
             parent, digest = _ROOT, _ROOT_DIGEST
@@ -97,7 +114,7 @@ class RadixCache:
             parent = page_ids[start_page - 1]
             above = self._node_of.get(parent)
             if above is None:
-                return  # the prefix above is not cached (a duplicate): nothing below can be reached
+                return pending  # the prefix above is not cached: nothing below can be reached
             digest = above.digest  # the chain goes on from there, not from the first page
         buf = token_bytes(token_ids[start_page * page_size : end_page * page_size])
         width = 8 * page_size
@@ -105,19 +122,47 @@ class RadixCache:
             page = page_ids[p]
             tokens = buf[a : a + width]
             digest = next_page_hash(digest, tokens)
+            with_lp = p in logprobs_pages
             cached = self._page_of.get(digest)
             if cached is not None and cached != page:
-                # The cached copy of this prefix, or (a collision) of another one: either
-                # way this page and those below stay the caller's own.
-                return
+                old = self._node_of[cached]
+                same = old.parent == parent and old.tokens == tokens
+                if not (with_lp and same and old.logprobs is None):
+                    # The cached copy of this prefix, or (a collision) of another one: either
+                    # way this page and those below stay the caller's own.
+                    return pending
+                self.drop(cached)  # a copy without logprobs: the caller's page replaces it
+                cached = None
             if cached is None:
                 if page in self._node_of:
-                    return  # the page already caches another prefix (cannot happen when held)
+                    return pending  # the page caches another prefix (cannot happen when held)
                 self._page_of[digest] = page
-                self._node_of[page] = _Node(digest, parent, tokens)
+                self._node_of[page] = _Node(digest, parent, tokens, PENDING if with_lp else None)
                 self._children.setdefault(parent, set()).add(page)
                 self.pool.mark_cached(page)
+                if with_lp:
+                    pending.append((p, page))
             parent = page
+        return pending
+
+    # ---- prompt logprobs ----
+    def logprobs(self, page: int) -> Any:
+        """A cached page's prompt logprobs: None, PENDING or its PageLogprobs."""
+        node = self._node_of.get(page)
+        return None if node is None else node.logprobs
+
+    def set_logprobs(self, page: int, logprobs: Any) -> None:
+        """Keep (or with None, forget) a cached page's prompt logprobs; a page the cache
+        no longer holds is left alone."""
+        node = self._node_of.get(page)
+        if node is not None:
+            node.logprobs = logprobs
+
+    def drop(self, page: int) -> None:
+        """Forget a cached page and every prefix that extends it; its holders keep it."""
+        if page in self._node_of:
+            self._forget(page)
+            self.pool.uncache(page)
 
     def clear(self) -> None:
         """Forget every prefix (the KV was computed under weights that changed). Pages in

@@ -172,13 +172,13 @@ class Engine:
             )
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
-        for key, data in result.saved_pages:
-            self.runner.disk.save(key, data)
         if len(self.runner.models) == 1:  # a step with old weights beside runs two passes
             self.scheduler.observe_step(sched, time.perf_counter() - t0)
+        kv = self.scheduler.kv
+        prompt_logprobs = kv.step_logprobs(sched, result)  # stored before pages are freed
+        kv.save_pages(result.saved_pages)  # with the prompt logprobs just stored
         events = self.scheduler.update(sched, result)
-        if result.prompt_logprobs:
-            self.output.add_prompt_logprobs(result.prompt_logprobs)
+        self.output.add_prompt_logprobs(prompt_logprobs)
         ended, stops, self.updated_request_ids = self.output.process(events)
         dropped = 0  # tokens a speculative step accepted after a stop string
         for sample_id, stop, num_output_tokens in stops:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from prefixflow.engine.detokenizer import IncrementalDetokenizer
 from prefixflow.engine.stop import find_stop_string
 from prefixflow.errors import RequestError
+from prefixflow.logprob_block import LogprobBlock
 from prefixflow.request import CompletionOutput, FinishReason, Logprob, Request, RequestOutput
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import SampledToken
@@ -63,7 +64,9 @@ class OutputProcessor:
         samples it had finished, which come back as they were."""
         parent = _Parent(request_id, prompt, prompt_ids, params)
         if params.prompt_logprobs is not None:
-            parent.prompt_logprobs = list(resume.prompt_logprobs or [None]) if resume else [None]
+            # None for the first position, and for those before logprob_start_len.
+            skipped = [None] * max(1, min(params.logprob_start_len, len(prompt_ids)))
+            parent.prompt_logprobs = list(resume.prompt_logprobs or skipped) if resume else skipped
         for i, req in enumerate(samples):
             if isinstance(req, CompletionOutput):
                 parent.samples.append(_Sample(None, None, None, done=req))  # type: ignore[arg-type]
@@ -86,10 +89,18 @@ class OutputProcessor:
             self._sample_of[req.request_id] = (parent, s)
         self._parents[request_id] = parent
 
-    def add_prompt_logprobs(self, entries: dict[str, list[SampledToken]]) -> None:
-        for sample_id, toks in entries.items():
+    def add_prompt_logprobs(self, entries: dict[str, list[LogprobBlock]]) -> None:
+        for sample_id, blocks in entries.items():
+            if sample_id not in self._sample_of:
+                continue  # aborted
             parent, _ = self._sample_of[sample_id]
-            parent.prompt_logprobs.extend(self._logprob_entry(t) for t in toks)
+            k = parent.params.prompt_logprobs
+            for b in blocks:
+                for i in range(len(b)):
+                    tid, lp, rank, top = b.entry(i, k)
+                    parent.prompt_logprobs.append(
+                        self._logprob_entry(SampledToken(tid, lp, rank, top))
+                    )
 
     def parents_of(self, sample_ids: list[str]) -> list[_Parent]:
         """The requests of these samples (those the engine still tracks)."""

@@ -256,7 +256,6 @@ class Scheduler:
             self.kv.prefix_sharing
             and req.num_computed_tokens == 0
             and req.weight_version in (None, self.weight_version)  # not kept on old weights
-            and not req.wants_prompt_logprobs
         )
         hit = self.kv.match_prefix(req) if matched else None
         n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -268,6 +267,7 @@ class Scheduler:
                 self.kv.release_prefix(req, hit)
             return 0
         loaded = self.kv.commit_prefix(req, hit) if hit is not None else 0
+        self.kv.start_logprobs(req)
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
             req.num_disk_tokens = loaded * self.kv.page_size
@@ -308,6 +308,8 @@ class Scheduler:
             num_model_drafts=draft.num_model_tokens,
             prompt_logprob_start=lp_start,
             prompt_logprob_targets=lp_targets,
+            prompt_logprob_prev=self.kv.previous_row(req, lp_start, start, lp_targets),
+            hidden_positions=self.kv.hidden_positions(req),
             num_output_tokens=req.num_output_tokens,
             forks=forks,
         )

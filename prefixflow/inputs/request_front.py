@@ -181,6 +181,7 @@ class RequestFront:
     def samples(self, request_id: str, ids: list[int], params: SamplingParams) -> list[Request]:
         """The Requests of a prompt's n samples; prompt logprobs come from the first only."""
         out = [self._sample(request_id, ids, params, i) for i in range(params.n)]
+        out[0].num_prompt_logprobs = max(0, params.logprob_start_len - 1)
         for req in out[1:]:
             req.num_prompt_logprobs = len(ids)
         return out

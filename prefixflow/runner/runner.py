@@ -74,6 +74,9 @@ class ModelRunner:
             config.seed, greedy_fast_path=config.greedy_fast_path, use_kernel=config.sampling_kernel
         )
         self._grammars = grammars
+        # Prompt logprobs are computed with the top max_logprobs where the prefix cache
+        # keeps them: any later request may read them.
+        self._stored_logprobs = config.limits.max_logprobs if config.scheduler.prefix_sharing else 0
         self.structured: StructuredMasks | None = None  # built for the first structured row
         # Caches indexed by the same page ids: the target's, and the draft model's.
         self._caches = [self.kv_cache] + ([self.drafter.kv_cache] if self.drafter else [])
@@ -129,8 +132,10 @@ class ModelRunner:
             return RunnerOutput()
         hidden, last_idx = self._forward(seqs)  # (T, hidden)
         out = RunnerOutput()
-        if any(s.prompt_logprob_targets for s in seqs):
-            out.prompt_logprobs = prompt_logprobs(seqs, hidden, last_idx, self._logits)
+        if any(s.prompt_logprob_targets or s.hidden_positions for s in seqs):
+            out.prompt_logprobs, out.hidden_rows = prompt_logprobs(
+                seqs, hidden, last_idx, self._logits, self._stored_logprobs
+            )
         to_sample = [s for s in seqs if s.sample]
         if not to_sample:
             return out

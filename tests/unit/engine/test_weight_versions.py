@@ -15,21 +15,28 @@ import pytest
 from prefixflow.request import FinishReason, Request
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import SchedulerOutput
-from tests.page_table_runner import PageTableRunner
+from tests.page_table_runner import FAKE_K, PageTableRunner, fake_entry
 from tests.unit.engine.test_scheduler import check_step_invariants, make_scheduler
 
 PROMPT = [10_000 + i for i in range(23)]
 
 
-def scheduled(sched, pool, runner, steps: int | None = None) -> Iterator[SchedulerOutput]:
+def scheduled(
+    sched, pool, runner, steps: int | None = None, prompt_logprobs: dict | None = None
+) -> Iterator[SchedulerOutput]:
     """Each step's output, checked, for the caller to look at before the fake runner runs
-    it; until nothing is left, or `steps` steps."""
+    it; until nothing is left, or `steps` steps. prompt_logprobs: gets each request's
+    prompt logprob blocks, in the order the engine returns them."""
     n = 0
     while sched.has_unfinished() and (steps is None or n < steps):
         out = sched.schedule()
         check_step_invariants(sched, pool, out)
         yield out
-        sched.update(out, runner.execute(out))
+        result = runner.execute(out)
+        for rid, blocks in sched.kv.step_logprobs(out, result).items():
+            if prompt_logprobs is not None:
+                prompt_logprobs.setdefault(rid, []).extend(blocks)
+        sched.update(out, result)
         n += 1
 
 
@@ -117,10 +124,26 @@ def test_versions_in_use_track_the_kept_requests():
     assert sched.versions_in_use() == {1}  # "a" ended
 
 
+def cold_entries(prompt: list[int], first: int = 1) -> list[tuple]:
+    """What the fake runner computes for each prompt position from `first`, without cache."""
+    return [(prompt[p], *fake_entry(prompt[:p], prompt[p])) for p in range(first, len(prompt))]
+
+
+def returned_entries(blocks) -> list[tuple]:
+    """(token, logprob, rank, top) of each position, checking the blocks are consecutive."""
+    out, at = [], blocks[0].first if blocks else None
+    for b in blocks:
+        assert b.first == at, "positions skipped or returned twice"
+        out += [b.entry(i, FAKE_K) for i in range(len(b))]
+        at = b.end
+    return out
+
+
 @pytest.mark.parametrize("num_pages", [64, 12], ids=["roomy", "preempting"])
-def test_prompt_logprob_targets_cover_each_position_once(num_pages):
-    """Chunks of 8 tokens, prompts of 23 and 30, prefix sharing on (such requests compute
-    their prompt in full), and under a small cache preemption recomputes them."""
+def test_prompt_logprobs_cover_each_position_once_and_equal_cold_ones(num_pages):
+    """Chunks of 8 tokens, prompts of 23 and 30 sharing 23 tokens, pages of 4. "q" reads
+    the entries of the pages "p" cached (the first after them from the hidden state "p"
+    kept); "plain" asks none; under a small cache, preemption recomputes."""
     sched, pool = make_scheduler(num_pages=num_pages, page_size=4, max_num_batched_tokens=8)
     runner = PageTableRunner(pool)
     prompts = {"p": PROMPT, "q": PROMPT + [7, 8, 9, 10, 11, 12, 13], "plain": PROMPT}
@@ -128,22 +151,16 @@ def test_prompt_logprob_targets_cover_each_position_once(num_pages):
     for rid, prompt in prompts.items():
         lp = None if rid == "plain" else 0
         reqs[rid] = add(sched, runner, rid, prompt, max_tokens=6, prompt_logprobs=lp)
-    targets: dict[str, list[tuple[int, int]]] = {rid: [] for rid in prompts}
-    for out in scheduled(sched, pool, runner):
-        for s in out.seqs:
-            start = s.prompt_logprob_start
-            assert s.start_pos <= start
-            assert start + len(s.prompt_logprob_targets) <= s.start_pos + len(s.token_ids)
-            targets[s.request_id] += [
-                (start + j, t) for j, t in enumerate(s.prompt_logprob_targets)
-            ]
-    for rid in ("p", "q"):  # position p predicts token p + 1, each exactly once
-        prompt = prompts[rid]
-        assert targets[rid] == [(p, prompt[p + 1]) for p in range(len(prompt) - 1)]
-    assert targets["plain"] == []
-    assert reqs["q"].num_cached_tokens == 0  # "p" cached the shared pages, unused
+    got: dict[str, list] = {}
+    for _ in scheduled(sched, pool, runner, prompt_logprobs=got):
+        pass
+    for rid in ("p", "q"):  # position p's entry, each exactly once, as computed cold
+        assert returned_entries(got[rid]) == cold_entries(prompts[rid]), rid
+    assert "plain" not in got
     if num_pages == 12:
         assert sched.num_preemptions > 0
+    else:  # "q" started from the 5 full pages "p" computed with logprobs
+        assert reqs["q"].num_cached_tokens == 20
 
 
 def test_fake_runner_outputs_have_the_versions_the_scheduler_sent():
