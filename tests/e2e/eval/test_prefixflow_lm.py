@@ -1,0 +1,88 @@
+"""PrefixflowLM through lm-eval's simple_evaluate: the same metrics, loglikelihoods (within
+1e-4), greedy flags and generations as lm-eval's own `hf` model on the same float32
+weights, with the full context and with a max_length that cuts prompts and splits texts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.eval.conftest import SHORT, assert_same_results, evaluate, samples_by_doc
+
+pytestmark = pytest.mark.slow
+
+
+def test_equals_the_hf_backend(pf_lm, task_manager, hf_results, monkeypatch):
+    """...with each request type's requests sent to the engine in one call (the requests
+    that share a few-shot header run together)."""
+    calls = []
+    generate = pf_lm.llm.generate
+    monkeypatch.setattr(
+        pf_lm.llm, "generate", lambda p, *a, **kw: calls.append(p) or generate(p, *a, **kw)
+    )
+    assert_same_results(evaluate(pf_lm, task_manager), hf_results)
+    # loglikelihood (10 questions x 4 choices), generate_until (8), rolling (3 one-window texts)
+    assert sorted(len(c) for c in calls) == [3, 8, 40]
+
+
+def test_equals_the_hf_backend_when_max_length_cuts(pf_lm, task_manager, hf_results_short):
+    from prefixflow.integrations.lm_eval import PrefixflowLM
+
+    short = PrefixflowLM(llm=pf_lm.llm, max_length=SHORT)  # the same engine
+    assert_same_results(evaluate(short, task_manager), hf_results_short)
+
+
+def test_registered_as_prefixflow_with_model_args(tiny_model, task_manager, hf_results):
+    """model="prefixflow" and an lm-eval model_args string (engine options among them)."""
+    import prefixflow.integrations.lm_eval  # noqa: F401  registers "prefixflow"
+
+    res = evaluate(
+        "prefixflow",
+        task_manager,
+        tasks=["pf_capitals"],
+        model_args=f"pretrained={tiny_model},dtype=float32,kv_cache_memory=64MiB,batch_size=8",
+        limit=2,
+    )
+    want = samples_by_doc(hf_results, "pf_capitals")[:2]
+    for g, w in zip(samples_by_doc(res, "pf_capitals"), want, strict=True):
+        for (gl, gg), (wl, wg) in zip(g["filtered_resps"], w["filtered_resps"], strict=True):
+            assert abs(gl - wl) <= 1e-4 and gg == wg
+
+
+def test_is_greedy_means_every_continuation_token_ranks_first(pf_lm):
+    """The greedy continuation of a context is greedy; one token changed, it is not. The
+    score is the sum of the token logprobs the engine gives for the same prompt."""
+    from lm_eval.api.instance import Instance
+
+    from prefixflow import SamplingParams
+
+    context = "Question: What is the capital of France?\nAnswer:"
+    ids = pf_lm.tok_encode(context)
+    out = pf_lm.llm.generate([ids], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    greedy = out[0].outputs[0].token_ids
+    other = greedy[:2] + [(greedy[2] + 1) % 49152]
+    texts = [pf_lm.tokenizer.decode(t) for t in (greedy, other)]
+    assert [pf_lm.tok_encode(context + t)[len(ids) :] for t in texts] == [greedy, other]
+
+    def instance(cont: str) -> Instance:
+        return Instance("loglikelihood", {}, (context, cont), 0)
+
+    requests = [instance(texts[0]), instance(texts[1]), instance(texts[0])]  # one twice
+    (lp_greedy, is_greedy), (lp_other, is_other), again = pf_lm.loglikelihood(requests)
+    assert is_greedy and not is_other and again == (lp_greedy, is_greedy)
+    full = pf_lm.llm.generate(
+        [ids + greedy], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )[0]
+    want = sum(e[t].logprob for t, e in zip(greedy, full.prompt_logprobs[len(ids) :], strict=True))
+    assert lp_greedy == pytest.approx(want, abs=1e-5)
+
+
+def test_an_empty_context_is_the_prefix_token(pf_lm):
+    """lm-eval scores a continuation with no context after BOS (HFLM's rule), and a
+    rolling text from BOS too: the two agree for a text that fits one window."""
+    from lm_eval.api.instance import Instance
+
+    text = "A good loaf needs flour, water, salt and time."
+    ((lp, _),) = pf_lm.loglikelihood([Instance("loglikelihood", {}, ("", text), 0)])
+    (rolling,) = pf_lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert pf_lm.prefix_token_id == pf_lm.tokenizer.bos_token_id == 1
+    assert lp == pytest.approx(rolling, abs=1e-5)
