@@ -45,6 +45,8 @@ class _SamplingFields(_Strict):
     spaces_between_special_tokens: bool = True
     repetition_penalty: float | None = None
     truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob and top-k
+    logprob_start_len: int = 0  # SGLang's: prompt logprobs from this position on
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its
     # older guided_* fields; at most one of them.
     response_format: dict[str, Any] | None = None
@@ -112,6 +114,8 @@ class _SamplingFields(_Strict):
             logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             structured_outputs=self.structured(),
+            prompt_logprobs=self.prompt_logprobs,
+            logprob_start_len=self.logprob_start_len,
         )
 
 
@@ -159,7 +163,7 @@ class CompletionRequest(_SamplingFields):
         scoring = self.echo and self.max_tokens == 0
         params = self.sampling_params(1 if scoring else self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:
-            params.prompt_logprobs = self.logprobs
+            params.prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
         return params
 
     def prompts(self) -> list[str | list[int]]:

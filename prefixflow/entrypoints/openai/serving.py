@@ -89,7 +89,10 @@ def completion_body(
                 ],
                 "text_offset": offsets,
             }
-        choices.append(_choice(i, c, lp, text=text))
+        choice = _choice(i, c, lp, text=text)
+        if o.prompt_logprobs is not None and not (echo and entries is not None):
+            choice["prompt_logprobs"] = prompt_logprobs_body(o)
+        choices.append(choice)
     body = _body("cmpl", "text_completion", model, choices, outputs)
     if not generate:
         u = body["usage"]
@@ -126,7 +129,24 @@ def chat_body(
                 )
             lp = {"content": content}
         choices.append(_choice(i, c, lp, message={"role": "assistant", "content": c.text}))
-    return _body("chatcmpl", "chat.completion", model, choices, outputs)
+    body = _body("chatcmpl", "chat.completion", model, choices, outputs)
+    if outputs and outputs[0].prompt_logprobs is not None:  # vLLM's, for the one prompt
+        body["prompt_logprobs"] = prompt_logprobs_body(outputs[0])
+    return body
+
+
+def prompt_logprobs_body(o: RequestOutput) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt position None (the first, and those before
+    logprob_start_len) or {token id: {logprob, rank, decoded_token}}."""
+    return [
+        None
+        if e is None
+        else {
+            str(t): {"logprob": v.logprob, "rank": v.rank, "decoded_token": v.decoded_token}
+            for t, v in e.items()
+        }
+        for e in o.prompt_logprobs
+    ]
 
 
 def _top(entry: dict, k: int) -> list:

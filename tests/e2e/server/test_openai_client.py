@@ -150,3 +150,32 @@ def test_structured_outputs_through_the_client(oc):
         oc.completions.create(
             model="m", prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]}
         )
+
+
+def test_scoring_reads_a_cached_prefix_and_bad_k_is_refused(oc):
+    """lm-eval's request (echo, logprobs, max_tokens 0) twice: the second reads the
+    prompt's logprobs from the prefix cache; vLLM's prompt_logprobs and SGLang's
+    logprob_start_len; a k above the stored max_logprobs is a 400, never truncated."""
+    import openai
+
+    from tests.prompts import PARAGRAPHS
+
+    common = {"model": "m", "prompt": PARAGRAPHS[0][:400], "temperature": 0}
+    first = oc.completions.create(**common, max_tokens=0, echo=True, logprobs=1)
+    again = oc.completions.create(**common, max_tokens=0, echo=True, logprobs=1)
+    n = again.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    a, b = first.choices[0].logprobs, again.choices[0].logprobs
+    assert a.tokens == b.tokens and a.token_logprobs[0] is None
+    assert a.token_logprobs[1:] == pytest.approx(b.token_logprobs[1:], abs=1e-4)
+
+    tail = oc.completions.create(
+        **common, max_tokens=1, extra_body={"prompt_logprobs": 2, "logprob_start_len": 10}
+    )
+    plp = tail.choices[0].model_extra["prompt_logprobs"]  # vLLM's field, beside OpenAI's
+    assert plp[:10] == [None] * 10 and len(plp) == len(a.tokens)
+    assert all(1 <= len(e) <= 3 for e in plp[10:])
+
+    for extra in ({"logprobs": 21}, {"extra_body": {"prompt_logprobs": 21}}):
+        with pytest.raises(openai.BadRequestError, match="max_logprobs"):
+            oc.completions.create(**common, max_tokens=1, **extra)
