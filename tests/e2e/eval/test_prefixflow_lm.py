@@ -12,16 +12,27 @@ pytestmark = pytest.mark.slow
 
 
 def test_equals_the_hf_backend(pf_lm, task_manager, hf_results, monkeypatch):
-    """...with each request type's requests sent to the engine in one call (the requests
-    that share a few-shot header run together)."""
-    calls = []
-    generate = pf_lm.llm.generate
-    monkeypatch.setattr(
-        pf_lm.llm, "generate", lambda p, *a, **kw: calls.append(p) or generate(p, *a, **kw)
-    )
+    """...with each request type's requests sent to the engine in one call, so that the
+    requests sharing a few-shot header and a question run together: the prompt tokens the
+    engine computes are within the issue's bound of the token trie's size (1.02x, plus a
+    page per request), prompt logprobs on."""
+    calls = []  # (prompts, prompt tokens computed)
+    generate, stats = pf_lm.llm.generate, lambda: pf_lm.llm.engine.stats
+    page = pf_lm.llm.config.page_size
+
+    def counted(prompts, *args, **kwargs):
+        before = stats().prompt_computed_tokens
+        outs = generate(prompts, *args, **kwargs)
+        calls.append((prompts, stats().prompt_computed_tokens - before))
+        return outs
+
+    monkeypatch.setattr(pf_lm.llm, "generate", counted)
     assert_same_results(evaluate(pf_lm, task_manager), hf_results)
     # loglikelihood (10 questions x 4 choices), generate_until (8), rolling (3 one-window texts)
-    assert sorted(len(c) for c in calls) == [3, 8, 40]
+    assert sorted(len(p) for p, _ in calls) == [3, 8, 40]
+    prompts, computed = next(c for c in calls if len(c[0]) == 40)
+    trie = len({tuple(p[:i]) for p in prompts for i in range(1, len(p) + 1)})
+    assert computed <= 1.02 * trie + page * len(prompts) < sum(map(len, prompts))
 
 
 def test_equals_the_hf_backend_when_max_length_cuts(pf_lm, task_manager, hf_results_short):
