@@ -97,3 +97,45 @@ def test_an_empty_context_is_the_prefix_token(pf_lm):
     (rolling,) = pf_lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     assert pf_lm.prefix_token_id == pf_lm.tokenizer.bos_token_id == 1
     assert lp == pytest.approx(rolling, abs=1e-5)
+
+
+@pytest.mark.parametrize("add_bos_token", [None, True, False])
+def test_add_bos_token_encodes_as_the_hf_backend(pf_lm, hf_lm, tiny_model, add_bos_token):
+    from lm_eval.models.huggingface import HFLM
+
+    from prefixflow.integrations.lm_eval import PrefixflowLM
+
+    ours = PrefixflowLM(llm=pf_lm.llm, add_bos_token=add_bos_token)
+    hf = HFLM(pretrained=hf_lm.model, tokenizer=str(tiny_model), add_bos_token=add_bos_token)
+    for text in ["Question: What is 2 plus 3?", "<|im_start|>user\nHi<|im_end|>\n", " a"]:
+        assert ours.tok_encode(text) == hf.tok_encode(text), text
+    assert (ours.tok_encode("x")[0] == 1) == bool(add_bos_token)
+    assert pf_lm.tok_encode("x")[0] != 1  # the engine's own tokenizer is left as it was
+
+
+def test_generation_settings_become_sampling_params(pf_lm, monkeypatch):
+    """Greedy unless do_sample; a sampled task's temperature, top_p and seed pass through;
+    until and the EOS text become stop strings; max_gen_toks, max_tokens."""
+    from lm_eval.api.instance import Instance
+
+    sent = []
+    generate = pf_lm.llm.generate
+    monkeypatch.setattr(
+        pf_lm.llm,
+        "generate",
+        lambda p, params, **kw: sent.extend(params) or generate(p, params, **kw),
+    )
+    settings = [
+        {"until": ["\n"], "temperature": 0.7, "do_sample": False, "max_gen_toks": 3},
+        {"until": "Q:", "do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 3},
+    ]
+    texts = pf_lm.generate_until(
+        [Instance("generate_until", {}, ("Q: 1+1?\nA:", s), 0) for s in settings]
+    )
+    greedy, sampled = sent
+    assert (
+        greedy.temperature == 0 and greedy.max_tokens == 3 and greedy.stop == ["\n", "<|im_end|>"]
+    )
+    assert (sampled.temperature, sampled.top_p, sampled.seed) == (0.7, 0.9, 3)
+    assert sampled.max_tokens == pf_lm.max_gen_toks == 256 and sampled.stop == ["Q:", "<|im_end|>"]
+    assert "\n" not in texts[0] and "Q:" not in texts[1]
