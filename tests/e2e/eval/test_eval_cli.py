@@ -3,6 +3,7 @@ results table; an unknown task, a missing lm-eval and a bad argument are clear e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -12,8 +13,13 @@ from prefixflow.entrypoints.cli import main
 from tests.e2e.eval.conftest import TASKS_DIR, samples_by_doc
 
 pytestmark = pytest.mark.slow
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason="needs the eval extra: pip install 'prefixflow[eval]'",
+)
 
 
+@needs_lm_eval
 def test_eval_prints_lm_evals_table_and_writes_its_results(
     tiny_model, hf_results, tmp_path, capsys
 ):
@@ -43,6 +49,7 @@ def test_eval_prints_lm_evals_table_and_writes_its_results(
             assert abs(float(gl) - wl) <= 1e-4 and (gg in (True, "True")) == wg
 
 
+@needs_lm_eval
 def test_an_unknown_task_is_named_before_the_model_loads(monkeypatch, capsys):
     import lm_eval.tasks
 
@@ -65,6 +72,7 @@ def test_lm_eval_missing_says_which_extra_to_install(monkeypatch, capsys):
     assert "pip install 'prefixflow[eval]'" in capsys.readouterr().err
 
 
+@needs_lm_eval
 def test_bad_arguments_are_refused_by_lm_evals_own_checks(capsys):
     assert main(["eval", "--tasks", "pf_capitals", "--log_samples"]) == 2
     assert "Specify --output_path" in capsys.readouterr().err

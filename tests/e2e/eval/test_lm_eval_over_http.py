@@ -11,6 +11,7 @@ from tests.e2e.eval.conftest import assert_same_results, evaluate
 from tests.e2e.server.test_server import free_port, start_server
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'prefixflow[eval]'")
 
 
 @pytest.fixture(scope="module")

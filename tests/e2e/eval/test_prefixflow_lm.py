@@ -9,6 +9,7 @@ import pytest
 from tests.e2e.eval.conftest import SHORT, assert_same_results, evaluate, samples_by_doc
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'prefixflow[eval]'")
 
 
 def test_equals_the_hf_backend(pf_lm, task_manager, hf_results, monkeypatch):
@@ -115,27 +116,35 @@ def test_add_bos_token_encodes_as_the_hf_backend(pf_lm, hf_lm, tiny_model, add_b
 
 def test_generation_settings_become_sampling_params(pf_lm, monkeypatch):
     """Greedy unless do_sample; a sampled task's temperature, top_p and seed pass through;
-    until and the EOS text become stop strings; max_gen_toks, max_tokens."""
+    until and the EOS text become stop strings; max_gen_toks, else the model's."""
     from lm_eval.api.instance import Instance
 
+    from prefixflow.integrations.lm_eval import PrefixflowLM
+
+    lm = PrefixflowLM(llm=pf_lm.llm, max_gen_toks=5)
     sent = []
-    generate = pf_lm.llm.generate
+    generate = lm.llm.generate
     monkeypatch.setattr(
-        pf_lm.llm,
-        "generate",
-        lambda p, params, **kw: sent.extend(params) or generate(p, params, **kw),
+        lm.llm, "generate", lambda p, params, **kw: sent.extend(params) or generate(p, params, **kw)
     )
     settings = [
-        {"until": ["\n"], "temperature": 0.7, "do_sample": False, "max_gen_toks": 3},
-        {"until": "Q:", "do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 3},
+        {"until": ["\n"], "temperature": 0.7, "do_sample": False},
+        {
+            "until": "Q:",
+            "do_sample": True,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "seed": 3,
+            "max_gen_toks": 3,
+        },
     ]
-    texts = pf_lm.generate_until(
+    texts = lm.generate_until(
         [Instance("generate_until", {}, ("Q: 1+1?\nA:", s), 0) for s in settings]
     )
     greedy, sampled = sent
     assert (
-        greedy.temperature == 0 and greedy.max_tokens == 3 and greedy.stop == ["\n", "<|im_end|>"]
+        greedy.temperature == 0 and greedy.max_tokens == 5 and greedy.stop == ["\n", "<|im_end|>"]
     )
     assert (sampled.temperature, sampled.top_p, sampled.seed) == (0.7, 0.9, 3)
-    assert sampled.max_tokens == pf_lm.max_gen_toks == 256 and sampled.stop == ["Q:", "<|im_end|>"]
+    assert sampled.max_tokens == 3 and sampled.stop == ["Q:", "<|im_end|>"]
     assert "\n" not in texts[0] and "Q:" not in texts[1]
