@@ -44,13 +44,9 @@ class Engine:
         self._counts = EngineStats()  # what only the engine sees; stats adds the rest
         self.updated_request_ids: set[str] = set()  # requests with new tokens in the last step
         logger.info(
-            "loaded %s (%s) in %.1fs; KV cache %d pages of %d tokens (%.2f GiB)",
-            self.model_name,
-            str(self.runner.dtype).removeprefix("torch."),
-            self.load_seconds,
-            pool.num_pages,
-            pool.page_size,
-            self.runner.kv_cache_bytes / 2**30,
+            f"loaded {self.model_name} ({str(self.runner.dtype).removeprefix('torch.')}) in "
+            f"{self.load_seconds:.1f}s; KV cache {pool.num_pages} pages of {pool.page_size} "
+            f"tokens ({self.runner.kv_cache_bytes / 2**30:.2f} GiB)"
         )
 
     @property
@@ -84,6 +80,9 @@ class Engine:
             self._queue([s for s in samples if isinstance(s, Request)], share_prefill=False)
         else:
             text, ids = self.front.prompt(prompt, params, prompt_text)
+            if self.output.follows(request_id, text, ids, params):
+                self._counts.prompt_tokens += len(ids)
+                return  # answered by the run of the same request, unfinished
             samples = self.front.samples(request_id, ids, params)
             self._queue(samples, share_prefill=self.config.scheduler.prefix_sharing)
             self._counts.prompt_tokens += len(ids)
@@ -111,7 +110,7 @@ class Engine:
         return out
 
     def abort(self, request_id: str) -> None:
-        for sample_id in self.output.remove(request_id):
+        for sample_id in self.output.leave(request_id):
             self.scheduler.abort(sample_id)
 
     def has_unfinished(self) -> bool:
@@ -198,3 +197,4 @@ class Engine:
         c.kv_utilisation_sum += kv.utilisation
         c.cached_prompt_tokens += sum(o.num_cached_tokens for o in finished)
         c.disk_prompt_tokens += sum(o.num_disk_cached_tokens for o in finished)
+        c.duplicate_requests = self.output.duplicates.num_followers

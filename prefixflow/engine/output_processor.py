@@ -2,7 +2,8 @@
 and the RequestOutput each caller gets (vLLM v1 keeps this in its output processor too).
 
 The engine feeds it every sampled token after the scheduler's update; it reads the
-scheduler's Requests but never writes them. A stop string found in a still-running
+scheduler's Requests but never writes them. A request that duplicates an unfinished one
+gets copies of that one's outputs (duplicates.py). A stop string found in a still-running
 sample is handed back, and the engine asks the scheduler to finish it.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefixflow.engine.detokenizer import IncrementalDetokenizer
+from prefixflow.engine.duplicates import Duplicates, duplicate_key
 from prefixflow.engine.stop import find_stop_string
 from prefixflow.errors import RequestError
 from prefixflow.logprob_block import LogprobBlock
@@ -49,6 +51,7 @@ class OutputProcessor:
         self.codec = codec
         self._parents: dict[str, _Parent] = {}
         self._sample_of: dict[str, tuple[_Parent, _Sample]] = {}
+        self.duplicates = Duplicates()
 
     # ---- requests ----
     def add(
@@ -88,6 +91,14 @@ class OutputProcessor:
             parent.samples.append(s)
             self._sample_of[req.request_id] = (parent, s)
         self._parents[request_id] = parent
+        if resume is None:  # duplicates arriving from now on follow it
+            self.duplicates.lead(request_id, duplicate_key(prompt, prompt_ids, params))
+
+    def follows(
+        self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams
+    ) -> bool:
+        """True if the request duplicates an unfinished one, whose outputs it then gets."""
+        return self.duplicates.follow(request_id, duplicate_key(prompt, prompt_ids, params))
 
     def add_prompt_logprobs(self, entries: dict[str, list[LogprobBlock]]) -> None:
         for sample_id, blocks in entries.items():
@@ -122,8 +133,13 @@ class OutputProcessor:
         ]
 
     def check_new(self, request_id: str) -> None:
-        if request_id in self._parents:
+        if request_id in self._parents or request_id in self.duplicates:
             raise RequestError(f"request id {request_id!r} is already in use")
+
+    def leave(self, request_id: str) -> list[str]:
+        """The caller left (abort): the ids of the samples the scheduler aborts, none while
+        a duplicate still follows the request's run."""
+        return [sid for rid in self.duplicates.leave(request_id) for sid in self.remove(rid)]
 
     def remove(self, request_id: str) -> list[str]:
         """Forget a request; returns its samples' ids (for the scheduler to abort)."""
@@ -169,7 +185,7 @@ class OutputProcessor:
                         stops.append((req.request_id, sample.stop, sample.num_tokens))
             if req.is_finished or sample.stop is not None:
                 ended[parent.request_id] = parent
-        return list(ended.values()), stops, updated
+        return list(ended.values()), stops, self.duplicates.updated(updated)
 
     def finished(self, ended: list[_Parent]) -> list[RequestOutput]:
         """Outputs of the parents whose samples have all finished (after stops applied)."""
@@ -178,12 +194,14 @@ class OutputProcessor:
             if all(s.done is not None or s.request.is_finished for s in parent.samples):
                 self.remove(parent.request_id)
                 out.append(self._output(parent, finished=True))
-        return out
+        return self.duplicates.fan_out(out)
 
     def snapshot(self, request_id: str, partial: bool = False) -> RequestOutput:
         """What an unfinished request has generated so far (finished=False), for streaming,
         or (partial) to hand back unfinished."""
-        return self._output(self._parents[request_id], finished=False, partial=partial)
+        source = self.duplicates.source(request_id)
+        out = self._output(self._parents[source], finished=False, partial=partial)
+        return out if source == request_id else self.duplicates.as_follower(out, request_id)
 
     def _record_logprobs(self, sample: _Sample, tok: SampledToken) -> None:
         if sample.logprobs is None or tok.logprob is None:

@@ -35,6 +35,7 @@ class EngineStats:
     kv_utilisation_sum: float = 0.0  # KV pages in use / all pages, summed over steps
     draft_tokens: int = 0  # drafted by speculative decoding
     accepted_tokens: int = 0  # of those, accepted
+    duplicate_requests: int = 0  # answered by the run of an identical request (duplicates.py)
 
     @property
     def acceptance_rate(self) -> float:

@@ -46,6 +46,7 @@ class BatchSummary:
     prompt_tokens_computed: int = 0
     prompt_tokens_cached: int = 0  # reused from the prefix cache (n samples count once)
     prompt_tokens_from_disk: int = 0  # of those, read from the KV disk tier
+    duplicate_requests: int = 0  # answered by the run of an identical request, not run
     output_tokens: int = 0
     preemptions: int = 0
     recomputed_tokens: int = 0  # computed again after a preemption
@@ -75,12 +76,16 @@ class BatchSummary:
             f"run-batch: {self.requests_ok + self.requests_failed} requests "
             f"({self.requests_ok} ok, {self.requests_failed} failed{before}) | prompt tokens "
             f"{self.prompt_tokens:,} (cached {self.prompt_tokens_cached:,}{self._disk()}, computed "
-            f"{self.prompt_tokens_computed:,}) | output tokens "
+            f"{self.prompt_tokens_computed:,}){self._duplicates()} | output tokens "
             f"{self.output_tokens:,} in {self.wall_s:.1f}s = {self.output_tok_per_s:,.1f} tok/s | "
             f"KV use {self.mean_kv_utilisation:.0%}, {self.preemptions} preemptions "
             f"({self.recomputed_tokens:,} tokens recomputed){spec} | model load {self.load_s:.1f}s"
             f"{self._replicas()}"
         )
+
+    def _duplicates(self) -> str:
+        n = self.duplicate_requests
+        return f" | {n:,} duplicate requests answered once" if n else ""
 
     def _disk(self) -> str:
         n = self.prompt_tokens_from_disk
@@ -192,7 +197,7 @@ class BatchRunner:
         start_preemptions, start_recomputed = eng.stats.preemptions, eng.stats.recomputed_tokens
         start_steps, start_kv = eng.stats.steps, eng.stats.kv_utilisation_sum
         start_drafts, start_accepted = eng.stats.draft_tokens, eng.stats.accepted_tokens
-        start_disk = eng.stats.disk_prompt_tokens
+        start_disk, start_dup = eng.stats.disk_prompt_tokens, eng.stats.duplicate_requests
         t0 = time.perf_counter()
         bar = tqdm(total=total, desc="run-batch", unit="req", disable=not progress, file=sys.stderr)
         source: Iterator[tuple[int, bytes | str]] | None = iter(lines)
@@ -228,6 +233,7 @@ class BatchRunner:
         s.draft_tokens = st.draft_tokens - start_drafts
         s.accepted_tokens = st.accepted_tokens - start_accepted
         s.prompt_tokens_from_disk = st.disk_prompt_tokens - start_disk
+        s.duplicate_requests = st.duplicate_requests - start_dup
         steps = st.steps - start_steps
         s.mean_kv_utilisation = (st.kv_utilisation_sum - start_kv) / steps if steps else 0.0
         replicas = eng.replica_counts()

@@ -49,6 +49,16 @@ class _EngineCollector:
                 "Of the cached prompt tokens, those read from the KV disk tier",
                 st.disk_prompt_tokens,
             ),
+            (
+                "prompt_tokens_computed",
+                "Prompt tokens run through the model (not read from a cache)",
+                st.prompt_computed_tokens,
+            ),
+            (
+                "duplicate_requests",
+                "Requests answered by the run of an identical unfinished request",
+                st.duplicate_requests,
+            ),
             ("generation_tokens", "Generated tokens", st.output_tokens),
             ("preemptions", "Preemptions", st.preemptions),
             ("spec_draft_tokens", "Tokens drafted by speculative decoding", st.draft_tokens),

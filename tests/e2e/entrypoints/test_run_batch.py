@@ -52,6 +52,7 @@ def test_bad_lines_get_errors_and_every_valid_request_completes(tmp_path, llm_f3
         chat_line("ok-chat-n", "Write a word.", n=2, temperature=0.9, seed=3),
         completion_line("ok-comp-multi", ["Once upon a time", "In the beginning"]),
         chat_line("ok-chat-1", "Name a fruit.", stop=["."], max_tokens=30),
+        chat_line("ok-chat-0-twin", "What is the capital of Italy?"),  # answered once
     ]
     bad = {
         "bad-empty": (completion_line("bad-empty", ""), "empty"),
@@ -79,7 +80,8 @@ def test_bad_lines_get_errors_and_every_valid_request_completes(tmp_path, llm_f3
         str(inp), "-o", str(out), "--dtype", "float32", "--report", str(report), "--no-progress"
     )
     assert proc.returncode == 0, proc.stderr
-    assert "run-batch: 14 requests (5 ok, 9 failed)" in proc.stderr
+    assert "run-batch: 15 requests (6 ok, 9 failed)" in proc.stderr
+    assert "1 duplicate requests answered once" in proc.stderr
 
     results = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(results) == len(lines)
@@ -131,7 +133,10 @@ def test_bad_lines_get_errors_and_every_valid_request_completes(tmp_path, llm_f3
     assert "." not in stopped["message"]["content"] or stopped["finish_reason"] == "length"
 
     rep = json.loads(report.read_text())
-    assert rep["requests_ok"] == 5 and rep["requests_failed"] == 9
+    assert rep["requests_ok"] == 6 and rep["requests_failed"] == 9
+    assert rep["duplicate_requests"] == 1
+    twin = by_id["ok-chat-0-twin"]["choices"][0]["message"]["content"]
+    assert twin == chat0["choices"][0]["message"]["content"]
     assert rep["output_tokens"] == sum(b["usage"]["completion_tokens"] for b in by_id.values())
 
 
