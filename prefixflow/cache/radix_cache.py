@@ -131,8 +131,12 @@ class RadixCache:
                     # The cached copy of this prefix, or (a collision) of another one: either
                     # way this page and those below stay the caller's own.
                     return pending
-                self.drop(cached)  # a copy without logprobs: the caller's page replaces it
-                cached = None
+                if page in self._node_of:
+                    return pending  # the page caches another prefix (cannot happen when held)
+                self._replace(cached, page)  # a copy without logprobs: the caller's replaces it
+                pending.append((p, page))
+                parent = page
+                continue
             if cached is None:
                 if page in self._node_of:
                     return pending  # the page caches another prefix (cannot happen when held)
@@ -158,11 +162,24 @@ class RadixCache:
         if node is not None:
             node.logprobs = logprobs
 
-    def drop(self, page: int) -> None:
-        """Forget a cached page and every prefix that extends it; its holders keep it."""
-        if page in self._node_of:
-            self._forget(page)
-            self.pool.uncache(page)
+    def _replace(self, old: int, page: int) -> None:
+        """`page` (held, with logprobs to come) caches old's prefix in its place; the
+        prefixes cached below old stay, now below page (same tokens, same KV). Old's
+        holders keep it as their own."""
+        node = self._node_of.pop(old)
+        node.logprobs = PENDING
+        self._node_of[page] = node
+        self._page_of[node.digest] = page
+        siblings = self._children[node.parent]
+        siblings.discard(old)
+        siblings.add(page)
+        below = self._children.pop(old, set())
+        if below:
+            self._children[page] = below
+            for child in below:
+                self._node_of[child].parent = page
+        self.pool.uncache(old)
+        self.pool.mark_cached(page)
 
     def clear(self) -> None:
         """Forget every prefix (the KV was computed under weights that changed). Pages in

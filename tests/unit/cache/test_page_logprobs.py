@@ -257,3 +257,25 @@ def test_block_slices_and_concatenates():
     assert LogprobBlock.concat([left, right]) == b
     with pytest.raises(ValueError):
         LogprobBlock.concat([right, left])
+
+
+def test_replacing_a_plain_prefix_keeps_what_was_cached_below_it():
+    """A tail scorer caches its pages (with logprobs) below the plain header; a full
+    scorer then replaces the header's pages with its own; the pages below stay cached,
+    and another tail scorer of the same prompt reads them all."""
+    batch = eval_batch(7, questions=1, choices=1)
+    rid, prompt = batch[0]
+    start = 6 * P + 1
+    r = Run()
+    r.add("plain", prompt[:start] + [9], lp=None)
+    r.run()
+    r.add("tail", prompt, start=start)
+    r.run()
+    r.add("full", prompt)
+    r.run()
+    r.add("tail2", prompt, start=start)
+    r.run()
+    r.check({"tail": prompt, "tail2": prompt}, start=start)
+    r.check({"full": prompt})
+    assert r.reqs["full"].num_cached_tokens == 0  # the header carried no logprobs
+    assert r.reqs["tail2"].num_cached_tokens == (len(prompt) - 1) // P * P
