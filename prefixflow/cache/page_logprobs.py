@@ -36,7 +36,9 @@ class PageLogprobs:
 
 @dataclass
 class _Read:
-    pages: list[int]  # cached pages whose entries the request reads at the step's end
+    # The cached pages whose entries the request reads at the step's end: their
+    # PageLogprobs, or the page itself while PENDING (its entries arrive with the step).
+    pages: list[PageLogprobs | int]
     first: int  # from this position
     end: int  # to this one (excluded)
 
@@ -70,7 +72,11 @@ class LogprobPages:
         read from those pages at the step's end."""
         if first < end:
             j0 = first // self.page_size
-            self._reads[request_id] = _Read(pages[j0 : -(-end // self.page_size)], first, end)
+            read = []
+            for page in pages[j0 : -(-end // self.page_size)]:
+                lp = self.cache.logprobs(page)
+                read.append(page if lp is PENDING else lp)
+            self._reads[request_id] = _Read(read, first, end)
 
     def promise(self, request_id: str, pages: list[tuple[int, int]]) -> None:
         """(index, page) entered PENDING for this request this step."""
@@ -124,8 +130,8 @@ class LogprobPages:
         for rid, read in self._reads.items():
             parts = []
             for page in read.pages:
-                lp = self.cache.logprobs(page)
-                if not isinstance(lp, PageLogprobs):
+                lp = page if isinstance(page, PageLogprobs) else self.cache.logprobs(page)
+                if not isinstance(lp, PageLogprobs):  # matched only when it carried them
                     raise AssertionError(f"page {page} lost its prompt logprobs before being read")
                 parts.append(lp.block.slice(read.first, read.end))
             out[rid] = [b for b in parts if len(b)]
