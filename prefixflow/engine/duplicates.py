@@ -31,7 +31,8 @@ def duplicate_key(text: str | None, ids: list[int], params: SamplingParams) -> b
 
 
 class Duplicates:
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._leader_by_key: dict[bytes, str] = {}
         self._key_of: dict[str, bytes] = {}  # leader -> its key
         self._followers: dict[str, list[str]] = {}  # leader -> followers, in arrival order
@@ -45,7 +46,7 @@ class Duplicates:
     def follow(self, request_id: str, key: bytes | None) -> bool:
         """A new request (of duplicate_key `key`): True if it follows an unfinished
         duplicate, so there is nothing to run for it."""
-        leader = None if key is None else self._leader_by_key.get(key)
+        leader = None if key is None or not self.enabled else self._leader_by_key.get(key)
         if leader is None:
             return False
         self._followers.setdefault(leader, []).append(request_id)
@@ -55,9 +56,15 @@ class Duplicates:
 
     def lead(self, request_id: str, key: bytes | None) -> None:
         """A new request runs (it was queued): duplicates arriving now follow it."""
-        if key is not None:
+        if key is not None and self.enabled:
             self._leader_by_key[key] = request_id
             self._key_of[request_id] = key
+
+    def close(self) -> None:
+        """The weights changed: the runs under way are followed by those already
+        following them, and by nobody new."""
+        self._leader_by_key.clear()
+        self._key_of.clear()
 
     def source(self, request_id: str) -> str:
         """The request whose run answers this one (itself, unless it follows)."""

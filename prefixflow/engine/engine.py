@@ -38,7 +38,7 @@ class Engine:
         pool = PagePool(self.runner.num_pages, config.page_size)
         front.set_kv_budget(pool.num_pages, pool.page_size)
         self.scheduler = Scheduler(config.scheduler, pool, self.runner.disk)
-        self.output = OutputProcessor(front.codec.fork())
+        self.output = OutputProcessor(front.codec.fork(), config.scheduler.prefix_sharing)
         self.codec, self.model_name = front.codec, front.model_name
         self.load_seconds = time.perf_counter() - t0
         self._counts = EngineStats()  # what only the engine sees; stats adds the rest
@@ -141,7 +141,7 @@ class Engine:
         keep_old = in_flight == "keep" and prev in self.scheduler.versions_in_use()
         self.runner.update_weights(weights, prev + 1, keep_old)
         aborted = self.scheduler.update_weights(in_flight)
-        parents = self.output.parents_of([r.request_id for r in aborted])
+        parents = self.output.weights_updated([r.request_id for r in aborted])
         for sample_id in self.output.unfinished_samples(parents):  # without sharing, its others
             self.scheduler.abort(sample_id)
         logger.info(

@@ -47,11 +47,13 @@ class _Parent:
 
 
 class OutputProcessor:
-    def __init__(self, codec: TextCodec) -> None:
+    def __init__(self, codec: TextCodec, dedupe: bool = True) -> None:
+        """dedupe: answer a duplicate of an unfinished request from its run (off with
+        prefix sharing, so that every request is computed, for comparison)."""
         self.codec = codec
         self._parents: dict[str, _Parent] = {}
         self._sample_of: dict[str, tuple[_Parent, _Sample]] = {}
-        self.duplicates = Duplicates()
+        self.duplicates = Duplicates(dedupe)
 
     # ---- requests ----
     def add(
@@ -112,6 +114,12 @@ class OutputProcessor:
                     parent.prompt_logprobs.append(
                         self._logprob_entry(SampledToken(tid, lp, rank, top))
                     )
+
+    def weights_updated(self, aborted_ids: list[str]) -> list[_Parent]:
+        """The weights changed: no request arriving from now on follows one that started
+        before. Returns the requests of the samples the update aborted."""
+        self.duplicates.close()
+        return self.parents_of(aborted_ids)
 
     def parents_of(self, sample_ids: list[str]) -> list[_Parent]:
         """The requests of these samples (those the engine still tracks)."""

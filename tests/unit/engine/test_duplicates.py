@@ -58,3 +58,18 @@ def test_a_leader_left_by_its_caller_runs_on_for_its_followers():
     assert d.leave("x") == [] and d.leave("y") == ["x"]  # nobody waits: abort the run
     assert not d.follow("z", key)  # and nobody follows it any more
     assert d.leave("plain") == ["plain"]
+
+
+def test_nobody_follows_across_a_weight_update_or_without_prefix_sharing():
+    d = Duplicates()
+    key = duplicate_key("p", [1], GREEDY)
+    d.lead("a", key)
+    d.follow("b", key)
+    d.close()  # the weights changed: "a" runs on for "b", and for nobody new
+    assert not d.follow("c", key)
+    d.lead("c", key)
+    assert [o.request_id for o in d.fan_out([out("a")])] == ["a", "b"]
+    assert d.follow("e", key)  # "c" (new weights) still leads
+    off = Duplicates(enabled=False)
+    off.lead("a", key)
+    assert not off.follow("b", key)
