@@ -223,6 +223,18 @@ class EngineConfig:
     chat_template: str | None = option(
         None, "a Jinja chat template (a file, or the template itself) in place of the model's"
     )
+    served_model_name: str | None = option(
+        None, "the model's name in the OpenAI API (responses, /v1/models); default: its file name"
+    )
+    tool_call_parser: str | None = option(
+        None,
+        "how chat outputs become tool_calls: hermes (Qwen), llama3_json, mistral; default: "
+        "chosen from the chat template",
+    )
+    reasoning_parser: str | None = option(
+        None,
+        "split <think>...</think> out of chat outputs into reasoning_content (deepseek_r1, qwen3)",
+    )
     dtype: str = option(
         "auto",
         "weights and KV cache; auto = bfloat16 where the CPU has bfloat16 matrix "

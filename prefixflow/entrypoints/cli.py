@@ -177,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         "(default: $PREFIXFLOW_API_KEY, or none)",
     )
     sv.add_argument("--log-level", default="warning")
+    sv.add_argument(
+        "--batch-dir",
+        default=None,
+        help="folder of the Batch API's files and batches (/v1/files, /v1/batches); a restarted "
+        "server resumes the unfinished batches it holds (default: none, the Batch API is off)",
+    )
     add_engine_arguments(sv)
     sv.set_defaults(func=cmd_serve)
     from prefixflow.analyze import main as analyze
