@@ -43,18 +43,20 @@ class RequestFront:
         limits: LimitsConfig | None = None,
         chat_template: str | None = None,
         revision: str | None = None,
+        served_model_name: str | None = None,
     ) -> None:
         """model: a folder, .gguf file or Hub id (None: the embedded default); max_len: a
         cap on prompt + output tokens below the model's context; runs_model: refuse an
         architecture prefixflow cannot run (off where only the tokenizer is needed);
         limits: what one request may ask (inputs/limits.py); chat_template: a template
         file or text in place of the model's (a missing file or a syntax error is a
-        ValueError naming it, before the model loads); revision: of a Hub id."""
+        ValueError naming it, before the model loads); revision: of a Hub id;
+        served_model_name: its name in the OpenAI API (default: the file or folder's)."""
         self.limits = limits or LimitsConfig()
         template = load_chat_template(chat_template) if chat_template is not None else None
         self.kv: KVBudget | None = None  # known once the engine sized its KV cache
         self.source: ModelSource = resolve_model(model, revision)
-        self.model_name = self.source.name
+        self.model_name = served_model_name or self.source.name
         self.hf_config = load_hf_config(self.source)
         if runs_model:  # refuse an unsupported model, or a config it cannot run, first
             arch_of(self.hf_config)
@@ -76,6 +78,7 @@ class RequestFront:
             limits=config.limits,
             chat_template=config.chat_template,
             revision=config.revision,
+            served_model_name=config.served_model_name,
         )
 
     def limit_context(self, max_len: int) -> None:

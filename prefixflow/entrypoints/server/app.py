@@ -2,7 +2,8 @@
 
 /v1/completions and /v1/chat/completions (streamed as server-sent events or not) and
 /v1/models (routes_openai.py), /update_weights_from_disk (routes_admin.py), /health and
-/metrics (routes_monitoring.py). Anything wrong with a request is a 4xx with an
+/metrics (routes_monitoring.py), vLLM's /tokenize, /detokenize and /version
+(routes_tokenize.py). Anything wrong with a request is a 4xx with an
 OpenAI-shaped error body, never a 500: 400 past a limit of what one request may ask
 (inputs/limits.py), 413 past max_body_size (body_limit.py), 429 with Retry-After when the
 server holds max_queued_requests samples beyond its running ones (backpressure.py). A
@@ -19,7 +20,12 @@ from fastapi.exceptions import RequestValidationError
 
 from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.engine.engine import Engine
-from prefixflow.entrypoints.server import routes_admin, routes_monitoring, routes_openai
+from prefixflow.entrypoints.server import (
+    routes_admin,
+    routes_monitoring,
+    routes_openai,
+    routes_tokenize,
+)
 from prefixflow.entrypoints.server.auth import check_api_key
 from prefixflow.entrypoints.server.backpressure import RequestGate
 from prefixflow.entrypoints.server.body_limit import BodySizeLimit
@@ -50,6 +56,7 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_monitoring.router)
+    app.include_router(routes_tokenize.router)
     return app
 
 
