@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -22,19 +23,27 @@ from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.server import (
     routes_admin,
+    routes_files,
     routes_monitoring,
     routes_openai,
     routes_tokenize,
 )
 from prefixflow.entrypoints.server.auth import check_api_key
 from prefixflow.entrypoints.server.backpressure import RequestGate
+from prefixflow.entrypoints.server.batch_files import DEFAULT_MAX_FILE_SIZE, FileStore
 from prefixflow.entrypoints.server.body_limit import BodySizeLimit
 from prefixflow.entrypoints.server.error_response import validation_error
 from prefixflow.entrypoints.server.metrics import ServerCounters, metrics_registry
 from prefixflow.entrypoints.server.state import ServerState, state_of
 
 
-def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def build_app(
+    engine: Engine,
+    api_key: str | None = None,
+    batch_dir: str | Path | None = None,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+) -> FastAPI:
+    """The app; with batch_dir, the Batch API (/v1/files, /v1/batches) keeps its files there."""
     counters = ServerCounters()
     limits = engine.config.limits
     gate = RequestGate(engine.config.scheduler.max_num_seqs + limits.max_queued_requests)
@@ -45,17 +54,22 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         registry=metrics_registry(engine, counters, gate),
         api_key=api_key,
         gate=gate,
+        files=FileStore(Path(batch_dir), max_file_size) if batch_dir is not None else None,
     )
     app = FastAPI(title="prefixflow", lifespan=_lifespan)
     app.state.server = server
     app.state.engine = server.runner  # what tests and tools reach for
     # The last added is the outermost: the key is checked before a body is read.
-    app.add_middleware(BodySizeLimit, limit=limits.max_body_size)
+    # With the Batch API, file uploads stream to disk under their own bound instead.
+    body_limit = BodySizeLimit if server.files is None else routes_files.UploadsBesideBodyLimit
+    app.add_middleware(body_limit, limit=limits.max_body_size)
     app.middleware("http")(check_api_key)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_monitoring.router)
+    if server.files is not None:
+        app.include_router(routes_files.router)
     app.include_router(routes_tokenize.router)
     return app
 

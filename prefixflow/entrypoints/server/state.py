@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.server.backpressure import RequestGate
+from prefixflow.entrypoints.server.batch_files import FileStore
 from prefixflow.entrypoints.server.metrics import ServerCounters
 
 
@@ -27,6 +28,7 @@ class ServerState:
     registry: CollectorRegistry
     api_key: str | None
     gate: RequestGate  # max_queued_requests: the samples the server holds
+    files: FileStore | None = None  # the Batch API's files (--batch-dir), or None: it is off
 
 
 def state_of(app: FastAPI) -> ServerState:
