@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"(KV cache {pool.num_pages} pages x {pool.page_size} tokens)",
         file=sys.stderr,
     )
-    app = build_app(engine, api_key=args.api_key)
+    app = build_app(engine, api_key=args.api_key, batch_dir=args.batch_dir)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -3,7 +3,8 @@
 /v1/completions and /v1/chat/completions (streamed as server-sent events or not) and
 /v1/models (routes_openai.py), /update_weights_from_disk (routes_admin.py), /health and
 /metrics (routes_monitoring.py), vLLM's /tokenize, /detokenize and /version
-(routes_tokenize.py). Anything wrong with a request is a 4xx with an
+(routes_tokenize.py); with --batch-dir, the Batch API's /v1/files and /v1/batches
+(routes_files.py, routes_batches.py; its jobs run in batch_worker.py). Anything wrong with a request is a 4xx with an
 OpenAI-shaped error body, never a 500: 400 past a limit of what one request may ask
 (inputs/limits.py), 413 past max_body_size (body_limit.py), 429 with Retry-After when the
 server holds max_queued_requests samples beyond its running ones (backpressure.py). A
@@ -23,6 +24,7 @@ from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.server import (
     routes_admin,
+    routes_batches,
     routes_files,
     routes_monitoring,
     routes_openai,
@@ -31,6 +33,7 @@ from prefixflow.entrypoints.server import (
 from prefixflow.entrypoints.server.auth import check_api_key
 from prefixflow.entrypoints.server.backpressure import RequestGate
 from prefixflow.entrypoints.server.batch_files import DEFAULT_MAX_FILE_SIZE, FileStore
+from prefixflow.entrypoints.server.batch_worker import BatchWorker
 from prefixflow.entrypoints.server.body_limit import BodySizeLimit
 from prefixflow.entrypoints.server.error_response import validation_error
 from prefixflow.entrypoints.server.metrics import ServerCounters, metrics_registry
@@ -47,14 +50,20 @@ def build_app(
     counters = ServerCounters()
     limits = engine.config.limits
     gate = RequestGate(engine.config.scheduler.max_num_seqs + limits.max_queued_requests)
+    runner = AsyncEngine(engine)
+    files = batches = None
+    if batch_dir is not None:
+        files = FileStore(Path(batch_dir), max_file_size)
+        batches = BatchWorker(Path(batch_dir), files, engine, runner, gate)
     server = ServerState(
         engine=engine,
-        runner=AsyncEngine(engine),
+        runner=runner,
         counters=counters,
         registry=metrics_registry(engine, counters, gate),
         api_key=api_key,
         gate=gate,
-        files=FileStore(Path(batch_dir), max_file_size) if batch_dir is not None else None,
+        files=files,
+        batches=batches,
     )
     app = FastAPI(title="prefixflow", lifespan=_lifespan)
     app.state.server = server
@@ -70,6 +79,7 @@ def build_app(
     app.include_router(routes_monitoring.router)
     if server.files is not None:
         app.include_router(routes_files.router)
+        app.include_router(routes_batches.router)
     app.include_router(routes_tokenize.router)
     return app
 
@@ -77,7 +87,11 @@ def build_app(
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The engine thread hands outputs to the running event loop, so it starts in it.
-    runner = state_of(app).runner
-    runner.start()
+    server = state_of(app)
+    server.runner.start()
+    if server.batches is not None:
+        server.batches.start()  # after the engine thread: it resumes unfinished batches
     yield
-    runner.stop()
+    if server.batches is not None:
+        await server.batches.stop()  # unfinished batches stay so, for the next start
+    server.runner.stop()

@@ -17,6 +17,7 @@ from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.server.backpressure import RequestGate
 from prefixflow.entrypoints.server.batch_files import FileStore
+from prefixflow.entrypoints.server.batch_worker import BatchWorker
 from prefixflow.entrypoints.server.metrics import ServerCounters
 
 
@@ -29,6 +30,7 @@ class ServerState:
     api_key: str | None
     gate: RequestGate  # max_queued_requests: the samples the server holds
     files: FileStore | None = None  # the Batch API's files (--batch-dir), or None: it is off
+    batches: BatchWorker | None = None  # the Batch API's jobs, with files
 
 
 def state_of(app: FastAPI) -> ServerState:

@@ -5,6 +5,7 @@ folder) and batches."""
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -13,6 +14,7 @@ from openai import OpenAI
 
 from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import Engine
+from prefixflow.entrypoints.run_batch import run_batch
 from prefixflow.entrypoints.server.app import build_app
 
 pytestmark = pytest.mark.slow
@@ -25,19 +27,47 @@ def engine():
     return Engine(EngineConfig(dtype="float32", kv_cache_memory="64MiB", max_model_len=256))
 
 
-@pytest.fixture(scope="module")
-def served(engine, tmp_path_factory):
-    batch_dir = tmp_path_factory.mktemp("batch")
-    app = build_app(engine, api_key="k", batch_dir=batch_dir, max_file_size=MAX_FILE)
-    with TestClient(app) as c:
-        yield OpenAI(base_url="http://testserver/v1", api_key="k", http_client=c), c, batch_dir
-
-
 def _line(i: int, prompt: str, max_tokens: int = 4) -> str:
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     return json.dumps(
         {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
     )
+
+
+def _batch_lines(count: int) -> list[str]:
+    """Short completions, and three bad lines: bad JSON, no custom_id, a bad value."""
+    lines = [_line(i, f"Item {i % 7}: the number {i} is", max_tokens=3) for i in range(count)]
+    lines[5] = '{"custom_id": "broken", '
+    lines[9] = json.dumps({"method": "POST", "url": "/v1/completions", "body": {}})
+    lines[13] = json.dumps(
+        {
+            "custom_id": "bad-temp",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "x", "temperature": -1},
+        }
+    )
+    return lines
+
+
+BATCH = "".join(line + "\n" for line in _batch_lines(200)).encode()
+
+
+@pytest.fixture(scope="module")
+def reference(engine, tmp_path_factory):
+    """`prefixflow run-batch` on the batch file, before the server takes the engine."""
+    d = tmp_path_factory.mktemp("ref")
+    (d / "in.jsonl").write_bytes(BATCH)
+    run_batch(d / "in.jsonl", d / "out.jsonl", engine, progress=False)
+    return [json.loads(x) for x in (d / "out.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def served(engine, reference, tmp_path_factory):
+    batch_dir = tmp_path_factory.mktemp("batch")
+    app = build_app(engine, api_key="k", batch_dir=batch_dir, max_file_size=MAX_FILE)
+    with TestClient(app) as c:
+        yield OpenAI(base_url="http://testserver/v1", api_key="k", http_client=c), c, batch_dir
 
 
 def test_files_round_trip(served):
@@ -91,3 +121,97 @@ def test_upload_over_the_bound_is_a_413(served):
     )
     assert r.status_code == 413
     assert not [p for p in (batch_dir / "files").iterdir() if p.name.startswith(".")]
+
+
+def _wait(oc, batch_id: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        b = oc.batches.retrieve(batch_id)
+        if b.status in ("completed", "failed", "cancelled", "expired"):
+            return b
+        time.sleep(0.2)
+    pytest.fail(f"batch {batch_id} still {b.status}")
+
+
+def _key(line: dict):
+    """What must match run-batch: the request, its answer or its error, not the fresh ids."""
+    resp = line["response"]
+    body = {k: v for k, v in resp["body"].items() if k not in ("id", "created")}
+    return line["custom_id"], resp["status_code"], json.dumps(body, sort_keys=True)
+
+
+def test_a_batch_through_the_api_equals_run_batch(served, reference):
+    oc, c, _ = served
+    f = oc.files.create(file=("in.jsonl", BATCH), purpose="batch")
+    b = oc.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    assert b.status == "validating" and b.input_file_id == f.id
+    # An online request is answered while the batch runs.
+    r = oc.completions.create(model="m", prompt="Hello", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+    b = _wait(oc, b.id)
+    assert b.status == "completed", b
+    assert b.request_counts.total == 200
+    assert (b.request_counts.completed, b.request_counts.failed) == (197, 3)
+    out = [json.loads(x) for x in oc.files.content(b.output_file_id).text.splitlines()]
+    err = [json.loads(x) for x in oc.files.content(b.error_file_id).text.splitlines()]
+    assert len(out) == 197 and len(err) == 3
+    assert all(x["error"] is None for x in out) and all(x["error"] for x in err)
+    assert sorted(map(str, (x["custom_id"] for x in err))) == ["None", "None", "bad-temp"]
+    assert sorted(map(_key, out + err), key=str) == sorted(map(_key, reference), key=str)
+    assert b.id in [x.id for x in oc.batches.list()]
+    assert oc.files.retrieve(b.output_file_id).purpose == "batch_output"
+
+
+def test_cancel(served):
+    oc, c, _ = served
+    lines = [_line(i, f"Tell a story number {i}", max_tokens=40) for i in range(64)]
+    f = oc.files.create(file=("long.jsonl", "\n".join(lines).encode()), purpose="batch")
+    b = oc.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    time.sleep(0.5)
+    assert oc.batches.cancel(b.id).status in ("cancelling", "cancelled")
+    b = _wait(oc, b.id)
+    assert b.status == "cancelled" and b.cancelled_at is not None
+    assert b.request_counts.completed < 64
+    if b.output_file_id is not None:
+        done = oc.files.content(b.output_file_id).text.splitlines()
+        assert len(done) == b.request_counts.completed
+    assert oc.batches.cancel(b.id).status == "cancelled"  # as it ended
+    h = {"Authorization": "Bearer k"}
+    assert c.get("/v1/batches/..%2Fbatches%2Fx", headers=h).status_code in (400, 404)
+    assert c.get("/v1/batches/batch_" + "0" * 24, headers=h).status_code == 404
+    with pytest.raises(openai.BadRequestError, match="not a file id"):
+        oc.batches.create(
+            input_file_id="file-../../x", endpoint="/v1/completions", completion_window="24h"
+        )
+
+
+def test_a_killed_server_resumes_its_batch(tmp_path):
+    """SIGKILL mid-batch, start again on the same --batch-dir: every custom_id once."""
+    from tests.e2e.server.test_server import free_port, start_server
+
+    args = ["--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "256"]
+    args += ["--batch-dir", str(tmp_path), "--max-num-seqs", "8"]
+    lines = [_line(i, f"Kill test {i}: the answer is", max_tokens=6) for i in range(80)]
+    with start_server(free_port(), args) as (base, proc):
+        oc = OpenAI(base_url=f"{base}/v1", api_key="none")
+        f = oc.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+        b = oc.batches.create(
+            input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 60
+        while oc.batches.retrieve(b.id).request_counts.completed < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    doc = json.loads((tmp_path / "batches" / f"{b.id}.json").read_text())
+    assert doc["batch"]["status"] == "in_progress"  # killed mid-batch
+    written = (tmp_path / "files" / f"{doc['output_id']}.jsonl").read_text().count("\n")
+    assert 10 <= written < 80
+    with start_server(free_port(), args) as (base, _):
+        oc = OpenAI(base_url=f"{base}/v1", api_key="none")
+        b = _wait(oc, b.id)
+        assert b.status == "completed" and b.request_counts.completed == 80
+        out = oc.files.content(b.output_file_id).text.splitlines()
+    ids = [json.loads(x)["custom_id"] for x in out]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(80))
