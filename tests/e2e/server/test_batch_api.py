@@ -215,3 +215,33 @@ def test_a_killed_server_resumes_its_batch(tmp_path):
         out = oc.files.content(b.output_file_id).text.splitlines()
     ids = [json.loads(x)["custom_id"] for x in out]
     assert sorted(ids) == sorted(f"r{i}" for i in range(80))
+
+
+def test_online_requests_keep_priority():
+    """A batch request waits while online samples fill the seats, and takes a free one."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from prefixflow.entrypoints.server.backpressure import RequestGate
+    from prefixflow.entrypoints.server.batch_engine import BatchStopped, ServerBatchEngine
+    from prefixflow.sampling_params import SamplingParams
+
+    front = SimpleNamespace(prompt=lambda ids, params, text: (text, ids))
+    engine = SimpleNamespace(
+        model_name="m",
+        codec=None,
+        front=front,
+        load_seconds=0.0,
+        config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=4)),
+    )
+    gate = RequestGate(100)
+    assert gate.enter(4)  # online requests hold every seat
+    batch = ServerBatchEngine(engine, None, gate, asyncio.new_event_loop(), prefix="b-")
+    threading.Timer(0.3, batch.stop).start()
+    t0 = time.monotonic()
+    with pytest.raises(BatchStopped):
+        batch.add_request("1/0", [1, 2], SamplingParams(max_tokens=1))
+    assert time.monotonic() - t0 >= 0.25 and not batch.has_unfinished()
+    gate.leave(1)  # a seat frees: the batch may take it
+    assert batch._seat_free(1) and not batch._seat_free(2)
