@@ -72,7 +72,11 @@ class ServerBatchEngine:
     ) -> None:
         """Check and queue a request (raises RequestError, nothing queued, if it cannot
         run); waits first until a seat is free of online work."""
-        text, ids = self.front.prompt(prompt, params, prompt_text)
+        if self.stopped.is_set():
+            raise BatchStopped
+        # The engine's own first check, here where a refusal still becomes an error line;
+        # the engine is then given the request as run-batch gives it (it checks again).
+        self.front.prompt(prompt, params, prompt_text)
         while not self._seat_free(params.n):
             if self.stopped.wait(POLL_S):
                 raise BatchStopped
@@ -80,7 +84,7 @@ class ServerBatchEngine:
             self._in_engine += params.n
         rid = f"{self._prefix}{request_id}"
         task = asyncio.run_coroutine_threadsafe(
-            self._run(request_id, rid, ids, params, text, params.n), self._loop
+            self._run(request_id, rid, prompt, params, prompt_text, params.n), self._loop
         )
         with self._lock:
             self._tasks[request_id] = task
