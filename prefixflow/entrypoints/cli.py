@@ -105,8 +105,18 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from prefixflow.config import parse_memory
     from prefixflow.entrypoints.server.app import build_app
+    from prefixflow.entrypoints.server.batch_files import DEFAULT_MAX_FILE_SIZE
 
+    try:
+        max_file_size = (
+            DEFAULT_MAX_FILE_SIZE
+            if args.max_file_size is None
+            else parse_memory(args.max_file_size)
+        )
+    except ValueError as e:
+        return _fail(f"--max-file-size: {e}")
     engine = _load_engine(args)
     if isinstance(engine, int):
         return engine
@@ -116,7 +126,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"(KV cache {pool.num_pages} pages x {pool.page_size} tokens)",
         file=sys.stderr,
     )
-    app = build_app(engine, api_key=args.api_key, batch_dir=args.batch_dir)
+    app = build_app(
+        engine, api_key=args.api_key, batch_dir=args.batch_dir, max_file_size=max_file_size
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -182,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="folder of the Batch API's files and batches (/v1/files, /v1/batches); a restarted "
         "server resumes the unfinished batches it holds (default: none, the Batch API is off)",
+    )
+    sv.add_argument(
+        "--max-file-size",
+        default=None,
+        help="largest Batch API upload, e.g. 200MiB or 2GiB; past it a 413 (default 200MiB)",
     )
     add_engine_arguments(sv)
     sv.set_defaults(func=cmd_serve)

@@ -190,7 +190,7 @@ def test_a_killed_server_resumes_its_batch(tmp_path):
     from tests.e2e.server.test_server import free_port, start_server
 
     args = ["--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "256"]
-    args += ["--batch-dir", str(tmp_path), "--max-num-seqs", "8"]
+    args += ["--batch-dir", str(tmp_path), "--max-num-seqs", "8", "--max-file-size", "1MiB"]
     lines = [_line(i, f"Kill test {i}: the answer is", max_tokens=6) for i in range(80)]
     with start_server(free_port(), args) as (base, proc):
         oc = OpenAI(base_url=f"{base}/v1", api_key="none")
@@ -245,3 +245,12 @@ def test_online_requests_keep_priority():
     assert time.monotonic() - t0 >= 0.25 and not batch.has_unfinished()
     gate.leave(1)  # a seat frees: the batch may take it
     assert batch._seat_free(1) and not batch._seat_free(2)
+
+
+def test_a_bad_max_file_size_is_refused_before_loading():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "prefixflow", "serve", "--max-file-size", "lots"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--max-file-size" in r.stderr
