@@ -71,6 +71,7 @@ class DiskTier:
         self.max_bytes = max_bytes
         self.page_nbytes = page_nbytes
         self.fingerprint = ""
+        self.logprob_k = 0  # alternatives a prompt logprob entry keeps (max_logprobs)
         self.stats = DiskTierStats()
         self._known: set[str] = set()  # keys this process wrote or saw on disk
         self._touched: dict[str, float] = {}
@@ -126,7 +127,9 @@ class DiskTier:
         return None if page is None else page[0]
 
     def read_page(self, key: str) -> tuple[np.ndarray, PageLogprobs | None] | None:
-        """read(), with the page's prompt logprobs where it was saved with them."""
+        """read(), with the page's prompt logprobs where it was saved with as many
+        alternatives as this engine keeps (`logprob_k`); with fewer they would be cut
+        short, so the page comes without them."""
         path = self._path(key)
         t0 = time.perf_counter()
         try:
@@ -147,7 +150,8 @@ class DiskTier:
         _touch(path)
         self.stats.pages_read += 1
         self.stats.read_s += time.perf_counter() - t0
-        return data
+        kv, lp = data
+        return kv, lp if lp is not None and lp.block.k == self.logprob_k else None
 
     # ---- writing ----
     def wants(self, key: str) -> bool:

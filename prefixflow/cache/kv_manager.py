@@ -178,7 +178,7 @@ class KVManager:
     def _load_from_disk(self, req: Request, hit: PrefixHit) -> int:
         """A page that fails its checks (torn, corrupt, evicted meanwhile) ends the run: it
         and the pages after it are computed instead, in the pages already allocated."""
-        first, loaded = len(hit.pages), 0
+        first, loaded, P = len(hit.pages), 0, self.page_size
         lp_first = req.next_prompt_logprob
         logprobs: list[PageLogprobs | None] = []
         for i in range(first, first + hit.num_on_disk):
@@ -186,6 +186,8 @@ class KVManager:
             if page is None:
                 break
             data, lp = page
+            if lp is not None and (lp.block.first, lp.block.end) != (max(i * P, 1), (i + 1) * P):
+                lp = None  # entries of other positions: never served
             if lp_first is not None and lp is None and self.logprobs.needs(i, lp_first):
                 break  # saved without the logprobs this request asks for: a miss
             self._loads.append((req.page_ids[i], data))

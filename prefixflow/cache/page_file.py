@@ -65,12 +65,14 @@ def encode(
         for name, dtype in _LP_ARRAYS.items():
             tensors[f"lp.{name}"] = np.frombuffer(getattr(b, name), dtype=dtype)
         tensors["lp.last_hidden"] = np.frombuffer(logprobs.last_hidden, dtype=np.uint8)
-        meta.update(lp_first=str(b.first), lp_k=str(b.k), lp_crc32=str(_lp_crc(tensors)))
+        crc = _lp_crc(tensors, b.first, b.k)
+        meta.update(lp_first=str(b.first), lp_k=str(b.k), lp_crc32=str(crc))
     return save_safetensors(tensors, metadata=meta)
 
 
-def _lp_crc(tensors: dict[str, np.ndarray]) -> int:
-    crc = 0
+def _lp_crc(tensors: dict[str, np.ndarray], first: int, k: int) -> int:
+    """Of the lp tensors and the header fields that place them."""
+    crc = zlib.crc32(f"{first} {k}".encode())
     for name in sorted(tensors):
         if name.startswith("lp."):
             crc = zlib.crc32(np.ascontiguousarray(tensors[name]).view(np.uint8), crc)
@@ -108,10 +110,11 @@ def decode(
         raise BadPage("checksum mismatch")
     if len(tensors) == 1:
         return data, None
-    if meta.get("lp_crc32") != str(_lp_crc(tensors)):
-        raise BadPage("prompt logprobs checksum mismatch")
     try:
-        return data, _logprobs(tensors, int(meta["lp_first"]), int(meta["lp_k"]))
+        first, k = int(meta["lp_first"]), int(meta["lp_k"])
+        if meta.get("lp_crc32") != str(_lp_crc(tensors, first, k)):
+            raise BadPage("prompt logprobs checksum mismatch")
+        return data, _logprobs(tensors, first, k)
     except (KeyError, ValueError) as e:
         raise BadPage(f"bad prompt logprobs ({e})") from e
 

@@ -33,7 +33,7 @@ from prefixflow.page_hash import next_page_hash, root_digest, token_bytes
 
 _ROOT = -1  # the parent of a prompt's first page
 _ROOT_DIGEST = root_digest()
-PENDING = "pending"  # a node's logprobs: computed by a request this step, stored at its end
+PENDING = object()  # a node's logprobs: computed by a request this step, stored at its end
 
 
 class _Node:

@@ -11,7 +11,7 @@ Pure Python.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import hashlib
 
 from prefixflow.request import RequestOutput
@@ -71,10 +71,12 @@ class Duplicates:
         return self._leader_of.get(request_id, request_id)
 
     def as_follower(self, out: RequestOutput, request_id: str) -> RequestOutput:
-        """A leader's output as a follower's: nothing of its prompt was computed for it."""
-        return dataclasses.replace(
-            out, request_id=request_id, num_cached_tokens=len(out.prompt_token_ids)
-        )
+        """A leader's output as a follower's, its own copy (callers may change theirs):
+        nothing of its prompt was computed for it."""
+        mine = copy.deepcopy(out)
+        mine.request_id = request_id
+        mine.num_cached_tokens, mine.num_disk_cached_tokens = len(out.prompt_token_ids), 0
+        return mine
 
     def fan_out(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """The step's finished outputs with their followers' copies; a leader whose caller
@@ -112,6 +114,7 @@ class Duplicates:
         elif self._followers.get(request_id):
             self._left.add(request_id)
             return []
+        self._followers.pop(request_id, None)  # its followers all left before it
         key = self._key_of.pop(request_id, None)
         if key is not None:
             del self._leader_by_key[key]

@@ -72,6 +72,7 @@ def open_disk_tier(
     page_bytes = bytes_per_page(model.config, config.page_size, dtype)
     disk = DiskTier(config.kv_disk_cache, parse_disk_size(config.kv_disk_cache_size), page_bytes)
     disk.set_fingerprint(kv_fingerprint_of(model, dtype, config.page_size))
+    disk.logprob_k = config.limits.max_logprobs  # what the runner computes, to store
     return disk
 
 

@@ -202,8 +202,10 @@ def test_pages_keep_their_logprobs_through_the_disk_tier(tmp_path):
     batch = eval_batch(6, questions=2)
     nbytes = P * 8  # the page-table runner's page: its token ids as int64
 
-    def run_once(prompts) -> Run:
-        r = Run(disk=DiskTier(tmp_path, 1 << 30, nbytes))
+    def run_once(prompts, k: int = FAKE_K) -> Run:
+        disk = DiskTier(tmp_path, 1 << 30, nbytes)
+        disk.logprob_k = k  # the alternatives the runner keeps (max_logprobs)
+        r = Run(disk=disk)
         for rid, prompt in prompts:
             r.add(rid, prompt)
         r.run()
@@ -217,6 +219,11 @@ def test_pages_keep_their_logprobs_through_the_disk_tier(tmp_path):
     from_disk = sum(q.num_disk_tokens for q in second.reqs.values())
     assert from_disk > 0
     assert second.sched.num_prompt_computed_tokens < first.sched.num_prompt_computed_tokens
+    # An engine keeping more alternatives than the pages were saved with reads none of
+    # their logprobs (they would come back cut short): it computes the prompts again.
+    third = run_once(batch, k=FAKE_K + 3)
+    assert sum(q.num_disk_tokens for q in third.reqs.values()) == 0
+    assert third.sched.num_prompt_computed_tokens == first.sched.num_prompt_computed_tokens
 
 
 def test_a_page_file_keeps_logprobs_bit_for_bit(tmp_path):

@@ -59,6 +59,24 @@ def test_a_leader_left_by_its_caller_runs_on_for_its_followers():
     assert not d.follow("z", key)  # and nobody follows it any more
     assert d.leave("plain") == ["plain"]
 
+    d.lead("p", key)
+    d.follow("q", key)
+    assert d.leave("q") == [] and d.leave("p") == ["p"]  # followers first, then the leader
+    assert not d._followers and not d._leader_by_key and not d._leader_of  # nothing kept
+
+
+def test_a_followers_output_is_its_own_copy():
+    from prefixflow.request import CompletionOutput
+
+    d = Duplicates()
+    key = duplicate_key("p", [1], GREEDY)
+    d.lead("a", key)
+    d.follow("b", key)
+    leader = RequestOutput("a", "p", [1, 2, 3], [CompletionOutput(0, "text", [5])])
+    a, b = d.fan_out([leader])
+    a.outputs[0].text = "changed by a's caller"
+    assert b.outputs[0].text == "text" and b.request_id == "b"
+
 
 def test_nobody_follows_across_a_weight_update_or_without_prefix_sharing():
     d = Duplicates()
