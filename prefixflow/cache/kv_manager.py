@@ -134,7 +134,7 @@ class KVManager:
             if keep < len(hit.pages):
                 self.pool.release(hit.pages[keep:][::-1])
                 del hit.pages[keep:]
-                max_pages = 0  # nor the disk after a miss
+                max_pages = len(hit.pages)  # nor the disk after a miss (its keys: to save)
         if self.disk is not None and max_pages:
             hit.disk_keys = self.disk.keys(req.token_ids, page_size, max_pages)
             hit.num_on_disk = self.disk.count_present(hit.disk_keys[len(hit.pages) :])
