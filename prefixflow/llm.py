@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import Engine
 from prefixflow.errors import RequestError
+from prefixflow.inputs.tools import force_tool_call, plan_tools, tool_dicts
+from prefixflow.parsers.chat_output import ChatParsing, finish_reason, parse_chat
 from prefixflow.request import RequestOutput
 from prefixflow.runner.weight_update import Weights
 from prefixflow.sampling_params import SamplingParams
@@ -92,20 +94,40 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         min_finished: int | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
     ) -> list[RequestOutput]:
         """Apply the chat template to each conversation and generate (min_finished: as in
         generate). vLLM's template options, the same for every conversation:
         chat_template (its text; default: the engine's chat_template option, else the
         model's), add_generation_prompt, continue_final_message (leave the last message
         open for the model to continue; not with add_generation_prompt) and
-        chat_template_kwargs (variables for the template). Raises RequestError before any
-        work starts."""
+        chat_template_kwargs (variables for the template). tools (OpenAI's function
+        definitions) and tool_choice as on the server (inputs/tools.py): with a reasoning
+        or tool-call parser, each output's text keeps the content and its reasoning_content
+        and tool_calls are set. Raises RequestError before any work starts."""
         front = self.engine.front
+        plan = plan_tools(
+            tool_dicts(tools),
+            tool_choice,
+            None,
+            front.reasoning_parser,
+            front.tool_call_parser,
+            front.codec.template_text(chat_template),
+        )
         options = front.chat_options(
-            chat_template, chat_template_kwargs, add_generation_prompt, continue_final_message
+            chat_template,
+            chat_template_kwargs,
+            add_generation_prompt,
+            continue_final_message,
+            plan.tools,
         )
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = _as_params_list(sampling_params, len(convs))
+        if plan.structured is not None or plan.parsing.tool_parser == "mistral":
+            params = [p.clone() for p in params]
+            for p in params:
+                force_tool_call(p, plan)
         items = []
         for i, (conv, p) in enumerate(zip(convs, params, strict=True)):
             try:
@@ -113,7 +135,12 @@ class LLM:
             except RequestError as e:
                 raise e.with_prefix(f"conversation {i}: ") from e
             items.append((ids, text, None))
-        return self._run(items, params, use_tqdm, min_finished)
+        outputs = self._run(items, params, use_tqdm, min_finished)
+        if plan.parsing.active:
+            for out in outputs:
+                if out.finished:  # a partial one stays raw, to be resumed
+                    _parse_outputs(plan.parsing, out)
+        return outputs
 
     def _run(
         self, items, params, use_tqdm: bool, min_finished: int | None = None
@@ -154,6 +181,17 @@ class LLM:
             if r not in results:
                 results[r] = eng.interrupt(r)
         return [results[r] for r in ids]
+
+
+def _parse_outputs(parsing: ChatParsing, out: RequestOutput) -> None:
+    """Reasoning and tool calls out of each sample's text, as the server's message has them;
+    text keeps the content (token_ids stay the whole output)."""
+    for c in out.outputs:
+        message = parse_chat(parsing, c.text, out.prompt)
+        c.text = message.content or ""
+        c.reasoning_content = message.reasoning_content
+        c.tool_calls = [call.body() for call in message.tool_calls] or None
+        c.finish_reason = finish_reason(c.finish_reason, bool(message.tool_calls))
 
 
 def _as_prompt_list(prompts) -> list:

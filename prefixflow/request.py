@@ -224,6 +224,10 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     # The weight version (LLM.weight_version) each token was sampled under.
     weight_versions: list[int] | None = None
+    # LLM.chat with a reasoning or tool-call parser: the thinking text and the calls
+    # (OpenAI's tool_calls bodies); text is then the content left (parsers/chat_output.py).
+    reasoning_content: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 @dataclass

@@ -73,11 +73,13 @@ class TextCodec:
         chat_template: str | None = None,
         continue_final_message: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: list[dict] | None = None,
     ) -> str:
         """The conversation as prompt text, by `chat_template` (a request's), else the
         engine's, else the model's. continue_final_message leaves the last message open;
         chat_template_kwargs are variables for the template, checked by the request front
-        (inputs/chat_template.py) against template_call_names. Raises ValueError."""
+        (inputs/chat_template.py) against template_call_names; tools: OpenAI's tool
+        definitions, for a template that renders them. Raises ValueError."""
         template = chat_template if chat_template is not None else self.chat_template
         if template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(
@@ -94,12 +96,23 @@ class TextCodec:
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,
                     chat_template=template,
+                    tools=tools,
                     **(chat_template_kwargs or {}),
                 )
         except TemplateError as e:
             raise ValueError(f"the chat template rejected these messages: {e}") from e
         except Exception as e:  # a template's own bug (a type error, a division by zero)
             raise ValueError(f"the chat template failed on these messages: {e!r}") from e
+
+    def template_text(self, chat_template: str | None = None) -> str | None:
+        """The template a conversation is rendered by: the request's, the engine's, the
+        model's (None: there is none)."""
+        if chat_template is not None:
+            return chat_template
+        if self.chat_template is not None:
+            return self.chat_template
+        model = getattr(self.tokenizer, "chat_template", None)
+        return model if isinstance(model, str) and model else None
 
     @property
     def template_call_names(self) -> frozenset[str]:

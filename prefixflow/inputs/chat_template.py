@@ -39,6 +39,7 @@ class ChatTemplateOptions:
     chat_template_kwargs: Mapping[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: tuple[dict, ...] | None = None  # OpenAI's tools, for templates that render them
 
 
 def check_chat_options(options: ChatTemplateOptions, call_names: frozenset[str]) -> None:

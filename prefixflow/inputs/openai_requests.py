@@ -15,6 +15,8 @@ from prefixflow.errors import RequestError
 from prefixflow.inputs.chat_template import ChatTemplateOptions
 from prefixflow.inputs.openai_protocol import ChatCompletionRequest, CompletionRequest
 from prefixflow.inputs.request_front import RequestFront
+from prefixflow.inputs.tools import force_tool_call, plan_tools, tool_dicts
+from prefixflow.parsers.chat_output import ChatParsing
 from prefixflow.sampling_params import SamplingParams
 
 COMPLETIONS = "/v1/completions"
@@ -31,6 +33,7 @@ class PreparedRequest:
     include_usage: bool = False  # stream_options.include_usage
     echo: bool = False  # completions: the prompt before each completion
     generate: bool = True  # False: echo with max_tokens 0 (score the prompt, return no tokens)
+    parsing: ChatParsing | None = None  # chat: how its outputs are parsed (reasoning, tools)
 
 
 def describe_validation_error(e: ValidationError) -> RequestError:
@@ -55,6 +58,7 @@ class ParsedRequest:
     request: CompletionRequest | ChatCompletionRequest
     params: SamplingParams
     chat: ChatTemplateOptions | None = None  # a chat request's, checked
+    parsing: ChatParsing | None = None  # a chat request's output parsing
 
     @property
     def num_prompts(self) -> int:
@@ -101,6 +105,17 @@ def parse(
     except ValidationError as e:
         raise describe_validation_error(e) from e
     parsed = ParsedRequest(url, req, params)
+    if url == CHAT_COMPLETIONS:
+        plan = plan_tools(
+            tool_dicts(req.tools),
+            req.tool_choice,
+            req.parallel_tool_calls,
+            front.reasoning_parser,
+            front.tool_call_parser,
+            front.codec.template_text(req.chat_template),
+        )
+        parsed.parsing = plan.parsing
+        force_tool_call(params, plan)
     front.check_counts(params, parsed.num_prompts)
     if url == CHAT_COMPLETIONS:
         if req.chat_template is not None and not request_templates:
@@ -116,6 +131,7 @@ def parse(
             req.chat_template_kwargs,
             req.add_generation_prompt,
             req.continue_final_message,
+            plan.tools,
         )
     if url == COMPLETIONS:  # prompts of token ids: their length is known already
         for p in req.prompts():
@@ -150,4 +166,5 @@ def tokenize(parsed: ParsedRequest, front: RequestFront) -> PreparedRequest:
         bool(options.get("include_usage", False)),
         echo=echo,
         generate=not (echo and req.max_tokens == 0),
+        parsing=parsed.parsing,
     )

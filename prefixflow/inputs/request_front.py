@@ -28,6 +28,8 @@ from prefixflow.model.loader import (
     resolve_model,
 )
 from prefixflow.model.registry import arch_of
+from prefixflow.parsers.reasoning import check_reasoning_parser
+from prefixflow.parsers.tool_calls import check_tool_call_parser
 from prefixflow.request import CompletionOutput, FinishReason, Request, RequestOutput
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.structured.compiler import GrammarCompiler
@@ -44,6 +46,8 @@ class RequestFront:
         chat_template: str | None = None,
         revision: str | None = None,
         served_model_name: str | None = None,
+        reasoning_parser: str | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         """model: a folder, .gguf file or Hub id (None: the embedded default); max_len: a
         cap on prompt + output tokens below the model's context; runs_model: refuse an
@@ -51,7 +55,12 @@ class RequestFront:
         limits: what one request may ask (inputs/limits.py); chat_template: a template
         file or text in place of the model's (a missing file or a syntax error is a
         ValueError naming it, before the model loads); revision: of a Hub id;
-        served_model_name: its name in the OpenAI API (default: the file or folder's)."""
+        served_model_name: its name in the OpenAI API (default: the file or folder's);
+        reasoning_parser, tool_call_parser: how chat outputs are parsed (parsers/)."""
+        check_reasoning_parser(reasoning_parser)
+        check_tool_call_parser(tool_call_parser)
+        self.reasoning_parser = reasoning_parser
+        self.tool_call_parser = tool_call_parser
         self.limits = limits or LimitsConfig()
         template = load_chat_template(chat_template) if chat_template is not None else None
         self.kv: KVBudget | None = None  # known once the engine sized its KV cache
@@ -78,6 +87,8 @@ class RequestFront:
             limits=config.limits,
             chat_template=config.chat_template,
             revision=config.revision,
+            reasoning_parser=config.reasoning_parser,
+            tool_call_parser=config.tool_call_parser,
             served_model_name=config.served_model_name,
         )
 
@@ -104,12 +115,17 @@ class RequestFront:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> ChatTemplateOptions:
         """A chat request's template options, checked (types, both prompts at once,
         variables the template call keeps for itself) before anything is templated.
         Raises RequestError."""
         options = ChatTemplateOptions(
-            chat_template, chat_template_kwargs, add_generation_prompt, continue_final_message
+            chat_template,
+            chat_template_kwargs,
+            add_generation_prompt,
+            continue_final_message,
+            tuple(tools) if tools else None,
         )
         check_chat_options(options, self.codec.template_call_names)
         return options
@@ -132,6 +148,7 @@ class RequestFront:
                 chat_template=options.chat_template,
                 continue_final_message=options.continue_final_message,
                 chat_template_kwargs=options.chat_template_kwargs,
+                tools=list(options.tools) if options.tools else None,
             )
         except ValueError as e:  # the template refused the messages
             raise RequestError(str(e), "messages") from e

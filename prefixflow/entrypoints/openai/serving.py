@@ -9,6 +9,7 @@ import time
 import uuid
 
 from prefixflow.inputs.openai_requests import COMPLETIONS, PreparedRequest
+from prefixflow.parsers.chat_output import ChatParsing, finish_reason, parse_chat
 from prefixflow.request import CompletionOutput, RequestOutput
 from prefixflow.tokenizer import TextCodec
 
@@ -20,7 +21,7 @@ def response_body(
     k = prepared.params.logprobs or 0
     if prepared.url == COMPLETIONS:
         return completion_body(model, outputs, codec, k, prepared.echo, prepared.generate)
-    return chat_body(model, outputs, codec, k)
+    return chat_body(model, outputs, codec, k, prepared.parsing)
 
 
 def _usage(outputs: list[RequestOutput]) -> dict:
@@ -35,14 +36,10 @@ def _usage(outputs: list[RequestOutput]) -> dict:
     }
 
 
-def _choices(outputs: list[RequestOutput]) -> list[tuple[int, CompletionOutput]]:
-    """OpenAI numbers choices prompt by prompt, then sample by sample."""
-    return [(i, c) for i, c, _ in _choices_of(outputs)]
-
-
 def _choices_of(
     outputs: list[RequestOutput],
 ) -> list[tuple[int, CompletionOutput, RequestOutput]]:
+    """OpenAI numbers choices prompt by prompt, then sample by sample."""
     out, i = [], 0
     for o in outputs:
         for c in o.outputs:
@@ -102,10 +99,15 @@ def completion_body(
 
 
 def chat_body(
-    model: str, outputs: list[RequestOutput], codec: TextCodec, top_logprobs: int
+    model: str,
+    outputs: list[RequestOutput],
+    codec: TextCodec,
+    top_logprobs: int,
+    parsing: ChatParsing | None = None,
 ) -> dict:
+    """parsing: how reasoning and tool calls are read out of each output's text."""
     choices = []
-    for i, c in _choices(outputs):
+    for i, c, o in _choices_of(outputs):
         lp = None
         if c.logprobs is not None:
             content = []
@@ -128,7 +130,13 @@ def chat_body(
                     }
                 )
             lp = {"content": content}
-        choices.append(_choice(i, c, lp, message={"role": "assistant", "content": c.text}))
+        if parsing is None or not parsing.active:
+            choices.append(_choice(i, c, lp, message={"role": "assistant", "content": c.text}))
+            continue
+        message = parse_chat(parsing, c.text, o.prompt)
+        choice = _choice(i, c, lp, message=message.body())
+        choice["finish_reason"] = finish_reason(c.finish_reason, bool(message.tool_calls))
+        choices.append(choice)
     body = _body("chatcmpl", "chat.completion", model, choices, outputs)
     if outputs and outputs[0].prompt_logprobs is not None:  # vLLM's, for the one prompt
         body["prompt_logprobs"] = prompt_logprobs_body(outputs[0])

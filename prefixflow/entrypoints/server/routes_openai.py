@@ -155,6 +155,7 @@ async def _run(
             prepared.params.n,
             holdback(prepared.params.stop),
             prepared.include_usage,
+            prepared.parsing,
         )
         # The ticket ends however the stream ends (EndsTicket), even when the client left
         # before it started and the generator never ran.

@@ -20,6 +20,7 @@ from prefixflow.engine.async_engine import AsyncEngine
 from prefixflow.entrypoints.openai.serving import _usage
 from prefixflow.entrypoints.server.metrics import ServerCounters
 from prefixflow.inputs.openai_requests import COMPLETIONS
+from prefixflow.parsers.chat_output import ChatParsing, ChatStream, finish_reason
 from prefixflow.request import CompletionOutput, RequestOutput
 
 
@@ -30,11 +31,13 @@ class StreamState:
     n: int  # samples per prompt
     holdback: int  # characters a stop string could still take back
     include_usage: bool
+    parsing: ChatParsing | None = None  # chat: reasoning and tool calls as their own deltas
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     sent: dict[int, int] = field(default_factory=dict)  # choice index -> characters sent
     finished: set[int] = field(default_factory=set)
     started: set[int] = field(default_factory=set)
+    parsers: dict[int, ChatStream] = field(default_factory=dict)  # choice index -> its parser
 
     def chunks(self, prompt_index: int, out: RequestOutput) -> list[str]:
         """SSE events for one prompt's update."""
@@ -42,6 +45,9 @@ class StreamState:
         for c in out.outputs:
             index = prompt_index * self.n + c.index
             if index in self.finished:
+                continue
+            if self.parsing is not None and self.parsing.active and self.url != COMPLETIONS:
+                events.extend(self._parsed(index, c, out.prompt))
                 continue
             delta = self._delta(index, c)
             done = c.finish_reason is not None
@@ -55,13 +61,48 @@ class StreamState:
     def usage_event(self, outputs: list[RequestOutput]) -> str:
         return self._event([], usage=_usage(outputs))
 
-    def _delta(self, index: int, c: CompletionOutput) -> str:
+    def _parsed(self, index: int, c: CompletionOutput, prompt: str | None) -> list[str]:
+        """A parsed choice's events: one per delta (reasoning and content, then each tool
+        call's head and arguments), the finish on the last."""
+        stream = self.parsers.setdefault(index, ChatStream(self.parsing, prompt))
+        done = c.finish_reason is not None
+        deltas = stream.feed(self._final_text(c), done)
+        if index not in self.started:  # the first chunk names the role
+            self.started.add(index)
+            first = deltas[0] if deltas else {"content": ""}
+            deltas = [{"role": "assistant", **first}, *deltas[1:]]
+        if done and not deltas:
+            deltas = [{}]
+        if done:
+            self.finished.add(index)
+        reason = finish_reason(c.finish_reason, stream.calls > 0) if done else None
+        return [
+            self._event(
+                [
+                    {
+                        "index": index,
+                        "delta": d,
+                        "logprobs": None,
+                        "finish_reason": reason if k == len(deltas) - 1 else None,
+                        "stop_reason": c.stop_reason if done and k == len(deltas) - 1 else None,
+                    }
+                ]
+            )
+            for k, d in enumerate(deltas)
+        ]
+
+    def _final_text(self, c: CompletionOutput) -> str:
+        """The text so far that no stop string can take back (all of it once finished)."""
         text = c.text
         if c.finish_reason is None:
             end = len(text) - self.holdback
             while end > 0 and text[end - 1] == "\ufffd":
                 end -= 1
             text = text[: max(end, 0)]
+        return text
+
+    def _delta(self, index: int, c: CompletionOutput) -> str:
+        text = self._final_text(c)
         start = self.sent.get(index, 0)
         if len(text) <= start:
             return ""
