@@ -1,6 +1,8 @@
 """The OpenAI Batch API on `prefixflow serve --batch-dir`, with the official openai client:
 files (upload, list, retrieve, content, delete; a size bound, ids that cannot leave the
-folder) and batches."""
+folder) and batches: a 200-line batch equals `prefixflow run-batch` on the same file, bad
+lines land in the error file, cancel keeps what was answered, a killed server resumes its
+batch with every custom_id once, and online requests keep priority."""
 
 from __future__ import annotations
 
