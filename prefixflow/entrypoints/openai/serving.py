@@ -87,7 +87,7 @@ def completion_body(
                 "text_offset": offsets,
             }
         choice = _choice(i, c, lp, text=text)
-        if o.prompt_logprobs is not None and not (echo and entries is not None):
+        if o.prompt_logprobs is not None and lp is None:  # not shown inline with the echo
             choice["prompt_logprobs"] = prompt_logprobs_body(o)
         choices.append(choice)
     body = _body("cmpl", "text_completion", model, choices, outputs)

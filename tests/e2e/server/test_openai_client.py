@@ -175,6 +175,11 @@ def test_scoring_reads_a_cached_prefix_and_bad_k_is_refused(oc):
     plp = tail.choices[0].model_extra["prompt_logprobs"]  # vLLM's field, beside OpenAI's
     assert plp[:10] == [None] * 10 and len(plp) == len(a.tokens)
     assert all(1 <= len(e) <= 3 for e in plp[10:])
+    scored = oc.completions.create(  # scored with echo, asked by prompt_logprobs alone
+        **common, max_tokens=0, echo=True, extra_body={"prompt_logprobs": 1}
+    )
+    assert scored.choices[0].logprobs is None
+    assert len(scored.choices[0].model_extra["prompt_logprobs"]) == len(a.tokens)
 
     for extra in ({"logprobs": 21}, {"extra_body": {"prompt_logprobs": 21}}):
         with pytest.raises(openai.BadRequestError, match="max_logprobs"):
