@@ -75,6 +75,24 @@ def test_reasoning_offline(llm):
     assert raw == f"<think>{out.reasoning_content}</think>{out.text}"
 
 
+def test_tools_offline_and_in_batch_lines(llm):
+    """LLM.chat's tool_choice, and a batch line's (run-batch and the Batch API prepare it
+    as the server does), before the server starts."""
+    params = SamplingParams(temperature=0, max_tokens=48)
+    outs = llm.chat([ASK, ASK], params, use_tqdm=False, tools=TOOLS, tool_choice="required")
+    for out in outs:
+        c = out.outputs[0]
+        assert c.finish_reason == "tool_calls" and c.text == ""
+        for call in c.tool_calls:
+            schema = SCHEMA if call["function"]["name"] == "get_weather" else TIME_SCHEMA
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    line = {"messages": ASK, "tools": TOOLS, "tool_choice": named}
+    prepared = prepare(CHAT_COMPLETIONS, line, llm.engine.front)
+    assert prepared.parsing.forced == "get_time"
+    assert json.loads(prepared.params.structured_outputs.json) == TIME_SCHEMA
+
+
 def test_reasoning_unstreamed_and_streamed(oc, llm):
     args = {"model": "m", "messages": ASK, "temperature": 0, "max_tokens": 30}
     r = oc.chat.completions.create(**args, extra_body={"guided_regex": THINK})
