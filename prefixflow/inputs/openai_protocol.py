@@ -57,6 +57,12 @@ class _SamplingFields(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    @model_validator(mode="after")
+    def _no_streamed_prompt_logprobs(self):
+        if self.stream and self.prompt_logprobs is not None:  # vLLM refuses it too
+            raise ValueError("prompt_logprobs is not supported with stream; ask without stream")
+        return self
+
     def structured(self) -> dict[str, Any] | None:
         given = {
             name: value

@@ -181,6 +181,10 @@ def test_scoring_reads_a_cached_prefix_and_bad_k_is_refused(oc):
     assert scored.choices[0].logprobs is None
     assert len(scored.choices[0].model_extra["prompt_logprobs"]) == len(a.tokens)
 
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        oc.completions.create(
+            **common, max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1}
+        )
     for extra in ({"logprobs": 21}, {"extra_body": {"prompt_logprobs": 21}}):
         with pytest.raises(openai.BadRequestError, match="max_logprobs"):
             oc.completions.create(**common, max_tokens=1, **extra)
