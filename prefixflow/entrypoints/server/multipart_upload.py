@@ -1,22 +1,17 @@
-"""A streaming multipart/form-data reader for file uploads: the file part goes to disk as it
-arrives, the other fields are kept (a few bytes each), so an upload's size costs no memory.
-
-Written here rather than taken from python-multipart, which the server does not otherwise
-need; it reads what HTTP clients (httpx, requests, curl) send: one boundary, parts with a
-Content-Disposition header.
+"""A streaming multipart/form-data reader for file uploads, on python-multipart's parser
+(the one Starlette uses): the file part goes to disk as it arrives, the other fields are
+kept (a few bytes each), so an upload's size costs no memory. Starlette's own form
+parsing would spool the file first, before the size bound could refuse it.
 """
 
 from __future__ import annotations
 
-import re
 from typing import BinaryIO
 
-MAX_HEADERS = 16 << 10  # bytes of one part's headers
-MAX_FIELD = 4 << 10  # bytes of a field that is not a file
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
-_BOUNDARY = re.compile(r'boundary="?([^";,]+)"?', re.IGNORECASE)
-_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
-_FILENAME = re.compile(rb'\bfilename="([^"]*)"', re.IGNORECASE)
+MAX_FIELD = 4 << 10  # bytes of a field that is not a file
 
 
 class MultipartError(ValueError):
@@ -24,93 +19,83 @@ class MultipartError(ValueError):
 
 
 def boundary_of(content_type: str) -> bytes:
-    if not content_type.lower().startswith("multipart/form-data"):
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
         raise MultipartError("the upload must be multipart/form-data (fields file and purpose)")
-    m = _BOUNDARY.search(content_type)
-    if m is None:
+    boundary = options.get(b"boundary")
+    if not boundary:
         raise MultipartError("the multipart Content-Type names no boundary")
-    return m.group(1).encode("latin-1")
+    return boundary
 
 
 class MultipartReader:
     """Feed the body in chunks; the part named `file_field` is written to `file_out`."""
 
     def __init__(self, boundary: bytes, file_out: BinaryIO, file_field: str = "file") -> None:
-        self.delim = b"\r\n--" + boundary
         self.file_out = file_out
         self.file_field = file_field.encode()
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
         self.done = False
-        self._buf = b"\r\n"  # so the first boundary reads like every later one
-        self._state = "preamble"  # preamble, after_delim, headers, body, done
         self._name: bytes | None = None
         self._value = bytearray()
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda d, a, b: self._header_field.extend(d[a:b]),
+                "on_header_value": lambda d, a, b: self._header_value.extend(d[a:b]),
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+        )
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
-        while True:
-            if self._state in ("preamble", "body"):
-                i = self._buf.find(self.delim)
-                if i < 0:  # keep what could be the start of a delimiter
-                    keep = len(self.delim) - 1
-                    if len(self._buf) > keep:
-                        self._content(self._buf[:-keep])
-                        self._buf = self._buf[-keep:]
-                    return
-                self._content(self._buf[:i])
-                self._end_part()
-                self._buf = self._buf[i + len(self.delim) :]
-                self._state = "after_delim"
-            if self._state == "after_delim":
-                if len(self._buf) < 2:
-                    return
-                if self._buf[:2] == b"--":
-                    self._state, self.done = "done", True
-                    return
-                if self._buf[:2] != b"\r\n":
-                    raise MultipartError("malformed multipart body (after a boundary)")
-                self._buf = self._buf[2:]
-                self._state = "headers"
-            if self._state == "headers":
-                i = self._buf.find(b"\r\n\r\n")
-                if i < 0:
-                    if len(self._buf) > MAX_HEADERS:
-                        raise MultipartError("a multipart part's headers are too long")
-                    return
-                self._start_part(self._buf[:i])
-                self._buf = self._buf[i + 4 :]
-                self._state = "body"
-            if self._state == "done":
-                return
+        try:
+            self._parser.write(data)
+        except MultipartParseError as e:
+            raise MultipartError(f"malformed multipart body ({e})") from e
 
-    def _start_part(self, headers: bytes) -> None:
-        disposition = next(
-            (h for h in headers.split(b"\r\n") if h.lower().startswith(b"content-disposition:")),
-            b"",
-        )
-        name = _NAME.search(disposition)
-        if name is None:
-            raise MultipartError("a multipart part has no Content-Disposition name")
-        self._name = name.group(1)
-        if self._name == self.file_field:
-            fn = _FILENAME.search(disposition)
-            self.filename = fn.group(1).decode("utf-8", "replace") if fn else "upload.jsonl"
+    def _part_begin(self) -> None:
+        self._name, self._disposition = None, b""
         self._value.clear()
 
-    def _content(self, data: bytes) -> None:
-        if self._state != "body" or not data:
-            return
+    def _header_end(self) -> None:
+        if bytes(self._header_field).lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        if name is None:
+            raise MultipartError("a multipart part has no Content-Disposition name")
+        self._name = name
+        if name == self.file_field:
+            filename = options.get(b"filename")
+            self.filename = filename.decode("utf-8", "replace") if filename else "upload.jsonl"
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._name == self.file_field:
-            self.file_out.write(data)
+            self.file_out.write(data[start:end])
             return
-        self._value += data
+        self._value += data[start:end]
         if len(self._value) > MAX_FIELD:
             raise MultipartError(f"the form field {self._name!r} is too long")
 
-    def _end_part(self) -> None:
-        if self._state == "body" and self._name is not None and self._name != self.file_field:
+    def _part_end(self) -> None:
+        if self._name is not None and self._name != self.file_field:
             self.fields[self._name.decode("utf-8", "replace")] = self._value.decode(
                 "utf-8", "replace"
             )
         self._name = None
+
+    def _end(self) -> None:
+        self.done = True

@@ -125,6 +125,19 @@ def test_upload_over_the_bound_is_a_413(served):
     assert not [p for p in (batch_dir / "files").iterdir() if p.name.startswith(".")]
 
 
+def test_malformed_uploads_are_400(served):
+    _, c, _ = served
+    head = {"Authorization": "Bearer k"}
+    for content_type, body in (
+        ("application/json", b"{}"),
+        ("multipart/form-data", b"--b\r\n"),  # no boundary named
+        ("multipart/form-data; boundary=b", b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--"),
+        ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="file"'),
+    ):
+        r = c.post("/v1/files", content=body, headers={**head, "Content-Type": content_type})
+        assert r.status_code == 400, (content_type, body, r.text)
+
+
 def _wait(oc, batch_id: str, timeout: float = 120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
