@@ -72,7 +72,9 @@ def call_of(obj: object, arguments_key: str = "arguments") -> ToolCall | None:
     """A ToolCall of a decoded {"name", arguments_key} object, None if it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get(arguments_key, obj.get("arguments", obj.get("parameters", {})))
+    if "arguments" not in obj and "parameters" not in obj:
+        return None  # a JSON answer that happens to have a "name" is no call (vLLM's rule)
+    args = obj.get(arguments_key, obj.get("arguments", obj.get("parameters")))
     if isinstance(args, str):  # some models write the arguments as JSON text
         try:
             args = json.loads(args)
@@ -84,23 +86,29 @@ def call_of(obj: object, arguments_key: str = "arguments") -> ToolCall | None:
 
 
 def _hermes(text: str, final: bool) -> tuple[str, list[ToolCall]]:
+    """The calls up to the first block that is not one (bad JSON, or text between blocks);
+    that block and what follows stay content, in both passes, so a stream never sends a
+    call the whole text would not have."""
     start = text.find("<tool_call>")
     if start < 0:
         return (text if final else _before_partial(text, "<tool_call>")), []
-    calls = []
+    calls, pos = [], start
     for m in _HERMES.finditer(text, start):
-        call = _loads_call(m.group(1))
+        call = _loads_call(m.group(1)) if not text[pos : m.start()].strip() else None
         if call is None:
-            return (text if final else text[:start]), []
+            break
         calls.append(call)
-    if final:
-        tail = text[start:]
-        if "</tool_call>" not in tail.rsplit("<tool_call>", 1)[1]:  # cut off: try it whole
-            call = _loads_call(tail.rsplit("<tool_call>", 1)[1].strip())
-            if call is None:
-                return text, []
+        pos = m.end()
+    if not final:
+        return text[:start], calls
+    rest = text[pos:]
+    head, _, last = rest.partition("<tool_call>")
+    if last and not head.strip() and "</tool_call>" not in last:  # cut off: try it whole
+        call = _loads_call(last.strip())
+        if call is not None:
             calls.append(call)
-    return text[:start], calls
+            rest = ""
+    return (text[:start] + rest if rest.strip() or not calls else text[:start]), calls
 
 
 def _llama3_json(text: str, final: bool) -> tuple[str, list[ToolCall]]:

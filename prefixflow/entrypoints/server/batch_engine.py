@@ -84,10 +84,17 @@ class ServerBatchEngine:
             self._in_engine += params.n
         rid = f"{self._prefix}{request_id}"
         task = asyncio.run_coroutine_threadsafe(
-            self._run(request_id, rid, prompt, params, prompt_text, params.n), self._loop
+            self._run(request_id, rid, prompt, params, prompt_text), self._loop
         )
+        # Given back when the run ends, or is cancelled before it starts (abort): a seat
+        # counted in _run's own finally would leak then, and the batch stall.
+        task.add_done_callback(lambda _, n=params.n: self._give_back(n))
         with self._lock:
             self._tasks[request_id] = task
+
+    def _give_back(self, n: int) -> None:
+        with self._lock:
+            self._in_engine -= n
 
     def _seat_free(self, n: int) -> bool:
         busy = self._gate.in_flight + self._in_engine
@@ -100,7 +107,6 @@ class ServerBatchEngine:
         ids: list[int],
         params: SamplingParams,
         text: str | None,
-        n: int,
     ) -> None:
         """On the event loop: the request through the AsyncEngine, its final output (or the
         error that ended it) handed to the batch thread."""
@@ -112,9 +118,6 @@ class ServerBatchEngine:
             self._finished.put(dataclasses.replace(last, request_id=request_id))
         except Exception as e:  # noqa: BLE001 - the engine died, or refused it: the job fails
             self._finished.put(e)
-        finally:
-            with self._lock:
-                self._in_engine -= n
 
     def step(self) -> list[RequestOutput]:
         """Wait for at least one of the batch's requests to finish; those that did."""

@@ -27,6 +27,20 @@ CASES = [
     ("hermes", f"<tool_call>{json.dumps(W)}", None, [W]),  # cut before the closing tag
     ("hermes", "no <tool call here", "no <tool call here", []),
     ("hermes", "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+    # A good call, then a bad or cut-off one: the good one is a call in both passes (a
+    # stream must not send a call the whole text drops), the rest is content.
+    (
+        "hermes",
+        f"<tool_call>{json.dumps(W)}</tool_call>\n<tool_call>{{bad}}</tool_call>",
+        "\n<tool_call>{bad}</tool_call>",
+        [W],
+    ),
+    (
+        "hermes",
+        f'<tool_call>{json.dumps(W)}</tool_call>\n<tool_call>{{"name": "b", "argu',
+        '\n<tool_call>{"name": "b", "argu',
+        [W],
+    ),
     (
         "llama3_json",
         '{"name": "get_weather", "parameters": {"city": "Paris"}}',
@@ -42,6 +56,8 @@ CASES = [
     ),
     ("llama3_json", "Paris is sunny.", "Paris is sunny.", []),
     ("llama3_json", '{"a": 1}', '{"a": 1}', []),
+    # A JSON answer with a "name" but no arguments is an answer, not a call (vLLM's rule).
+    ("llama3_json", '{"name": "Alice", "age": 30}', '{"name": "Alice", "age": 30}', []),
     ("mistral", f"[TOOL_CALLS][{json.dumps(W)}, {json.dumps(T)}]", None, [W, T]),
     ("mistral", "Sure. [TOOL_CALLS]" + json.dumps([W]), "Sure. ", [W]),
     ("mistral", "[TOOL_C is not a call", "[TOOL_C is not a call", []),
