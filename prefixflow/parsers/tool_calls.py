@@ -9,8 +9,8 @@ model family (vLLM's --tool-call-parser names):
 
 With final=False (a stream's text so far) only calls already complete are returned, and
 content stops where a call (or what may be the start of one) begins, so the streamed
-content is a prefix of the final one. A call that is not valid JSON leaves the text as
-content, as vLLM does.
+content is a prefix of the final one. A call that is not valid JSON stays content, with
+what follows it, as vLLM keeps it; the calls before it stay calls in both passes.
 """
 
 from __future__ import annotations
