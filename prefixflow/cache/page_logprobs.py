@@ -58,7 +58,7 @@ class LogprobPages:
         logprob entry is at position `first`: a page needs logprobs if it holds a position
         from `first` on or its last row predicts `first`."""
         for j, page in enumerate(pages):
-            if (j + 1) * self.page_size >= first and self.cache.logprobs(page) is None:
+            if self.needs(j, first) and self.cache.logprobs(page) is None:
                 return j
         return len(pages)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 
+from prefixflow.page_hash import token_bytes
 from prefixflow.request import RequestOutput
 from prefixflow.sampling_params import SamplingParams
 
@@ -26,7 +27,7 @@ def duplicate_key(text: str | None, ids: list[int], params: SamplingParams) -> b
     h = hashlib.blake2b(digest_size=16)
     h.update(repr(params).encode())
     h.update(repr(text).encode())
-    h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in ids))
+    h.update(token_bytes(ids))
     return h.digest()
 
 

@@ -37,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
         "errors",
         "inputs",
         "logprob_block",
+        "page_hash",
         "request",
         "runner",
         "sampling_params",
