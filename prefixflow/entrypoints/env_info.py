@@ -16,7 +16,13 @@ import sys
 # avx512_bf16 and AMX for bfloat16 (dtype auto), VNNI for oneDNN's int8 paths.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 # Settings read from the environment that change what runs.
-ENV_VARS = ("PREFIXFLOW_NO_EXTENSION", "PREFIXFLOW_CACHE_DIR", "OMP_NUM_THREADS", "CXX")
+ENV_VARS = (
+    "PREFIXFLOW_NO_EXTENSION",
+    "PREFIXFLOW_CACHE_DIR",
+    "PREFIXFLOW_GGUF_CACHE_GB",
+    "OMP_NUM_THREADS",
+    "CXX",
+)
 
 
 def collect() -> dict:

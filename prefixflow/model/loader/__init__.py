@@ -7,7 +7,6 @@ transformers; its tokenizer by transformers), or a Hub id resolved to either (hu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from prefixflow.model.default import default_model_path
-from prefixflow.utils.cache_dir import cache_root
+from prefixflow.model.loader.gguf_cache import gguf_cache_dir, prune, record_source
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,7 @@ def _load_converted(src: ModelSource, auto_cls, marker: str, from_gguf):
     if not src.is_gguf:
         return auto_cls.from_pretrained(str(src.path))
     cache = gguf_cache_dir(src.path)
+    record_source(cache, src.path)  # also its last use, for pruning
     if (cache / marker).exists():
         try:
             return auto_cls.from_pretrained(str(cache))
@@ -124,17 +124,8 @@ def _load_converted(src: ModelSource, auto_cls, marker: str, from_gguf):
         obj.save_pretrained(str(cache))
     except OSError:
         pass  # a read-only home only costs the conversion next time
+    prune(keep=cache)
     return obj
-
-
-# Bumped when a conversion changes, so that no cache made by an older one is read.
-_CONVERSION_VERSION = 2
-
-
-def gguf_cache_dir(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    ident = f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}:{_CONVERSION_VERSION}"
-    return cache_root() / "gguf" / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def iter_weights(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
@@ -154,6 +145,7 @@ def _dequantized_gguf(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.
     from prefixflow.model.loader.safetensors import iter_safetensors
 
     cache = gguf_cache_dir(src.path)
+    record_source(cache, src.path)
     cached = cache / "weights" / "model.safetensors"
     if cached.exists():
         try:
@@ -169,6 +161,7 @@ def _dequantized_gguf(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.
         tmp.replace(cached)
     except OSError:
         pass
+    prune(keep=cache)
     yield from tensors.items()
 
 

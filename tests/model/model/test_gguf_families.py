@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from prefixflow.model.loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
+from prefixflow.model.loader.gguf_cache import gguf_cache_dir
 from tests.gguf_export import write_gguf
 
 # config fields GGUF does not carry and the model does not read
@@ -139,6 +140,8 @@ def test_gguf_round_trip(family, tokenizer, tokenizer_files, tmp_path, conversio
         assert tensors[name].dtype == torch.float32
         # exact but for Gemma's norms, stored as 1 + w
         assert torch.equal(tensors[name], t) or torch.allclose(tensors[name], t, atol=1e-6), name
+    # the conversion records its file, so that it is pruned once the file is gone
+    assert (gguf_cache_dir(src.path) / "source.json").exists()
 
 
 def test_tokenizer_of_an_architecture_transformers_cannot_convert(
