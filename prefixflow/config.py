@@ -105,6 +105,8 @@ def option(
 # The allowed names of the registries elsewhere (attention/registry.py, engine/admission.py),
 # kept here so that the configuration depends on neither; a unit test checks they agree.
 ATTENTION_BACKENDS = ("shared_prefix", "paged")
+# model/quant/__init__.py's modes (config is torch-free, so the names are repeated here)
+QUANTIZATION_MODES = ("none", "int8", "int8_weight_only", "int4_weight_only", "gguf", "auto")
 ADMISSION_POLICIES = ("past_future", "conservative", "aggressive")
 
 
@@ -282,6 +284,17 @@ class EngineConfig:
         True,
         "RMSNorm with the residual add, SiLU x up and rotary embedding as single C++ "
         "passes, where the kernels were built (off: PyTorch operations)",
+    )
+    quantization: str = option(
+        "none",
+        "int8 (W8A8: int8 weights and per-token int8 activations), int8_weight_only, "
+        "int4_weight_only, gguf (a GGUF file's 4-bit weights kept as they are), or auto "
+        "(per layer and rows, the faster of int8 weight-only and W8A8); none: the dtype's "
+        "weights, equal to transformers",
+        choices=lambda: QUANTIZATION_MODES,
+    )
+    quant_kernels: bool = option(
+        True, "quantized layers run on oneDNN's and ATen's int8/int4 kernels (off: PyTorch)"
     )
     prepack_weights: bool = option(
         True, "dense layers read weights prepacked once for oneDNN (off: plain F.linear)"

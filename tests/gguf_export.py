@@ -45,9 +45,11 @@ _GEMMA = {gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3}
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
 
 
-def write_gguf(folder: Path, out: Path, tokenizer_pre: str = "smollm") -> Path:
+def write_gguf(folder: Path, out: Path, tokenizer_pre: str = "smollm", quantize=None) -> Path:
     """The model in folder as a float32 GGUF file at out. tokenizer_pre: the pre-tokenizer
-    name llama.cpp would detect by hashing (the test tokenizer is SmolLM2's)."""
+    name llama.cpp would detect by hashing (the test tokenizer is SmolLM2's). quantize:
+    GGUF tensor name -> a GGMLQuantizationType (or None) for the weight matrices, which
+    gguf's own quantizer writes (as llama-quantize would: norms and biases stay F32)."""
     from transformers import AutoConfig
 
     hp = AutoConfig.from_pretrained(folder).to_dict()
@@ -75,7 +77,12 @@ def write_gguf(folder: Path, out: Path, tokenizer_pre: str = "smollm") -> Path:
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise KeyError(f"no GGUF name for {name}")
-        w.add_tensor(gguf_name, tensor.numpy().astype(np.float32))
+        values = tensor.numpy().astype(np.float32)
+        qtype = quantize(gguf_name) if quantize is not None else None
+        if qtype is not None and values.ndim >= 2 and values.shape[-1] % 32 == 0:
+            w.add_tensor(gguf_name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name, values)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

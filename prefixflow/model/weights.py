@@ -36,22 +36,37 @@ def placed(
     checking that the tensor has a place and its shape."""
     params = dict(model.named_parameters())
     for name, tensor in _unstacked(weights):
-        name = name.removeprefix("model.")
-        if "rotary_emb" in name or (name == "lm_head.weight" and tied):
+        place = locate(model, params, name, tied)
+        if place is None:
             continue
-        parts = [_RENAMED.get(p, p) for p in name.split(".")]
-        target, shard = ".".join(parts), None
-        if len(parts) >= 2 and parts[-2] in _FUSED:
-            fused_name, shard = _FUSED[parts[-2]]
-            target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-        if target not in params:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        target, shard, start, rows = place
         dst = params[target].detach()  # the same storage, outside autograd
         if shard is not None:
-            sizes = _slice_sizes(model, target, dst.shape[0])
-            dst = dst.narrow(0, sum(sizes[:shard]), sizes[shard])
+            dst = dst.narrow(0, start, rows)
         check_shape(name, dst.shape, tensor.shape)
         yield f"{target}#{shard}", dst, tensor
+
+
+def locate(
+    model: nn.Module, params: dict[str, nn.Parameter], name: str, tied: bool
+) -> tuple[str, int | None, int, int] | None:
+    """Where a checkpoint tensor goes: (parameter, fused slice or None, first row, rows);
+    None for a tensor the model does not keep."""
+    name = name.removeprefix("model.")
+    if "rotary_emb" in name or (name == "lm_head.weight" and tied):
+        return None
+    parts = [_RENAMED.get(p, p) for p in name.split(".")]
+    target, shard = ".".join(parts), None
+    if len(parts) >= 2 and parts[-2] in _FUSED:
+        fused_name, shard = _FUSED[parts[-2]]
+        target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+    if target not in params:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+    rows = params[target].shape[0]
+    if shard is None:
+        return target, None, 0, rows
+    sizes = _slice_sizes(model, target, rows)
+    return target, shard, sum(sizes[:shard]), sizes[shard]
 
 
 def missing(model: nn.Module, loaded: set[str], tied: bool) -> list[str]:

@@ -4,6 +4,7 @@ moving a page's bytes between the KV cache and the files."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import torch
 
 from prefixflow.cache.disk_tier import DiskTier
 from prefixflow.config import EngineConfig, parse_disk_size
+from prefixflow.model.quant.linear import QuantLinear
 from prefixflow.model.registry import arch_of
 from prefixflow.runner.kv_cache import bytes_per_page, kv_shape
 
@@ -58,9 +60,17 @@ def kv_fingerprint(
 def kv_fingerprint_of(model: torch.nn.Module, dtype: torch.dtype, page_size: int) -> str:
     """The fingerprint of the pages this model computes (kv_fingerprint)."""
     cfg = model.config
-    return kv_fingerprint(
-        model.named_parameters(), cfg, dtype, page_size, kv_shape(cfg, 1, page_size)
+    # a quantized layer's weights are buffers: they change the KV as much as parameters do
+    tensors = itertools.chain(
+        model.named_parameters(),
+        (
+            (f"{n}.{b}", t)
+            for n, m in model.named_modules()
+            if isinstance(m, QuantLinear)
+            for b, t in m.named_buffers()
+        ),
     )
+    return kv_fingerprint(tensors, cfg, dtype, page_size, kv_shape(cfg, 1, page_size))
 
 
 def open_disk_tier(

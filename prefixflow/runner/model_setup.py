@@ -14,6 +14,7 @@ from prefixflow.model.loader import (
     load_tokenizer,
     resolve_model,
 )
+from prefixflow.model.quant import quantize_model
 from prefixflow.model.registry import architecture_of, build_model
 from prefixflow.tokenizer import TextCodec
 
@@ -25,6 +26,8 @@ def load_model(
     model.load_weights(iter_weights(src, hf_config))
     model = model.to(dtype).eval()
     model.use_fused_ops(config.fused_ops)
+    if config.quantization != "none":  # before packing: what stays dense is packed
+        quantize_model(model, config.quantization, src.path, kernels=config.quant_kernels)
     if packed:
         prepack.prepack_linears(model)
     return model

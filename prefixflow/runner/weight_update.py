@@ -17,6 +17,7 @@ import torch
 from prefixflow.model import prepack
 from prefixflow.model.decoder import CausalLM
 from prefixflow.model.loader import iter_weights, load_hf_config, resolve_model
+from prefixflow.model.quant.linear import QuantLinear
 from prefixflow.model.registry import arch_of
 
 Weights = Iterable[tuple[str, torch.Tensor]] | str | os.PathLike
@@ -40,6 +41,12 @@ _SAME = (
 
 def load_update(model: CausalLM, weights: Weights, packed: bool, hf_config) -> None:
     """Copy the new weights into the model (all of them from a path, any from pairs)."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError(
+            "update_weights does not re-quantize: this engine runs with quantization on; "
+            "update the weights of an engine with quantization='none', or restart it on the "
+            "new checkpoint"
+        )
     if isinstance(weights, str | os.PathLike):
         src = resolve_model(weights)
         cfg = load_hf_config(src)

@@ -9,7 +9,7 @@ one 3-D tensor per projection (split back into one tensor per expert).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +52,34 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf(path: Path, hf_config=None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf(
+    path: Path, hf_config=None, read: Callable[[GGUFFile, str], np.ndarray | None] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every weight of the file. hf_config is not needed (the
-    file's own metadata says how it was written); it is accepted for the callers' sake."""
+    file's own metadata says how it was written); it is accepted for the callers' sake.
+
+    `read(file, name)` replaces the dequantisation (model/quant/gguf_codes.py reads the
+    4-bit codes, as an array with the weight's rows); a tensor it returns None for is left
+    out."""
     f = GGUFFile(path)
+    read = read or GGUFFile.read
     layout = layout_of(f.architecture)
     for name in f.tensors:
         if name in DERIVED:
             continue
         if m := _BLOCK.fullmatch(name):
             if stacked := _STACKED.fullmatch(m.group(2)):
-                yield from _split_experts(f, name, layout, int(m.group(1)), stacked.group(1))
+                w = read(f, name)
+                if w is not None:
+                    yield from _split_experts(w, layout, int(m.group(1)), stacked.group(1))
                 continue
         targets = hf_names(name, layout)
         if targets is None:
             continue  # a tensor this family has no use for
         (hf_name,) = targets
-        w = f.read(name)
+        w = read(f, name)
+        if w is None:
+            continue
         if layout.permuted_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rotary(w, int(f.arch_value("attention.head_count")))
         elif layout.permuted_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -80,11 +91,11 @@ def iter_gguf(path: Path, hf_config=None) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _split_experts(
-    f: GGUFFile, name: str, layout: Layout, layer: int, proj: str
+    values: np.ndarray, layout: Layout, layer: int, proj: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(n_experts, rows, cols) -> one (rows, cols) tensor per expert; a fused gate_up
     tensor (llama.cpp's --fuse-gate-up-exps) holds the gate rows first, then the up rows."""
-    w = torch.from_numpy(f.read(name))
+    w = torch.from_numpy(values)
     parts = (
         {proj: w}
         if proj != "gate_up"

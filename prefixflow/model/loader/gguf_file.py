@@ -74,8 +74,9 @@ class GGUFFile:
         """An architecture-scoped key: "context_length" reads "<arch>.context_length"."""
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as float32, in torch order."""
+    def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
+        """The tensor's type and its bytes, (*shape[:-1], bytes per row) where rows are
+        whole blocks (flat otherwise), as a view of the file."""
         info = self.tensors[name]
         qtype = _known_type(info)
         block, type_size = GGML_QUANT_SIZES[qtype]
@@ -84,6 +85,12 @@ class GGUFFile:
         raw = self._buf[start : start + count // block * type_size]
         if len(info.shape) and info.shape[-1] % block == 0:
             raw = raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
+        return qtype, raw
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32, in torch order."""
+        info = self.tensors[name]
+        qtype, raw = self.raw(name)
         try:
             values = quants.dequantize(raw, qtype)
         except NotImplementedError:

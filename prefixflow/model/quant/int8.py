@@ -1,0 +1,117 @@
+"""int8 layers: W8A8 (int8 weights and per-token int8 activations) and int8 weight-only.
+
+Weights are symmetric per output channel: w = q * s[n], q in [-127, 127]. W8A8 quantizes
+each row of activations on the fly (x = xq * xs[m]) and multiplies int8 by int8 into
+int32 on oneDNN's VNNI kernel; the int32 sums times s[n] * xs[m] are the output.
+oneDNN's x86 int8 GEMM wants unsigned activations, so xq is shifted by 128 and passed
+with zero point 128 (signed activations took its reference path, 100x slower).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefixflow.model.quant.linear import QuantLinear
+
+# Rows above which weight-only layers dequantize the weight once per call and run the
+# dense GEMM: ATen's weight-only kernels are written for a few rows (bench_quant_gemm.py).
+DENSE_ABOVE_ROWS = 16
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 codes (N, K) and float32 scales (N,)."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> integer values in [-127, 127] as float32 (M, K), and scales (M, 1)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+    return torch.round(xf / scale), scale
+
+
+def onednn_int8_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+class Int8Linear(QuantLinear):
+    """W8A8: per-channel int8 weights, dynamic per-token int8 activations."""
+
+    kind = "int8"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        q, scale = quantize_per_channel(weight)
+        self.register_buffer("qweight", q)  # (N, K) int8
+        self.register_buffer("scale", scale)  # (N,) float32
+        self.packed = None
+        if onednn_int8_available():
+            self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+            self.zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return self.reference(x)
+        xq, xs = quantize_per_token(x)
+        xu = (xq + 128).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(
+            xu,
+            1.0,
+            128,
+            self.packed,
+            self.scale,
+            self.zero_points,
+            None,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )  # (M, N) float32: int32 sums times scale[n]
+        return y.mul_(xs).to(x.dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_per_token(x)
+        # float64 holds every int32 sum exactly, as the kernel's int32 accumulator does
+        acc = xq.double() @ self.qweight.double().T
+        return (acc.float() * self.scale).mul_(xs).to(x.dtype)
+
+
+class Int8WeightOnlyLinear(QuantLinear):
+    """Per-channel int8 weights; activations stay in the model's dtype."""
+
+    kind = "int8_weight_only"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        q, scale = quantize_per_channel(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self._scales: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def sharing(cls, other: Int8Linear) -> Int8WeightOnlyLinear:
+        """A weight-only view of a W8A8 layer's int8 weights (auto.py): no second copy."""
+        layer = cls.__new__(cls)
+        QuantLinear.__init__(layer, other.in_features, other.out_features, None)
+        layer.qweight, layer.scale, layer._scales = other.qweight, other.scale, {}
+        return layer
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > DENSE_ABOVE_ROWS:
+            return F.linear(x, self.dequantized(x.dtype))
+        s = self._scales.get(x.dtype)
+        if s is None:
+            s = self._scales[x.dtype] = self.scale.to(x.dtype)
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, s)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.dequantized(torch.float32)).to(x.dtype)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # (N, K)
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)

@@ -1,0 +1,215 @@
+"""Quantized layers (quantization=): each kernel against its PyTorch reference, GGUF's
+4-bit blocks kept with no loss, a quantized model's outputs with kernels on and off, and
+clear errors for what is not supported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as T
+
+from prefixflow import LLM, SamplingParams
+from prefixflow.config import QUANTIZATION_MODES
+from prefixflow.model.quant import MODES, quantize_model
+from prefixflow.model.quant.auto import AutoLinear
+from prefixflow.model.quant.gguf_codes import decode_blocks
+from prefixflow.model.quant.int4 import Int4Linear
+from prefixflow.model.quant.int8 import Int8Linear, Int8WeightOnlyLinear
+from prefixflow.model.quant.linear import QuantLinear
+from tests.gguf_export import write_gguf
+
+LAYERS = {
+    "int8": lambda w: Int8Linear(w, None),
+    "int8_weight_only": lambda w: Int8WeightOnlyLinear(w, None),
+    "int4_weight_only": lambda w: Int4Linear.from_float(w, None),
+    "auto": lambda w: AutoLinear(w, None),
+}
+
+
+def test_the_config_and_the_quant_package_name_the_same_modes():
+    assert QUANTIZATION_MODES == MODES
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])  # 40: above DENSE_ABOVE_ROWS, the dense path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_each_kernel_equals_its_reference_within_rounding(kind, dtype, rows):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=gen) * 0.05
+    x = torch.randn(rows, 128, generator=gen).to(dtype)
+    layer = LAYERS[kind](w)
+    layer.kernels = True
+    got = layer(x)
+    layer.kernels = False
+    want = layer(x)
+    assert got.dtype == want.dtype == dtype and got.shape == (rows, 96)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max())
+    # and the reference is the float layer up to its quantization error
+    exact = x.float() @ w.T
+    err = (want.float() - exact).abs().max() / exact.abs().max()
+    assert err < {"int4_weight_only": 0.15}.get(kind, 0.02)
+
+
+def test_auto_shares_one_int8_weight_between_its_kernels():
+    layer = AutoLinear(torch.randn(64, 128), None)
+    assert layer.wo.qweight is layer.w8a8.qweight
+    assert layer.crossover(torch.float32) >= 1
+
+
+def test_a_bias_and_leading_dimensions_pass_through():
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(32, 64, generator=gen), torch.randn(32, generator=gen)
+    x = torch.randn(2, 3, 64, generator=gen)
+    for layer in (Int8Linear(w, b), Int8WeightOnlyLinear(w, b), Int4Linear.from_float(w, b)):
+        y = layer(x)
+        assert y.shape == (2, 3, 32)
+        ref = torch.nn.functional.linear(
+            x, layer.dequantized(torch.float32) if hasattr(layer, "dequantized") else w, b
+        )
+        assert (y - ref).abs().max() < 0.2 * ref.abs().max()
+
+
+def test_int4_codes_round_trip_through_the_nibbles():
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (8, 64), generator=gen, dtype=torch.uint8)
+    layer = Int4Linear(codes, torch.ones(8, 2), torch.zeros(8, 2), None)
+    assert torch.equal(layer.codes(), codes)
+    assert torch.equal(layer.dequantized(torch.float32), codes.float() - 8)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1])
+def test_gguf_4bit_blocks_decode_to_exactly_the_dequantised_values(qtype):
+    w = np.random.default_rng(0).standard_normal((6, 256)).astype(np.float32)
+    raw = quants.quantize(w, qtype)
+    _check_decode(qtype, raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]))
+
+
+def test_gguf_q4_k_blocks_decode_to_exactly_the_dequantised_values():
+    # gguf's Python package cannot quantize Q4_K: random blocks with sane scales
+    rng = np.random.default_rng(0)
+    size = GGML_QUANT_SIZES[T.Q4_K][1]
+    raw = rng.integers(0, 256, (12, size), dtype=np.uint8)
+    raw[:, :4] = np.frombuffer(np.tile(np.float16([0.01, 0.02]), 12).tobytes(), np.uint8).reshape(
+        12, 4
+    )
+    _check_decode(T.Q4_K, raw)
+
+
+def _check_decode(qtype, blocks: np.ndarray) -> None:
+    want = quants.dequantize(blocks, qtype).reshape(-1, 32)
+    codes, scale, zero = decode_blocks(qtype, blocks)
+    got = (codes.reshape(-1, 32).astype(np.float32) - 8) * scale.reshape(-1, 1) + zero.reshape(
+        -1, 1
+    )
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_gguf(tokenizer, tmp_path_factory) -> Path:
+    """A tiny llama (q/k rows in llama.cpp's order) as a GGUF file with Q4_0 attention,
+    Q4_1 MLP but a Q8_0 down projection, and a Q8_0 output head."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama-q")
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    def qtype(name: str):
+        if name.startswith("output.") or "ffn_down" in name:
+            return T.Q8_0
+        if "attn_" in name:
+            return T.Q4_0
+        if "ffn_" in name:
+            return T.Q4_1
+        return None  # token_embd stays F32
+
+    return write_gguf(folder, folder / "model.gguf", quantize=qtype)
+
+
+def _generate(llm: LLM) -> list[list[int]]:
+    prompts = [[5, 17, 300, 42], list(range(100, 140))]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+        use_tqdm=False,
+    )
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_gguf_mode_keeps_4bit_layers_exactly_and_the_rest_as_int8(tiny_llama_gguf):
+    from prefixflow.model.loader import iter_weights, load_hf_config, resolve_model
+    from prefixflow.model.registry import build_model
+
+    src = resolve_model(str(tiny_llama_gguf))
+    cfg = load_hf_config(src)
+    model = build_model(cfg)
+    model.load_weights(iter_weights(src, cfg))
+    model = model.float().eval()
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+    counts = quantize_model(model, "gguf", src.path)
+    # qkv and o (Q4_0), gate_up (Q4_1) of each layer: int4; down (Q8_0) and the head: int8
+    assert counts == {"int4_weight_only": 6, "int8_weight_only": 3}
+    for name, m in model.named_modules():
+        if isinstance(m, Int4Linear):  # the GGUF's own values, q/k rows reordered: no loss
+            assert torch.equal(m.dequantized(torch.float32), dense[name]), name
+    assert isinstance(model.layers[0].mlp.down_proj, Int8WeightOnlyLinear)
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
+
+
+@pytest.mark.parametrize("mode", ["gguf", "int8", "int4_weight_only", "auto"])
+def test_a_quantized_model_generates_the_same_with_kernels_on_and_off(tiny_llama_gguf, mode):
+    on = LLM(
+        model=str(tiny_llama_gguf), dtype="float32", quantization=mode, kv_cache_memory="64MiB"
+    )
+    off = LLM(
+        model=str(tiny_llama_gguf),
+        dtype="float32",
+        quantization=mode,
+        quant_kernels=False,
+        kv_cache_memory="64MiB",
+    )
+    assert any(isinstance(m, QuantLinear) for m in on.engine.runner.model.modules())
+    assert _generate(on) == _generate(off)
+
+
+def test_quantization_is_off_by_default_and_named_modes_are_checked(tiny_llama_gguf):
+    llm = LLM(model=str(tiny_llama_gguf), dtype="float32", kv_cache_memory="64MiB")
+    assert not any(isinstance(m, QuantLinear) for m in llm.engine.runner.model.modules())
+    with pytest.raises(ValueError, match="int8_weight_only"):
+        LLM(model=str(tiny_llama_gguf), quantization="fp4")
+
+
+def test_gguf_mode_on_a_safetensors_model_says_what_to_use(tiny_llama_gguf):
+    with pytest.raises(ValueError, match="not a .gguf file.*int8"):
+        LLM(model=str(tiny_llama_gguf.parent), quantization="gguf", kv_cache_memory="64MiB")
+
+
+def test_quantized_weights_change_the_kv_fingerprint(tiny_llama_gguf):
+    from prefixflow.runner.kv_disk import kv_fingerprint_of
+
+    prints = set()
+    for mode in ("none", "gguf", "int8"):
+        llm = LLM(
+            model=str(tiny_llama_gguf), dtype="float32", quantization=mode, kv_cache_memory="64MiB"
+        )
+        prints.add(kv_fingerprint_of(llm.engine.runner.model, torch.float32, 16))
+    assert len(prints) == 3
