@@ -39,7 +39,13 @@ from prefixflow.utils.hardware import cpu_flags
 logger = logging.getLogger("prefixflow")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("module.cpp", "paged_attention.cpp", "fused_ops.cpp", "sampling.cpp")
+SOURCES = (
+    "module.cpp",
+    "paged_attention.cpp",
+    "fused_ops.cpp",
+    "sampling.cpp",
+    "int8_gemm.cpp",
+)
 MODULE = "prefixflow._C"
 LINK_ARGS = ("-fopenmp",)
 # A build that is still going after this long says so, once; a failing one is usually
@@ -59,6 +65,7 @@ def isa_args(flags: frozenset[str]) -> list[str]:
     """Compiler flags for the vector instructions of a CPU with these /proc/cpuinfo flags."""
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
         avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"]
+        avx512 += ["-mavx512vnni"] if "avx512_vnni" in flags else []  # int8_gemm.cpp
         return avx512 + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
     if {"avx2", "fma"} <= flags:
         return ["-mavx2", "-mfma"]

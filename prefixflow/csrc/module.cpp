@@ -33,6 +33,9 @@ std::string compiled_isa() {
 #if defined(__AVX512DQ__)
   isa += " avx512dq";
 #endif
+#if defined(__AVX512VNNI__)
+  isa += " avx512_vnni";
+#endif
 #if defined(__AVX512BF16__)
   isa += " avx512_bf16";
 #endif

@@ -51,7 +51,7 @@ class AutoLinear(QuantLinear):
 
     @torch.inference_mode()
     def _measure(self, dtype: torch.dtype) -> int:
-        if self.w8a8.packed is None:
+        if self.w8a8.packed is None and self.w8a8.vnni is None:
             return 1 << 30  # no VNNI kernel: W8A8 would run on the reference path
         gen = torch.Generator().manual_seed(0)
         for rows in _ROWS:

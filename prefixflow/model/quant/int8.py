@@ -2,9 +2,10 @@
 
 Weights are symmetric per output channel: w = q * s[n], q in [-127, 127]. W8A8 quantizes
 each row of activations on the fly (x = xq * xs[m]) and multiplies int8 by int8 into
-int32 on oneDNN's VNNI kernel; the int32 sums times s[n] * xs[m] are the output.
-oneDNN's x86 int8 GEMM wants unsigned activations, so xq is shifted by 128 and passed
-with zero point 128 (signed activations took its reference path, 100x slower).
+int32; the int32 sums times s[n] * xs[m] are the output. The kernel is ours
+(csrc/int8_gemm.cpp, AVX-512 VNNI, quantization and GEMM in one call); where it was not
+built, oneDNN's int8 GEMM, which wants unsigned activations, so xq is shifted by 128 and
+passed with zero point 128 (signed activations took its reference path, 100x slower).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prefixflow import native
 from prefixflow.model.quant.linear import QuantLinear
 
 # Rows above which weight-only layers dequantize the weight once per call and run the
@@ -34,6 +36,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(xf / scale), scale
 
 
+def vnni_kernel_available() -> bool:
+    """Our AVX-512 VNNI kernel (csrc/int8_gemm.cpp), built where the CPU has VNNI."""
+    return native.available() and hasattr(torch.ops.prefixflow, "int8_linear")
+
+
 def onednn_int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
@@ -48,12 +55,20 @@ class Int8Linear(QuantLinear):
         q, scale = quantize_per_channel(weight)
         self.register_buffer("qweight", q)  # (N, K) int8
         self.register_buffer("scale", scale)  # (N,) float32
-        self.packed = None
-        if onednn_int8_available():
+        self.packed = self.vnni = None
+        if vnni_kernel_available() and q.shape[1] % 4 == 0:
+            self.vnni = torch.ops.prefixflow.int8_pack_weight(q)
+            # sum_k 128 w[n, k]: what the kernel's unsigned shift of x adds to each sum
+            self.compensation = (q.to(torch.int32).sum(dim=1) * 128).to(torch.int32)
+        elif onednn_int8_available():
             self.packed = torch.ops.onednn.qlinear_prepack(q, None)
             self.zero_points = torch.zeros(q.shape[0], dtype=torch.long)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vnni is not None and x.dtype in (torch.float32, torch.bfloat16):
+            return torch.ops.prefixflow.int8_linear(
+                x, self.vnni, self.compensation, self.scale, self.out_features
+            )
         if self.packed is None:
             return self.reference(x)
         xq, xs = quantize_per_token(x)

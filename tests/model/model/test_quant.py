@@ -55,6 +55,22 @@ def test_each_kernel_equals_its_reference_within_rounding(kind, dtype, rows):
     assert err < {"int4_weight_only": 0.15}.get(kind, 0.02)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_vnni_kernel_equals_its_reference_bit_for_bit(dtype):
+    """csrc/int8_gemm.cpp rounds where the PyTorch path rounds: every row count of its
+    micro-kernel (1 to 6, and more), channels that fill no 64-channel group."""
+    from prefixflow.model.quant.int8 import vnni_kernel_available
+
+    if not vnni_kernel_available():
+        pytest.skip("the C++ kernels were not built with AVX-512 VNNI on this machine")
+    gen = torch.Generator().manual_seed(3)
+    for rows, k, n in [(1, 576, 960), (5, 64, 17), (7, 128, 100), (13, 1536, 200), (64, 96, 64)]:
+        layer = Int8Linear(torch.randn(n, k, generator=gen) * 0.05, None)
+        assert layer.vnni is not None
+        x = (torch.randn(rows, k, generator=gen) * 3).to(dtype)
+        assert torch.equal(layer.kernel(x), layer.reference(x)), (rows, k, n)
+
+
 def test_auto_shares_one_int8_weight_between_its_kernels():
     layer = AutoLinear(torch.randn(64, 128), None)
     assert layer.wo.qweight is layer.w8a8.qweight
