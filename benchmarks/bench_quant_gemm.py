@@ -34,7 +34,7 @@ PER_FORWARD = {"qkv": 30, "o": 30, "gate_up": 30, "down": 30, "head": 1}
 MODES = {
     "int8": lambda w: Int8Linear(w, None),
     "int8_weight_only": lambda w: Int8WeightOnlyLinear(w, None),
-    "int4_weight_only": lambda w: Int4Linear.from_float(w, None),
+    "int4": lambda w: Int4Linear.from_float(w, None),
     "auto": lambda w: AutoLinear(w, None),
 }
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from prefixflow import LLM, SamplingParams
 
-MODES = ["none", "int8", "int8_weight_only", "int4_weight_only", "gguf", "auto"]
+MODES = ["none", "int8", "int8_weight_only", "int4", "gguf", "auto"]
 
 
 def reference_text() -> str:

@@ -106,7 +106,7 @@ def option(
 # kept here so that the configuration depends on neither; a unit test checks they agree.
 ATTENTION_BACKENDS = ("shared_prefix", "paged")
 # model/quant/__init__.py's modes (config is torch-free, so the names are repeated here)
-QUANTIZATION_MODES = ("none", "int8", "int8_weight_only", "int4_weight_only", "gguf", "auto")
+QUANTIZATION_MODES = ("none", "int8", "int8_weight_only", "int4", "gguf", "auto")
 ADMISSION_POLICIES = ("past_future", "conservative", "aggressive")
 
 
@@ -288,9 +288,9 @@ class EngineConfig:
     quantization: str = option(
         "none",
         "int8 (W8A8: int8 weights and per-token int8 activations), int8_weight_only, "
-        "int4_weight_only, gguf (a GGUF file's 4-bit weights kept as they are), or auto "
-        "(per layer and rows, the faster of int8 weight-only and W8A8); none: the dtype's "
-        "weights, equal to transformers",
+        "int4 (4-bit weights by 8-bit activation blocks, as llama.cpp), gguf (a GGUF file's "
+        "4-bit weights kept as they are, as int4), or auto (per layer and rows, the faster "
+        "of int8 weight-only and W8A8); none: the dtype's weights, equal to transformers",
         choices=lambda: QUANTIZATION_MODES,
     )
     quant_kernels: bool = option(

@@ -45,6 +45,7 @@ SOURCES = (
     "fused_ops.cpp",
     "sampling.cpp",
     "int8_gemm.cpp",
+    "int4_gemm.cpp",
 )
 MODULE = "prefixflow._C"
 LINK_ARGS = ("-fopenmp",)

@@ -15,6 +15,8 @@ from prefixflow.entrypoints.engine_args import add_engine_arguments, cli_flags, 
 ENGINES = ["prefixflow", "vllm", "llama.cpp", "transformers"]
 # Not run unless named: prefixflow with prefix sharing off, to show what sharing buys.
 UNSHARED = "prefixflow-unshared"
+# prefixflow+int8, prefixflow+gguf, ...: prefixflow with that quantization, beside the others
+QUANTIZED = "prefixflow+"
 _MODULE = {"vllm": "vllm", "llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 
@@ -23,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engines",
         default=",".join(ENGINES),
-        help=f"comma-separated; also {UNSHARED} (prefixflow with prefix sharing off)",
+        help=f"comma-separated; also {UNSHARED} (prefixflow with prefix sharing off) and "
+        f"{QUANTIZED}MODE (prefixflow with --quantization MODE, e.g. {QUANTIZED}int8)",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply the request counts")
     p.add_argument(
@@ -98,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
     workloads = [w for w in build_workloads(args.scale) if w.name in names]
     engines = [e for e in args.engines.split(",") if e]
     peers = {}
+    ours = [e for e in engines if e in ("prefixflow", UNSHARED) or e.startswith(QUANTIZED)]
     for e in engines:
-        if e in ("prefixflow", UNSHARED):
+        if e in ours:
             continue
         python = (
             args.peer_python
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         hf_dir = export_hf_folder(None, work / "model") if peers else work
         for w in workloads:
             write_batch(w, work / f"{w.name}.jsonl")
-            runs = [(e, None) for e in ("prefixflow", UNSHARED) if e in engines]
+            runs = [(e, None) for e in ours]
             runs += list(peers.items())
             for engine, python in runs:
                 print(f"bench: {w.name} on {engine} ...", file=sys.stderr, flush=True)
@@ -132,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
                     r = run_prefixflow(
                         w, work, [*flags, "--no-prefix-sharing"], args.timeout, engine
                     )
+                elif engine.startswith(QUANTIZED):
+                    mode = ["--quantization", engine.removeprefix(QUANTIZED)]
+                    r = run_prefixflow(w, work, [*flags, *mode], args.timeout, engine)
                 else:
                     r = run_peer(engine, python, w, work, hf_dir, gguf, args.dtype, args.timeout)
                 if not r.ok:

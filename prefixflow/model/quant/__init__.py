@@ -1,12 +1,14 @@
 """Quantized dense layers: `quantization=` swaps the decoder's nn.Linear layers (the output
 head and MoE experts included, the MoE router not) for quantized ones after loading.
 
-  int8              W8A8: per-channel int8 weights, per-token int8 activations (oneDNN VNNI)
+  int8              W8A8: per-channel int8 weights, per-token int8 activations (int8.py)
   int8_weight_only  per-channel int8 weights, activations in the model's dtype
-  int4_weight_only  4-bit weights in groups of 32 (asymmetric), activations in the dtype
-  gguf              a GGUF file's 4-bit tensors (Q4_0, Q4_1, Q4_K) kept as they are, in the
-                    int4 layout; its other quantized tensors (Q8_0, Q5, Q6_K, ...) as int8
-  auto              per layer and per step's rows, the faster of int8 and W8A8 (auto.py)
+  int4              4-bit weights in groups of 32 (asymmetric) by activations in 8-bit
+                    blocks of 32, llama.cpp's Q4 x Q8 scheme (int4.py)
+  gguf              a GGUF file's 4-bit tensors (Q4_0, Q4_1, Q4_K) kept as they are, as
+                    int4 layers; its other quantized tensors (Q8_0, Q5, Q6_K, ...) as int8
+  auto              per layer and per step's rows, the faster of int8 weight-only and
+                    W8A8 on one int8 weight (auto.py)
 
 Each layer has a PyTorch path beside its kernel (linear.py); `quant_kernels=False` takes it.
 """
@@ -21,7 +23,7 @@ from prefixflow.model.quant.int4 import Int4Linear
 from prefixflow.model.quant.int8 import Int8Linear, Int8WeightOnlyLinear
 from prefixflow.model.quant.linear import QuantLinear
 
-MODES = ("none", "int8", "int8_weight_only", "int4_weight_only", "gguf", "auto")
+MODES = ("none", "int8", "int8_weight_only", "int4", "gguf", "auto")
 
 
 def check_mode(mode: str | None) -> str:
@@ -43,8 +45,7 @@ def quantize_model(
         if gguf_path is None or Path(gguf_path).suffix != ".gguf":
             raise ValueError(
                 "quantization='gguf' keeps a GGUF file's quantized weights; this model is not "
-                "a .gguf file (for other checkpoints use int8, int8_weight_only or "
-                "int4_weight_only)"
+                "a .gguf file (for other checkpoints use int8, int8_weight_only or int4)"
             )
         from prefixflow.model.quant.gguf_model import gguf_layers
 
@@ -69,15 +70,15 @@ def _quantized(name: str, lin: nn.Linear, mode: str, gguf) -> QuantLinear | None
         return Int8Linear(w, b)
     if mode == "int8_weight_only":
         return Int8WeightOnlyLinear(w, b)
-    if mode == "int4_weight_only":
+    if mode == "int4":
         if Int4Linear.supports(lin.in_features):
             return Int4Linear.from_float(w, b)
-        return Int8WeightOnlyLinear(w, b)
+        return Int8Linear(w, b)  # K not a multiple of 32
     if mode == "gguf":
         codes, quantized = gguf.codes.get(name), name in gguf.quantized
         if codes is not None:
             return Int4Linear(*codes, b)
-        return Int8WeightOnlyLinear(w, b) if quantized else None
+        return Int8Linear(w, b) if quantized else None
     if mode == "auto":
         from prefixflow.model.quant.auto import AutoLinear
 

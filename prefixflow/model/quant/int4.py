@@ -1,19 +1,25 @@
-"""int4 weight-only layers: 4-bit codes in groups of 32 along K, each group with a scale
-and a zero, w = (q - 8) * scale + zero, q in [0, 15].
+"""4-bit layers: codes in groups of 32 along K, each group with a scale and a zero,
+w = (q - 8) * scale + zero, q in [0, 15], multiplied by activations in 8-bit blocks of 32.
 
-That is the layout of ATen's CPU int4 kernel, and GGUF's 4-bit types map onto it with no
-loss (gguf_codes.py): Q4_0 is w = d (q - 8), Q4_1 is w = d q + m, Q4_K is w = d sc q -
-dmin m per 32 values. Float weights are quantized asymmetrically by each group's min and
-max. Besides ATen's packed copy the codes are kept two to a byte, for the rows above
-DENSE_ABOVE_ROWS where the weight is dequantized once per call for the dense GEMM.
+That is llama.cpp's scheme for its Q4 tensors (Q4 weights by Q8 activation blocks), and
+GGUF's 4-bit types map onto the weights with no loss (gguf_codes.py): Q4_0 is w = d (q - 8),
+Q4_1 is w = d q + m, Q4_K is w = d sc q - dmin m per 32 values. Float weights are quantized
+asymmetrically by each group's min and max. Each row's blocks of 32 activations are
+quantized on their own (x = a xq, a = max |x| / 127 over the block), and
+    sum_k x w = a (s sum_k q xq + (z - 8 s) sum_k xq)
+per block: the C++ kernel (csrc/int4_gemm.cpp, AVX-512 VNNI) multiplies the unsigned codes
+by the signed xq directly; the PyTorch path below computes the same sums.
+
+Only the kernel's layout is kept (0.5 byte per weight, and 8 bytes of scale and zero per
+32): channels in groups of 64; for each 8 k a group holds 256 bytes, 4 x 16 channels x
+4 k, one k-step's codes in the low nibbles and the next one's in the high.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from prefixflow.model.quant.int8 import DENSE_ABOVE_ROWS
+from prefixflow import native
 from prefixflow.model.quant.linear import QuantLinear
 
 GROUP = 32
@@ -30,12 +36,21 @@ def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return q.view(N, K).to(torch.uint8), scale, zero
 
 
-def int4_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+def vnni_kernel_available() -> bool:
+    return native.available() and hasattr(torch.ops.prefixflow, "int4_linear")
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, K) -> codes (M, K / 32, 32) as float32, block scales and code sums (M, K / 32)."""
+    M, K = x.shape
+    xb = x.float().view(M, K // GROUP, GROUP)
+    a = (xb.abs().amax(dim=-1) / 127).clamp_min(1e-12)
+    xq = torch.round(xb / a[..., None])
+    return xq, a, xq.sum(dim=-1)
 
 
 class Int4Linear(QuantLinear):
-    kind = "int4_weight_only"
+    kind = "int4"
 
     def __init__(
         self,
@@ -46,14 +61,20 @@ class Int4Linear(QuantLinear):
     ) -> None:
         N, K = codes.shape
         super().__init__(K, N, bias)
-        c = codes.to(torch.uint8)
-        self.register_buffer("nibbles", c[:, 0::2] | (c[:, 1::2] << 4))  # (N, K / 2)
-        self.register_buffer("scales", scale.float().contiguous())
-        self.register_buffer("zeros", zero.float().contiguous())
-        self.packed = None
-        if int4_available() and N % 16 == 0:  # the kernel's tiles are 16 channels
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.int(), 1)
-        self._sz: dict[torch.dtype, torch.Tensor] = {}
+        groups, G = -(-N // 64), K // GROUP
+        c = torch.zeros(groups * 64, K, dtype=torch.uint8)
+        c[:N] = codes
+        u = c.view(groups, 4, 16, K // 4, 4).permute(0, 3, 1, 2, 4).reshape(groups, K // 4, 256)
+        self.register_buffer("packed", (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous())
+
+        def by_group(t: torch.Tensor) -> torch.Tensor:  # (N, G) -> (groups, G, 64)
+            full = torch.zeros(groups * 64, G)
+            full[:N] = t.float()
+            return full.view(groups, 64, G).permute(0, 2, 1).contiguous()
+
+        self.register_buffer("scales", by_group(scale))
+        # z - 8 s: what multiplies a block's code sum (see the module's docstring)
+        self.register_buffer("zeros8", by_group(zero.float() - 8 * scale.float()))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
@@ -64,23 +85,37 @@ class Int4Linear(QuantLinear):
         return in_features % GROUP == 0
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.shape[0] > DENSE_ABOVE_ROWS:
-            return F.linear(x, self.dequantized(x.dtype))
-        sz = self._sz.get(x.dtype)
-        if sz is None:  # (K / 32, N, 2): the kernel's scales-and-zeros layout
-            sz = torch.stack([self.scales.T, self.zeros.T], dim=-1).to(x.dtype).contiguous()
-            self._sz[x.dtype] = sz
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, GROUP, sz)
+        if vnni_kernel_available() and x.dtype in (torch.float32, torch.bfloat16):
+            return torch.ops.prefixflow.int4_linear(
+                x, self.packed, self.scales, self.zeros8, self.out_features
+            )
+        return self.reference(x)
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.dequantized(torch.float32)).to(x.dtype)
+    def reference(self, x: torch.Tensor, rows: int = 16) -> torch.Tensor:
+        N, G = self.out_features, self.in_features // GROUP
+        q = self.codes().view(N, G, GROUP).double()
+        s, z8 = self._by_channel(self.scales), self._by_channel(self.zeros8)  # (N, G)
+        out = []
+        for x_rows in x.split(rows):  # (rows, N, G) sums at a time: bounded memory
+            xq, a, xsum = quantize_blocks(x_rows)
+            dot = torch.einsum("mgk,ngk->mng", xq.double(), q).float()  # exact integers
+            y = dot * s * a[:, None, :] + z8 * (a * xsum)[:, None, :]
+            out.append(y.sum(dim=-1).to(x.dtype))
+        return torch.cat(out)
+
+    def _by_channel(self, t: torch.Tensor) -> torch.Tensor:  # (groups, G, 64) -> (N, G)
+        return t.permute(0, 2, 1).reshape(-1, t.shape[1])[: self.out_features]
 
     def codes(self) -> torch.Tensor:  # (N, K) uint8
-        n = self.nibbles
-        return torch.stack([n & 15, n >> 4], dim=-1).view(self.out_features, self.in_features)
+        p = self.packed
+        u = torch.stack([p & 15, p >> 4], dim=2)  # (groups, K / 8, 2, 256)
+        groups, K = p.shape[0], self.in_features
+        u = u.view(groups, K // 4, 4, 16, 4).permute(0, 2, 3, 1, 4)  # (g, j, c, q, i)
+        return u.reshape(groups * 64, K)[: self.out_features]
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # (N, K)
         N, K = self.out_features, self.in_features
+        s, z8 = self._by_channel(self.scales), self._by_channel(self.zeros8)
         q = self.codes().view(N, K // GROUP, GROUP).float() - 8
-        w = q * self.scales[..., None] + self.zeros[..., None]
+        w = q * s[..., None] + (z8 + 8 * s)[..., None]
         return w.view(N, K).to(dtype)

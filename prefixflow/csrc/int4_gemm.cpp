@@ -1,0 +1,217 @@
+// 4-bit weights (groups of 32 along K, w = (q - 8) s + z) by activations in 8-bit blocks
+// of 32, on AVX-512 VNNI, the way llama.cpp multiplies its Q4 tensors (by Q8 blocks):
+//
+//   int4_linear   x (M, K) -> y (M, N), in x's dtype
+//
+// Each row's blocks of 32 values are quantized on their own (xq = round(x / a_b), a_b =
+// max |x| / 127 over the block), so an outlier costs only its block. With w = (q - 8) s + z
+// and x = a xq over a block,
+//   sum_k x w = a (s sum_k q xq + (z - 8 s) sum_k xq),
+// so the weights stay unsigned codes 0..15: vpdpbusd multiplies them (unsigned) by xq
+// (signed) directly, 64 products per instruction, and the block's integer sum is scaled
+// once per block. The zeros enter through sum_k xq, computed with the quantization.
+//
+// Weight layout (model/quant/int4.py packs it): channels in groups of 64 (past N: zero);
+// for each pair of k-steps (8 consecutive k) a group holds 256 bytes, four zmm of 16
+// channels x 4 k, the first step's code in the low nibble and the second's in the high.
+// Scales and zeros - 8 scales are float32, (groups, K / 32, 64).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_math.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// x (M, K) -> codes (M, K) int8, block scales (M, K / 32) and block sums of the codes.
+template <typename T>
+void quantize_blocks(const T* x, int64_t M, int64_t K, int8_t* xq, float* xs, int32_t* xsum) {
+  const int64_t G = K / kBlock;
+  at::parallel_for(0, M * G, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / G, g = i % G;
+      const T* src = x + m * K + g * kBlock;
+      __m512 v[2];
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (std::is_same_v<T, float>) {
+          v[h] = _mm512_loadu_ps(src + 16 * h);
+        } else {
+          __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * h));
+          v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+        }
+      }
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+      const float a = std::max(amax / 127.f, 1e-12f);
+      const __m512 va = _mm512_set1_ps(a);
+      __m512i sum = _mm512_setzero_si512();
+      for (int h = 0; h < 2; ++h) {
+        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v[h], va), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i qi = _mm512_cvtps_epi32(q);
+        sum = _mm512_add_epi32(sum, qi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + g * kBlock + 16 * h), _mm512_cvtepi32_epi8(qi));
+      }
+      xs[i] = a;
+      xsum[i] = _mm512_reduce_add_epi32(sum);
+    }
+  });
+}
+
+template <typename T>
+inline void store16(T* dst, __m512 v, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(dst, mask, v);
+  } else {  // round to nearest even, as PyTorch's float -> bfloat16
+    __m512i x = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    x = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+  }
+}
+
+// Sums of one row (r) over the 4 blocks of 16 channels: int32 within a k-group, float32
+// across groups. Named registers: GCC spills arrays of them.
+#define PF4_DECL(r)                                                                  \
+  __m512 f##r##0 = _mm512_setzero_ps(), f##r##1 = _mm512_setzero_ps(),               \
+         f##r##2 = _mm512_setzero_ps(), f##r##3 = _mm512_setzero_ps();               \
+  __m512i i##r##0, i##r##1, i##r##2, i##r##3;
+#define PF4_ZERO(r)                                                                  \
+  if constexpr (MR > r) {                                                            \
+    i##r##0 = _mm512_setzero_si512(); i##r##1 = _mm512_setzero_si512();              \
+    i##r##2 = _mm512_setzero_si512(); i##r##3 = _mm512_setzero_si512();              \
+  }
+#define PF4_DOT(r)                                                                   \
+  if constexpr (MR > r) {                                                            \
+    const __m512i e = _mm512_set1_epi32(xr[r * row + q]);                            \
+    const __m512i o = _mm512_set1_epi32(xr[r * row + q + 1]);                        \
+    i##r##0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##0, lo0, e), hi0, o);     \
+    i##r##1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##1, lo1, e), hi1, o);     \
+    i##r##2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##2, lo2, e), hi2, o);     \
+    i##r##3 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##3, lo3, e), hi3, o);     \
+  }
+#define PF4_SCALE_ONE(r, j)                                                          \
+  f##r##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i##r##j), _mm512_mul_ps(s##j, a),     \
+                            f##r##j);                                                \
+  f##r##j = _mm512_fmadd_ps(zz##j, az, f##r##j);
+#define PF4_SCALE(r)                                                                 \
+  if constexpr (MR > r) {                                                            \
+    const __m512 a = _mm512_set1_ps(xs[(m + r) * G + g]);                            \
+    const __m512 az = _mm512_set1_ps(xs[(m + r) * G + g] * xsum[(m + r) * G + g]);   \
+    PF4_SCALE_ONE(r, 0) PF4_SCALE_ONE(r, 1) PF4_SCALE_ONE(r, 2) PF4_SCALE_ONE(r, 3)  \
+  }
+#define PF4_OUT(r)                                                                   \
+  if constexpr (MR > r) {                                                            \
+    const __m512 outs[4] = {f##r##0, f##r##1, f##r##2, f##r##3};                     \
+    for (int j = 0; j < 4; ++j) {                                                    \
+      const int64_t n = c0 + 16 * j, left = N - n;                                   \
+      if (left <= 0) break;                                                          \
+      const __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);    \
+      store16(y + (m + r) * N + n, outs[j], mask);                                   \
+    }                                                                                \
+  }
+
+template <int MR, typename T>
+void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m, int64_t K,
+                  const uint8_t* packed, const float* scales, const float* zeros, int64_t grp,
+                  int64_t N, T* y) {
+  const int64_t G = K / kBlock, row = K / 4;
+  const int64_t c0 = grp * 64;
+  const int32_t* xr = reinterpret_cast<const int32_t*>(xq + m * K);
+  const uint8_t* wg = packed + grp * (K / 8) * 256;
+  const float* sg = scales + grp * G * 64;
+  const float* zg = zeros + grp * G * 64;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  PF4_DECL(0) PF4_DECL(1)
+  for (int64_t g = 0; g < G; ++g) {
+    PF4_ZERO(0) PF4_ZERO(1)
+    for (int64_t p = 0; p < 4; ++p) {  // pairs of k-steps: 8 k each
+      const int64_t q = g * 8 + 2 * p;  // the first k-step (4 k) of the pair
+      const uint8_t* w = wg + (q / 2) * 256;
+      const __m512i v0 = _mm512_loadu_si512(w), v1 = _mm512_loadu_si512(w + 64);
+      const __m512i v2 = _mm512_loadu_si512(w + 128), v3 = _mm512_loadu_si512(w + 192);
+      const __m512i lo0 = _mm512_and_si512(v0, low), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
+      const __m512i lo1 = _mm512_and_si512(v1, low), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
+      const __m512i lo2 = _mm512_and_si512(v2, low), hi2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), low);
+      const __m512i lo3 = _mm512_and_si512(v3, low), hi3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), low);
+      PF4_DOT(0) PF4_DOT(1)
+    }
+    const __m512 s0 = _mm512_loadu_ps(sg + g * 64), s1 = _mm512_loadu_ps(sg + g * 64 + 16);
+    const __m512 s2 = _mm512_loadu_ps(sg + g * 64 + 32), s3 = _mm512_loadu_ps(sg + g * 64 + 48);
+    const __m512 zz0 = _mm512_loadu_ps(zg + g * 64), zz1 = _mm512_loadu_ps(zg + g * 64 + 16);
+    const __m512 zz2 = _mm512_loadu_ps(zg + g * 64 + 32), zz3 = _mm512_loadu_ps(zg + g * 64 + 48);
+    PF4_SCALE(0) PF4_SCALE(1)
+  }
+  PF4_OUT(0) PF4_OUT(1)
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t N) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be (M, K)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "int4_linear: x must be float32 or bfloat16");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), G = K / kBlock;
+  const int64_t groups = (N + 63) / 64;
+  TORCH_CHECK(K % kBlock == 0, "int4_linear: K must be a multiple of 32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == groups * (K / 8) * 256,
+              "int4_linear: the packed weight does not fit x");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == groups * G * 64 &&
+                  zeros.scalar_type() == at::kFloat && zeros.numel() == groups * G * 64,
+              "int4_linear: scales and zeros must be float32 (groups, K / 32, 64)");
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto xs = at::empty({M, G}, x.options().dtype(at::kFloat));
+  auto xsum = at::empty({M, G}, x.options().dtype(at::kInt));
+  auto y = at::empty({M, N}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    quantize_blocks(xc.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                    xsum.data_ptr<int32_t>());
+  } else {
+    quantize_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K,
+                    xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>());
+  }
+  const int8_t* pq = xq.data_ptr<int8_t>();
+  const float* ps = xs.data_ptr<float>();
+  const int32_t* pm = xsum.data_ptr<int32_t>();
+  const uint8_t* pw = packed.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const float* ze = zeros.data_ptr<float>();
+  auto run = [&](auto* out) {
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t grp = g0; grp < g1; ++grp) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) micro_kernel<2>(pq, ps, pm, m, K, pw, sc, ze, grp, N, out);
+        if (m < M) micro_kernel<1>(pq, ps, pm, m, K, pw, sc, ze, grp, N, out);
+      }
+    });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(y.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefixflow, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int N) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(prefixflow, CPU, m) { m.impl("int4_linear", &int4_linear); }
+
+#endif  // __AVX512VNNI__ && __AVX512BW__
