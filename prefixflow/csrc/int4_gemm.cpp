@@ -83,8 +83,11 @@ inline void store16(T* dst, __m512 v, __mmask16 mask) {
   }
 }
 
-// Sums of one row (r) over the 4 blocks of 16 channels: int32 within a k-group, float32
-// across groups. Named registers: GCC spills arrays of them.
+// Sums of row r over NB blocks of 16 channels: int32 within a k-group, float32 across
+// groups. Named registers (GCC spills arrays of them); blocks j >= NB and rows r >= MR are
+// compiled out.
+#define PF4_J(j, stmt) \
+  if constexpr (NB > j) { stmt; }
 #define PF4_DECL(r)                                                                  \
   __m512 f##r##0 = _mm512_setzero_ps(), f##r##1 = _mm512_setzero_ps(),               \
          f##r##2 = _mm512_setzero_ps(), f##r##3 = _mm512_setzero_ps();               \
@@ -94,68 +97,102 @@ inline void store16(T* dst, __m512 v, __mmask16 mask) {
     i##r##0 = _mm512_setzero_si512(); i##r##1 = _mm512_setzero_si512();              \
     i##r##2 = _mm512_setzero_si512(); i##r##3 = _mm512_setzero_si512();              \
   }
+#define PF4_DOT1(r, j) \
+  i##r##j = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##j, lo##j, e), hi##j, o)
 #define PF4_DOT(r)                                                                   \
   if constexpr (MR > r) {                                                            \
     const __m512i e = _mm512_set1_epi32(xr[r * row + q]);                            \
     const __m512i o = _mm512_set1_epi32(xr[r * row + q + 1]);                        \
-    i##r##0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##0, lo0, e), hi0, o);     \
-    i##r##1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##1, lo1, e), hi1, o);     \
-    i##r##2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##2, lo2, e), hi2, o);     \
-    i##r##3 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i##r##3, lo3, e), hi3, o);     \
+    PF4_J(0, PF4_DOT1(r, 0)) PF4_J(1, PF4_DOT1(r, 1))                                \
+    PF4_J(2, PF4_DOT1(r, 2)) PF4_J(3, PF4_DOT1(r, 3))                                \
   }
-#define PF4_SCALE_ONE(r, j)                                                          \
+#define PF4_SCALE1(r, j)                                                             \
   f##r##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i##r##j), _mm512_mul_ps(s##j, a),     \
                             f##r##j);                                                \
-  f##r##j = _mm512_fmadd_ps(zz##j, az, f##r##j);
+  f##r##j = _mm512_fmadd_ps(zz##j, az, f##r##j)
 #define PF4_SCALE(r)                                                                 \
   if constexpr (MR > r) {                                                            \
     const __m512 a = _mm512_set1_ps(xs[(m + r) * G + g]);                            \
     const __m512 az = _mm512_set1_ps(xs[(m + r) * G + g] * xsum[(m + r) * G + g]);   \
-    PF4_SCALE_ONE(r, 0) PF4_SCALE_ONE(r, 1) PF4_SCALE_ONE(r, 2) PF4_SCALE_ONE(r, 3)  \
+    PF4_J(0, PF4_SCALE1(r, 0)) PF4_J(1, PF4_SCALE1(r, 1))                            \
+    PF4_J(2, PF4_SCALE1(r, 2)) PF4_J(3, PF4_SCALE1(r, 3))                            \
   }
 #define PF4_OUT(r)                                                                   \
   if constexpr (MR > r) {                                                            \
     const __m512 outs[4] = {f##r##0, f##r##1, f##r##2, f##r##3};                     \
-    for (int j = 0; j < 4; ++j) {                                                    \
+    for (int j = 0; j < NB; ++j) {                                                   \
       const int64_t n = c0 + 16 * j, left = N - n;                                   \
       if (left <= 0) break;                                                          \
       const __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);    \
       store16(y + (m + r) * N + n, outs[j], mask);                                   \
     }                                                                                \
   }
+#define PF4_UNPACK(j)                                                                \
+  const __m512i v##j = NB > j ? _mm512_loadu_si512(w + 64 * j) : _mm512_setzero_si512(); \
+  const __m512i lo##j = _mm512_and_si512(v##j, low);                                 \
+  const __m512i hi##j = _mm512_and_si512(_mm512_srli_epi16(v##j, 4), low);
+#define PF4_LOAD_SCALE(j)                                                            \
+  const __m512 s##j = NB > j ? _mm512_loadu_ps(sg + g * 64 + 16 * j) : _mm512_setzero_ps(); \
+  const __m512 zz##j = NB > j ? _mm512_loadu_ps(zg + g * 64 + 16 * j) : _mm512_setzero_ps();
 
-template <int MR, typename T>
+// MR rows from m by NB blocks of 16 channels from block jb of 64-channel group grp. Few
+// rows take a whole group (4 blocks: each unpacked code serves 1 or 2 rows); more rows
+// take half a group and 4 rows, so the unpacking is shared by more rows and a half
+// group's codes (32 channels x K / 2 bytes) stay in L1 across the passes over the rows.
+template <int MR, int NB, typename T>
 void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m, int64_t K,
                   const uint8_t* packed, const float* scales, const float* zeros, int64_t grp,
-                  int64_t N, T* y) {
+                  int64_t jb, int64_t N, T* y) {
+  static_assert(MR * NB <= 8, "sums must fit the registers");
   const int64_t G = K / kBlock, row = K / 4;
-  const int64_t c0 = grp * 64;
+  const int64_t c0 = grp * 64 + 16 * jb;
   const int32_t* xr = reinterpret_cast<const int32_t*>(xq + m * K);
-  const uint8_t* wg = packed + grp * (K / 8) * 256;
-  const float* sg = scales + grp * G * 64;
-  const float* zg = zeros + grp * G * 64;
+  const uint8_t* wg = packed + grp * (K / 8) * 256 + 64 * jb;
+  const float* sg = scales + grp * G * 64 + 16 * jb;
+  const float* zg = zeros + grp * G * 64 + 16 * jb;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  PF4_DECL(0) PF4_DECL(1)
+  PF4_DECL(0) PF4_DECL(1) PF4_DECL(2) PF4_DECL(3)
   for (int64_t g = 0; g < G; ++g) {
-    PF4_ZERO(0) PF4_ZERO(1)
+    PF4_ZERO(0) PF4_ZERO(1) PF4_ZERO(2) PF4_ZERO(3)
     for (int64_t p = 0; p < 4; ++p) {  // pairs of k-steps: 8 k each
       const int64_t q = g * 8 + 2 * p;  // the first k-step (4 k) of the pair
       const uint8_t* w = wg + (q / 2) * 256;
-      const __m512i v0 = _mm512_loadu_si512(w), v1 = _mm512_loadu_si512(w + 64);
-      const __m512i v2 = _mm512_loadu_si512(w + 128), v3 = _mm512_loadu_si512(w + 192);
-      const __m512i lo0 = _mm512_and_si512(v0, low), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
-      const __m512i lo1 = _mm512_and_si512(v1, low), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
-      const __m512i lo2 = _mm512_and_si512(v2, low), hi2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), low);
-      const __m512i lo3 = _mm512_and_si512(v3, low), hi3 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), low);
-      PF4_DOT(0) PF4_DOT(1)
+      PF4_UNPACK(0) PF4_UNPACK(1) PF4_UNPACK(2) PF4_UNPACK(3)
+      PF4_DOT(0) PF4_DOT(1) PF4_DOT(2) PF4_DOT(3)
     }
-    const __m512 s0 = _mm512_loadu_ps(sg + g * 64), s1 = _mm512_loadu_ps(sg + g * 64 + 16);
-    const __m512 s2 = _mm512_loadu_ps(sg + g * 64 + 32), s3 = _mm512_loadu_ps(sg + g * 64 + 48);
-    const __m512 zz0 = _mm512_loadu_ps(zg + g * 64), zz1 = _mm512_loadu_ps(zg + g * 64 + 16);
-    const __m512 zz2 = _mm512_loadu_ps(zg + g * 64 + 32), zz3 = _mm512_loadu_ps(zg + g * 64 + 48);
-    PF4_SCALE(0) PF4_SCALE(1)
+    PF4_LOAD_SCALE(0) PF4_LOAD_SCALE(1) PF4_LOAD_SCALE(2) PF4_LOAD_SCALE(3)
+    PF4_SCALE(0) PF4_SCALE(1) PF4_SCALE(2) PF4_SCALE(3)
   }
-  PF4_OUT(0) PF4_OUT(1)
+  PF4_OUT(0) PF4_OUT(1) PF4_OUT(2) PF4_OUT(3)
+}
+
+template <typename T>
+void gemm(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, int64_t K,
+          const uint8_t* pw, const float* sc, const float* ze, int64_t N, T* y) {
+  const int64_t groups = (N + 63) / 64;
+  if (M <= 2) {  // a whole group at a time
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t grp = g0; grp < g1; ++grp) {
+        if (M == 2) micro_kernel<2, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
+        else micro_kernel<1, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, groups * 2, 1, [&](int64_t h0, int64_t h1) {  // half groups
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t grp = h / 2, jb = 2 * (h % 2);
+      if (grp * 64 + 16 * jb >= N) continue;  // a half group wholly past N
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) micro_kernel<4, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y);
+      switch (M - m) {
+        case 3: micro_kernel<3, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
+        case 2: micro_kernel<2, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
+        case 1: micro_kernel<1, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
+        default: break;
+      }
+    }
+  });
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -189,19 +226,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const uint8_t* pw = packed.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
   const float* ze = zeros.data_ptr<float>();
-  auto run = [&](auto* out) {
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t grp = g0; grp < g1; ++grp) {
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) micro_kernel<2>(pq, ps, pm, m, K, pw, sc, ze, grp, N, out);
-        if (m < M) micro_kernel<1>(pq, ps, pm, m, K, pw, sc, ze, grp, N, out);
-      }
-    });
-  };
   if (x.scalar_type() == at::kFloat) {
-    run(y.data_ptr<float>());
+    gemm(pq, ps, pm, M, K, pw, sc, ze, N, y.data_ptr<float>());
   } else {
-    run(reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+    gemm(pq, ps, pm, M, K, pw, sc, ze, N, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
   }
   return y;
 }

@@ -249,3 +249,24 @@ def test_quantized_weights_change_the_kv_fingerprint(tiny_llama_gguf):
         )
         prints.add(kv_fingerprint_of(llm.engine.runner.model, torch.float32, 16))
     assert len(prints) == 3
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_moe_experts_are_quantized_and_the_router_is_not(tokenizer, tmp_path, mode):
+    from tests.family_models import build_family_model
+
+    folder = tmp_path / "mixtral"
+    build_family_model("mixtral", folder, tokenizer)
+    on = LLM(model=str(folder), dtype="float32", quantization=mode, kv_cache_memory="64MiB")
+    model = on.engine.runner.model
+    moe = model.layers[0].mlp
+    assert isinstance(moe.gate, torch.nn.Linear)  # the router keeps its weights
+    assert all(isinstance(e.gate_up_proj, QuantLinear) for e in moe.experts)
+    off = LLM(
+        model=str(folder),
+        dtype="float32",
+        quantization=mode,
+        quant_kernels=False,
+        kv_cache_memory="64MiB",
+    )
+    assert _generate(on) == _generate(off)
