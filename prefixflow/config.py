@@ -106,7 +106,15 @@ def option(
 # kept here so that the configuration depends on neither; a unit test checks they agree.
 ATTENTION_BACKENDS = ("shared_prefix", "paged")
 # model/quant/__init__.py's modes (config is torch-free, so the names are repeated here)
-QUANTIZATION_MODES = ("none", "int8", "int8_weight_only", "int4", "gguf", "auto")
+QUANTIZATION_MODES = (
+    "none",
+    "int8",
+    "int8_per_token",
+    "int8_weight_only",
+    "int4",
+    "gguf",
+    "auto",
+)
 ADMISSION_POLICIES = ("past_future", "conservative", "aggressive")
 
 
@@ -287,10 +295,12 @@ class EngineConfig:
     )
     quantization: str = option(
         "none",
-        "int8 (W8A8: int8 weights and per-token int8 activations), int8_weight_only, "
-        "int4 (4-bit weights by 8-bit activation blocks, as llama.cpp), gguf (a GGUF file's "
-        "4-bit weights kept as they are, as int4), or auto (per layer and rows, the faster "
-        "of int8 weight-only and W8A8); none: the dtype's weights, equal to transformers",
+        "int8 (int8 weights by 8-bit activation blocks of 32, as llama.cpp's Q8_0), "
+        "int8_per_token (W8A8, one activation scale a token: faster, coarser), "
+        "int8_weight_only, int4 (4-bit weights by 8-bit activation blocks, as llama.cpp's "
+        "Q4), gguf (a GGUF file's 4-bit weights kept as they are, as int4; its other "
+        "quantized ones as int8), or auto (int8 and int4 copies, per layer and rows the "
+        "faster); none: the dtype's weights, equal to transformers",
         choices=lambda: QUANTIZATION_MODES,
     )
     quant_kernels: bool = option(

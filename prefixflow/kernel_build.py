@@ -45,7 +45,7 @@ SOURCES = (
     "fused_ops.cpp",
     "sampling.cpp",
     "int8_gemm.cpp",
-    "int4_gemm.cpp",
+    "block_gemm.cpp",
 )
 MODULE = "prefixflow._C"
 LINK_ARGS = ("-fopenmp",)
@@ -74,7 +74,8 @@ def isa_args(flags: frozenset[str]) -> list[str]:
 
 
 def compile_args() -> list[str]:
-    return ["-O3", "-DNDEBUG", "-fopenmp", *isa_args(cpu_flags())]
+    # no contraction of a * b + c into one rounding: the kernels round where PyTorch does
+    return ["-O3", "-DNDEBUG", "-fopenmp", "-ffp-contract=off", *isa_args(cpu_flags())]
 
 
 def _source_files() -> list[Path]:

@@ -1,14 +1,17 @@
 """Quantized dense layers: `quantization=` swaps the decoder's nn.Linear layers (the output
 head and MoE experts included, the MoE router not) for quantized ones after loading.
 
-  int8              W8A8: per-channel int8 weights, per-token int8 activations (int8.py)
+  int8              per-channel int8 weights by activations in 8-bit blocks of 32, as
+                    llama.cpp's Q8_0 (int8.py, block_layout.py)
+  int8_per_token    per-channel int8 weights by per-token int8 activations (W8A8): the
+                    fastest, and the coarsest
   int8_weight_only  per-channel int8 weights, activations in the model's dtype
   int4              4-bit weights in groups of 32 (asymmetric) by activations in 8-bit
                     blocks of 32, llama.cpp's Q4 x Q8 scheme (int4.py)
   gguf              a GGUF file's 4-bit tensors (Q4_0, Q4_1, Q4_K) kept as they are, as
                     int4 layers; its other quantized tensors (Q8_0, Q5, Q6_K, ...) as int8
-  auto              per layer and per step's rows, the faster of int8 weight-only and
-                    W8A8 on one int8 weight (auto.py)
+  auto              int8 and int4 copies of each layer; per layer shape and per step's
+                    rows, the one measured faster (auto.py)
 
 Each layer has a PyTorch path beside its kernel (linear.py); `quant_kernels=False` takes it.
 """
@@ -20,10 +23,10 @@ from pathlib import Path
 from torch import nn
 
 from prefixflow.model.quant.int4 import Int4Linear
-from prefixflow.model.quant.int8 import Int8Linear, Int8WeightOnlyLinear
+from prefixflow.model.quant.int8 import Int8Linear, Int8TokenLinear, Int8WeightOnlyLinear
 from prefixflow.model.quant.linear import QuantLinear
 
-MODES = ("none", "int8", "int8_weight_only", "int4", "gguf", "auto")
+MODES = ("none", "int8", "int8_per_token", "int8_weight_only", "int4", "gguf", "auto")
 
 
 def check_mode(mode: str | None) -> str:
@@ -66,23 +69,37 @@ def quantize_model(
 
 def _quantized(name: str, lin: nn.Linear, mode: str, gguf) -> QuantLinear | None:
     w, b = lin.weight.detach(), lin.bias
+    if mode in ("int8", "int8_per_token", "int4") and not Int4Linear.supports(lin.in_features):
+        return Int8TokenLinear(w, b)  # K not a multiple of 32: no blocks
     if mode == "int8":
-        return Int8Linear(w, b)
+        return Int8Linear.from_float(w, b)
+    if mode == "int8_per_token":
+        return Int8TokenLinear(w, b)
     if mode == "int8_weight_only":
         return Int8WeightOnlyLinear(w, b)
     if mode == "int4":
-        if Int4Linear.supports(lin.in_features):
-            return Int4Linear.from_float(w, b)
-        return Int8Linear(w, b)  # K not a multiple of 32
+        # the output head stays 8-bit, as llama.cpp's Q4 files keep it (Q6_K or Q8_0): in
+        # 4 bits it alone cost the default model +4% perplexity
+        if name == "lm_head":
+            return Int8Linear.from_float(w, b)
+        return Int4Linear.from_float(w, b)
     if mode == "gguf":
         codes, quantized = gguf.codes.get(name), name in gguf.quantized
         if codes is not None:
             return Int4Linear(*codes, b)
-        return Int8Linear(w, b) if quantized else None
+        if not quantized:
+            return None
+        return (
+            Int8Linear.from_float(w, b)
+            if Int8Linear.supports(lin.in_features)
+            else (Int8TokenLinear(w, b))
+        )
     if mode == "auto":
         from prefixflow.model.quant.auto import AutoLinear
 
-        return AutoLinear(w, b)
+        if AutoLinear.supports(lin.in_features):
+            return AutoLinear(w, b)
+        return Int8TokenLinear(w, b)
     raise AssertionError(mode)
 
 

@@ -1,26 +1,28 @@
-"""`auto`: one set of int8 weights, two kernels, chosen per layer shape and per step's rows
-from their measured cost.
+"""`auto`: int8 and int4 copies of each layer, and per layer shape and per step's rows the
+one measured faster.
 
-Per-channel int8 weights serve both the weight-only kernel (activations kept in the
-dtype; a few rows are bound by reading the weights) and W8A8 (activations quantized per
-token; many rows are bound by multiply-adds, where VNNI does twice bf16's). For each layer
-shape, the first layer of that shape times both at 1 to 256 rows and keeps the row count
-from which W8A8 is faster; every layer of the shape then switches there. Outputs of a
-sequence can therefore depend on how many rows its step had: use a fixed mode where runs
-must reproduce to the bit.
+Few rows are bound by reading the weights, where 4 bits win; many rows by the
+multiply-adds, where int8 needs no unpacking. For each layer shape the first layer of that
+shape times both at 1 to 256 rows (a few milliseconds), and every layer of the shape then
+takes, for a step of M rows, the faster at the nearest measured count at or above M. The
+copies take 1.5 bytes a weight (bfloat16: 2). A sequence's outputs can depend on how many
+rows its step had: use a fixed mode where runs must reproduce to the bit.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import torch
 
-from prefixflow.model.quant.int8 import Int8Linear, Int8WeightOnlyLinear
+from prefixflow.model.quant.int4 import Int4Linear
+from prefixflow.model.quant.int8 import Int8Linear
 from prefixflow.model.quant.linear import QuantLinear
 
-_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_crossover: dict[tuple[int, int, torch.dtype], int] = {}  # (K, N, dtype) -> first W8A8 rows
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# (K, N, dtype) -> for each count in ROWS, whether int8 was the faster
+_choice: dict[tuple[int, int, torch.dtype], tuple[bool, ...]] = {}
 
 
 class AutoLinear(QuantLinear):
@@ -28,40 +30,35 @@ class AutoLinear(QuantLinear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
-        self.w8a8 = Int8Linear(weight, None)
-        self.wo = Int8WeightOnlyLinear.sharing(self.w8a8)
-        self.dtype = weight.dtype
+        self.int8 = Int8Linear.from_float(weight, None)
+        self.int4 = Int4Linear.from_float(weight, None)
+
+    @staticmethod
+    def supports(in_features: int) -> bool:
+        return Int4Linear.supports(in_features)
+
+    def pick(self, x: torch.Tensor) -> Int8Linear | Int4Linear:
+        key = (self.in_features, self.out_features, x.dtype)
+        table = _choice.get(key)
+        if table is None:
+            table = _choice[key] = self._measure(x.dtype)
+        i = min(bisect.bisect_left(ROWS, x.shape[0]), len(ROWS) - 1)
+        return self.int8 if table[i] else self.int4
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= self.crossover(x.dtype):
-            return self.w8a8.kernel(x)
-        return self.wo.kernel(x)
+        return self.pick(x).kernel(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= self.crossover(x.dtype):
-            return self.w8a8.reference(x)
-        return self.wo.reference(x)
-
-    def crossover(self, dtype: torch.dtype) -> int:
-        key = (self.in_features, self.out_features, dtype)
-        rows = _crossover.get(key)
-        if rows is None:
-            rows = _crossover[key] = self._measure(dtype)
-        return rows
+        return self.pick(x).reference(x)
 
     @torch.inference_mode()
-    def _measure(self, dtype: torch.dtype) -> int:
-        if self.w8a8.packed is None and self.w8a8.vnni is None:
-            return 1 << 30  # no VNNI kernel: W8A8 would run on the reference path
+    def _measure(self, dtype: torch.dtype) -> tuple[bool, ...]:
         gen = torch.Generator().manual_seed(0)
-        for rows in _ROWS:
+        out = []
+        for rows in ROWS:
             x = torch.randn(rows, self.in_features, generator=gen).to(dtype)
-            if _cost(self.w8a8.kernel, x) < _cost(self.wo.kernel, x):
-                return rows
-        return 1 << 30
-
-    def weight_bytes(self) -> int:
-        return self.w8a8.weight_bytes()
+            out.append(_cost(self.int8.kernel, x) < _cost(self.int4.kernel, x))
+        return tuple(out)
 
 
 def _cost(fn, x: torch.Tensor, reps: int = 5) -> float:

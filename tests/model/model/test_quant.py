@@ -18,12 +18,18 @@ from prefixflow.model.quant import MODES, quantize_model
 from prefixflow.model.quant.auto import AutoLinear
 from prefixflow.model.quant.gguf_codes import decode_blocks
 from prefixflow.model.quant.int4 import Int4Linear
-from prefixflow.model.quant.int8 import Int8Linear, Int8WeightOnlyLinear
+from prefixflow.model.quant.int8 import (
+    Int8Linear,
+    Int8TokenLinear,
+    Int8WeightOnlyLinear,
+    quantize_per_channel,
+)
 from prefixflow.model.quant.linear import QuantLinear
 from tests.gguf_export import write_gguf
 
 LAYERS = {
-    "int8": lambda w: Int8Linear(w, None),
+    "int8": lambda w: Int8Linear.from_float(w, None),
+    "int8_per_token": lambda w: Int8TokenLinear(w, None),
     "int8_weight_only": lambda w: Int8WeightOnlyLinear(w, None),
     "int4": lambda w: Int4Linear.from_float(w, None),
     "auto": lambda w: AutoLinear(w, None),
@@ -52,11 +58,11 @@ def test_each_kernel_equals_its_reference_within_rounding(kind, dtype, rows):
     # and the reference is the float layer up to its quantization error
     exact = x.float() @ w.T
     err = (want.float() - exact).abs().max() / exact.abs().max()
-    assert err < {"int4": 0.15}.get(kind, 0.03)
+    assert err < {"int4": 0.15, "auto": 0.15}.get(kind, 0.03)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_vnni_kernel_equals_its_reference_bit_for_bit(dtype):
+def test_the_per_token_kernel_equals_its_reference_bit_for_bit(dtype):
     """csrc/int8_gemm.cpp rounds where the PyTorch path rounds: every row count of its
     micro-kernel (1 to 6, and more), channels that fill no 64-channel group."""
     from prefixflow.model.quant.int8 import vnni_kernel_available
@@ -65,41 +71,60 @@ def test_the_vnni_kernel_equals_its_reference_bit_for_bit(dtype):
         pytest.skip("the C++ kernels were not built with AVX-512 VNNI on this machine")
     gen = torch.Generator().manual_seed(3)
     for rows, k, n in [(1, 576, 960), (5, 64, 17), (7, 128, 100), (13, 1536, 200), (64, 96, 64)]:
-        layer = Int8Linear(torch.randn(n, k, generator=gen) * 0.05, None)
+        layer = Int8TokenLinear(torch.randn(n, k, generator=gen) * 0.05, None)
         assert layer.vnni is not None
         x = (torch.randn(rows, k, generator=gen) * 3).to(dtype)
         assert torch.equal(layer.kernel(x), layer.reference(x)), (rows, k, n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_int4_kernel_equals_its_reference_within_rounding(dtype):
-    """csrc/int4_gemm.cpp against the PyTorch path: 1 and 2 rows of its micro-kernel,
-    channels that fill no 64-channel group, K of one group and of many."""
-    from prefixflow.model.quant.int4 import vnni_kernel_available
+@pytest.mark.parametrize("layer_of", [Int4Linear.from_float, Int8Linear.from_float])
+def test_the_block_kernel_equals_its_reference_bit_for_bit(dtype, layer_of):
+    """csrc/block_gemm.cpp against the PyTorch path, 4- and 8-bit codes: 1 to 4 rows of its
+    micro-kernels and more, channels that fill no 64-channel group, K of one group and of
+    many."""
+    from prefixflow.model.quant.block_layout import kernel_available
 
-    if not vnni_kernel_available():
+    if not kernel_available():
         pytest.skip("the C++ kernels were not built with AVX-512 VNNI on this machine")
     gen = torch.Generator().manual_seed(4)
     for rows, k, n in [(1, 576, 960), (2, 32, 17), (3, 128, 100), (13, 1536, 200)]:
-        layer = Int4Linear.from_float(torch.randn(n, k, generator=gen) * 0.05, None)
+        layer = layer_of(torch.randn(n, k, generator=gen) * 0.05, None)
         x = (torch.randn(rows, k, generator=gen) * 3).to(dtype)
-        got, want = layer.kernel(x).float(), layer.reference(x).float()
-        # the same integer sums; float32 sums over the groups in another order
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max())
+        assert torch.equal(layer.kernel(x), layer.reference(x)), (rows, k, n)
 
 
-def test_auto_shares_one_int8_weight_between_its_kernels():
+def test_int8_codes_and_scales_round_trip_through_the_layout():
+    w = torch.randn(70, 64, generator=torch.Generator().manual_seed(5))
+    layer = Int8Linear.from_float(w, None)
+    q, scale = quantize_per_channel(w)
+    assert torch.equal(layer.codes().to(torch.int16) - 128, q.to(torch.int16))
+    torch.testing.assert_close(layer.dequantized(torch.float32), q.float() * scale[:, None])
+
+
+def test_auto_takes_int4_or_int8_by_the_rows_of_the_step():
+    from prefixflow.model.quant import auto
+
     layer = AutoLinear(torch.randn(64, 128), None)
-    assert layer.wo.qweight is layer.w8a8.qweight
-    assert layer.crossover(torch.float32) >= 1
+    auto._choice[(128, 64, torch.float32)] = (False,) * 3 + (True,) * (len(auto.ROWS) - 3)
+    try:  # int4 up to 4 rows, int8 from 8 (ROWS: 1, 2, 4, 8, ...)
+        assert layer.pick(torch.zeros(4, 128)) is layer.int4
+        assert layer.pick(torch.zeros(5, 128)) is layer.int8
+        assert layer.pick(torch.zeros(1000, 128)) is layer.int8
+    finally:
+        del auto._choice[(128, 64, torch.float32)]
 
 
 def test_a_bias_and_leading_dimensions_pass_through():
     gen = torch.Generator().manual_seed(1)
     w, b = torch.randn(32, 64, generator=gen), torch.randn(32, generator=gen)
     x = torch.randn(2, 3, 64, generator=gen)
-    for layer in (Int8Linear(w, b), Int8WeightOnlyLinear(w, b), Int4Linear.from_float(w, b)):
+    for layer in (
+        Int8Linear.from_float(w, b),
+        Int8TokenLinear(w, b),
+        Int8WeightOnlyLinear(w, b),
+        Int4Linear.from_float(w, b),
+    ):
         y = layer(x)
         assert y.shape == (2, 3, 32)
         ref = torch.nn.functional.linear(
@@ -211,7 +236,7 @@ def test_gguf_mode_keeps_4bit_layers_exactly_and_the_rest_as_int8(tiny_llama_ggu
     assert isinstance(model.lm_head, Int8Linear)
 
 
-@pytest.mark.parametrize("mode", ["gguf", "int8", "int4", "auto"])
+@pytest.mark.parametrize("mode", ["gguf", "int8", "int8_per_token", "int4", "auto"])
 def test_a_quantized_model_generates_the_same_with_kernels_on_and_off(tiny_llama_gguf, mode):
     on = LLM(
         model=str(tiny_llama_gguf), dtype="float32", quantization=mode, kv_cache_memory="64MiB"

@@ -1,20 +1,24 @@
-// 4-bit weights (groups of 32 along K, w = (q - 8) s + z) by activations in 8-bit blocks
-// of 32, on AVX-512 VNNI, the way llama.cpp multiplies its Q4 tensors (by Q8 blocks):
+// 4- or 8-bit weights (groups of 32 along K, w = (q - c) s + z) by activations in 8-bit
+// blocks of 32, on AVX-512 VNNI, the way llama.cpp multiplies its Q4 and Q8 tensors (by
+// Q8 blocks of activations):
 //
-//   int4_linear   x (M, K) -> y (M, N), in x's dtype
+//   block_linear   x (M, K) -> y (M, N), in x's dtype; bits = 4 or 8
 //
 // Each row's blocks of 32 values are quantized on their own (xq = round(x / a_b), a_b =
-// max |x| / 127 over the block), so an outlier costs only its block. With w = (q - 8) s + z
+// max |x| / 127 over the block), so an outlier costs only its block. With w = (q - c) s + z
 // and x = a xq over a block,
-//   sum_k x w = a (s sum_k q xq + (z - 8 s) sum_k xq),
-// so the weights stay unsigned codes 0..15: vpdpbusd multiplies them (unsigned) by xq
-// (signed) directly, 64 products per instruction, and the block's integer sum is scaled
-// once per block. The zeros enter through sum_k xq, computed with the quantization.
+//   sum_k x w = a (s sum_k q xq + (z - c s) sum_k xq),
+// so the weights stay unsigned codes (0..15, or 0..255: int8 + 128): vpdpbusd multiplies
+// them (unsigned) by xq (signed) directly, 64 products per instruction, and the block's
+// integer sum is scaled once per block. The zeros enter through sum_k xq, computed with
+// the quantization; the caller passes z - c s. Every float step rounds as the PyTorch
+// reference (model/quant/block_layout.py) does, in its order, so the two agree bit for bit.
 //
-// Weight layout (model/quant/int4.py packs it): channels in groups of 64 (past N: zero);
-// for each pair of k-steps (8 consecutive k) a group holds 256 bytes, four zmm of 16
-// channels x 4 k, the first step's code in the low nibble and the second's in the high.
-// Scales and zeros - 8 scales are float32, (groups, K / 32, 64).
+// Weight layout (model/quant/block_layout.py packs it): channels in groups of 64 (past N:
+// zero); for each k-step (4 consecutive k) a group holds four zmm of 16 channels x 4 k.
+// 4-bit codes: 256 bytes per pair of steps, the first step's code in the low nibble and
+// the second's in the high; 8-bit codes: 256 bytes per step. Scales and z - c s are
+// float32, (groups, K / 32, 64).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -106,10 +110,12 @@ inline void store16(T* dst, __m512 v, __mmask16 mask) {
     PF4_J(0, PF4_DOT1(r, 0)) PF4_J(1, PF4_DOT1(r, 1))                                \
     PF4_J(2, PF4_DOT1(r, 2)) PF4_J(3, PF4_DOT1(r, 3))                                \
   }
+// a multiply and an add, each rounded, in the reference's order (no fused multiply-add;
+// the build turns contraction off), so kernel and reference agree bit for bit
 #define PF4_SCALE1(r, j)                                                             \
-  f##r##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i##r##j), _mm512_mul_ps(s##j, a),     \
-                            f##r##j);                                                \
-  f##r##j = _mm512_fmadd_ps(zz##j, az, f##r##j)
+  f##r##j = _mm512_add_ps(f##r##j, _mm512_mul_ps(_mm512_cvtepi32_ps(i##r##j),        \
+                                                 _mm512_mul_ps(s##j, a)));           \
+  f##r##j = _mm512_add_ps(f##r##j, _mm512_mul_ps(zz##j, az))
 #define PF4_SCALE(r)                                                                 \
   if constexpr (MR > r) {                                                            \
     const __m512 a = _mm512_set1_ps(xs[(m + r) * G + g]);                            \
@@ -127,10 +133,19 @@ inline void store16(T* dst, __m512 v, __mmask16 mask) {
       store16(y + (m + r) * N + n, outs[j], mask);                                   \
     }                                                                                \
   }
+// the codes of two k-steps: lo (the first) and hi (the second), 16 channels x 4 k each
 #define PF4_UNPACK(j)                                                                \
-  const __m512i v##j = NB > j ? _mm512_loadu_si512(w + 64 * j) : _mm512_setzero_si512(); \
-  const __m512i lo##j = _mm512_and_si512(v##j, low);                                 \
-  const __m512i hi##j = _mm512_and_si512(_mm512_srli_epi16(v##j, 4), low);
+  __m512i lo##j = _mm512_setzero_si512(), hi##j = _mm512_setzero_si512();            \
+  if constexpr (NB > j) {                                                            \
+    if constexpr (kBits == 4) {                                                      \
+      const __m512i v = _mm512_loadu_si512(w + 64 * j);                              \
+      lo##j = _mm512_and_si512(v, low);                                              \
+      hi##j = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                        \
+    } else {                                                                         \
+      lo##j = _mm512_loadu_si512(w + 64 * j);                                        \
+      hi##j = _mm512_loadu_si512(w + 256 + 64 * j);                                  \
+    }                                                                                \
+  }
 #define PF4_LOAD_SCALE(j)                                                            \
   const __m512 s##j = NB > j ? _mm512_loadu_ps(sg + g * 64 + 16 * j) : _mm512_setzero_ps(); \
   const __m512 zz##j = NB > j ? _mm512_loadu_ps(zg + g * 64 + 16 * j) : _mm512_setzero_ps();
@@ -139,7 +154,7 @@ inline void store16(T* dst, __m512 v, __mmask16 mask) {
 // rows take a whole group (4 blocks: each unpacked code serves 1 or 2 rows); more rows
 // take half a group and 4 rows, so the unpacking is shared by more rows and a half
 // group's codes (32 channels x K / 2 bytes) stay in L1 across the passes over the rows.
-template <int MR, int NB, typename T>
+template <int kBits, int MR, int NB, typename T>
 void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m, int64_t K,
                   const uint8_t* packed, const float* scales, const float* zeros, int64_t grp,
                   int64_t jb, int64_t N, T* y) {
@@ -147,7 +162,9 @@ void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_
   const int64_t G = K / kBlock, row = K / 4;
   const int64_t c0 = grp * 64 + 16 * jb;
   const int32_t* xr = reinterpret_cast<const int32_t*>(xq + m * K);
-  const uint8_t* wg = packed + grp * (K / 8) * 256 + 64 * jb;
+  // bytes of a group per pair of k-steps
+  constexpr int64_t kPair = kBits == 4 ? 256 : 512;
+  const uint8_t* wg = packed + grp * (K / 8) * kPair + 64 * jb;
   const float* sg = scales + grp * G * 64 + 16 * jb;
   const float* zg = zeros + grp * G * 64 + 16 * jb;
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -156,7 +173,7 @@ void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_
     PF4_ZERO(0) PF4_ZERO(1) PF4_ZERO(2) PF4_ZERO(3)
     for (int64_t p = 0; p < 4; ++p) {  // pairs of k-steps: 8 k each
       const int64_t q = g * 8 + 2 * p;  // the first k-step (4 k) of the pair
-      const uint8_t* w = wg + (q / 2) * 256;
+      const uint8_t* w = wg + (q / 2) * kPair;
       PF4_UNPACK(0) PF4_UNPACK(1) PF4_UNPACK(2) PF4_UNPACK(3)
       PF4_DOT(0) PF4_DOT(1) PF4_DOT(2) PF4_DOT(3)
     }
@@ -166,15 +183,15 @@ void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_
   PF4_OUT(0) PF4_OUT(1) PF4_OUT(2) PF4_OUT(3)
 }
 
-template <typename T>
+template <int kBits, typename T>
 void gemm(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, int64_t K,
           const uint8_t* pw, const float* sc, const float* ze, int64_t N, T* y) {
   const int64_t groups = (N + 63) / 64;
   if (M <= 2) {  // a whole group at a time
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t grp = g0; grp < g1; ++grp) {
-        if (M == 2) micro_kernel<2, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
-        else micro_kernel<1, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
+        if (M == 2) micro_kernel<kBits, 2, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
+        else micro_kernel<kBits, 1, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
       }
     });
     return;
@@ -184,31 +201,32 @@ void gemm(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, int
       const int64_t grp = h / 2, jb = 2 * (h % 2);
       if (grp * 64 + 16 * jb >= N) continue;  // a half group wholly past N
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) micro_kernel<4, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y);
+      for (; m + 4 <= M; m += 4) micro_kernel<kBits, 4, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y);
       switch (M - m) {
-        case 3: micro_kernel<3, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
-        case 2: micro_kernel<2, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
-        case 1: micro_kernel<1, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
+        case 3: micro_kernel<kBits, 3, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
+        case 2: micro_kernel<kBits, 2, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
+        case 1: micro_kernel<kBits, 1, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
         default: break;
       }
     }
   });
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& zeros, int64_t N) {
-  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be (M, K)");
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const at::Tensor& zeros, int64_t N, int64_t bits) {
+  TORCH_CHECK(x.dim() == 2, "block_linear: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "int4_linear: x must be float32 or bfloat16");
+              "block_linear: x must be float32 or bfloat16");
   auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), G = K / kBlock;
   const int64_t groups = (N + 63) / 64;
-  TORCH_CHECK(K % kBlock == 0, "int4_linear: K must be a multiple of 32");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == groups * (K / 8) * 256,
-              "int4_linear: the packed weight does not fit x");
+  TORCH_CHECK(K % kBlock == 0, "block_linear: K must be a multiple of 32");
+  TORCH_CHECK(bits == 4 || bits == 8, "block_linear: bits must be 4 or 8");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == groups * (K / 8) * 256 * (bits / 4),
+              "block_linear: the packed weight does not fit x");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == groups * G * 64 &&
                   zeros.scalar_type() == at::kFloat && zeros.numel() == groups * G * 64,
-              "int4_linear: scales and zeros must be float32 (groups, K / 32, 64)");
+              "block_linear: scales and zeros must be float32 (groups, K / 32, 64)");
   auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
   auto xs = at::empty({M, G}, x.options().dtype(at::kFloat));
   auto xsum = at::empty({M, G}, x.options().dtype(at::kInt));
@@ -226,10 +244,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const uint8_t* pw = packed.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
   const float* ze = zeros.data_ptr<float>();
+  auto* yb = reinterpret_cast<uint16_t*>(x.scalar_type() == at::kFloat ? nullptr : y.data_ptr<at::BFloat16>());
   if (x.scalar_type() == at::kFloat) {
-    gemm(pq, ps, pm, M, K, pw, sc, ze, N, y.data_ptr<float>());
+    if (bits == 4) gemm<4>(pq, ps, pm, M, K, pw, sc, ze, N, y.data_ptr<float>());
+    else gemm<8>(pq, ps, pm, M, K, pw, sc, ze, N, y.data_ptr<float>());
   } else {
-    gemm(pq, ps, pm, M, K, pw, sc, ze, N, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+    if (bits == 4) gemm<4>(pq, ps, pm, M, K, pw, sc, ze, N, yb);
+    else gemm<8>(pq, ps, pm, M, K, pw, sc, ze, N, yb);
   }
   return y;
 }
@@ -237,9 +258,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(prefixflow, m) {
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int N) -> Tensor");
+  m.def("block_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int N, int bits) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(prefixflow, CPU, m) { m.impl("int4_linear", &int4_linear); }
+TORCH_LIBRARY_IMPL(prefixflow, CPU, m) { m.impl("block_linear", &block_linear); }
 
 #endif  // __AVX512VNNI__ && __AVX512BW__
