@@ -4,8 +4,9 @@ For each shape (qkv, o, gate_up, down, the 49,152-wide head) and 1, 8, 64 and 25
 it times bfloat16 on oneDNN's prepacked GEMM (what runs with quantization off) and each
 mode's layer with its kernels, and prints milliseconds and the speed-up over bf16. The
 last table weighs the shapes as one forward pass does (30 layers of each, one head) for
-the modes a whole model runs with. The int4 layer is what the gguf mode runs for Q4_0,
-Q4_1 and Q4_K tensors (the default model's are Q4_1); its head (Q8_0) runs as int8.
+the modes a whole model runs with (int4 and gguf: the head in int8, as they run it). The
+int4 layer is what the gguf mode runs for Q4_0, Q4_1 and Q4_K tensors (the default
+model's are Q4_1); its Q8_0 head runs as int8.
 
     .venv/bin/python benchmarks/bench_quant_gemm.py [--rows 1 8 64 256] [--reps 30]
 """
@@ -21,7 +22,7 @@ from torch import nn
 from prefixflow.model import prepack
 from prefixflow.model.quant.auto import AutoLinear
 from prefixflow.model.quant.int4 import Int4Linear
-from prefixflow.model.quant.int8 import Int8Linear, Int8WeightOnlyLinear
+from prefixflow.model.quant.int8 import Int8Linear, Int8TokenLinear, Int8WeightOnlyLinear
 
 SHAPES = {  # name: (in, out) of SmolLM2-135M
     "qkv": (576, 960),
@@ -32,7 +33,8 @@ SHAPES = {  # name: (in, out) of SmolLM2-135M
 }
 PER_FORWARD = {"qkv": 30, "o": 30, "gate_up": 30, "down": 30, "head": 1}
 MODES = {
-    "int8": lambda w: Int8Linear(w, None),
+    "int8": lambda w: Int8Linear.from_float(w, None),
+    "int8_per_token": lambda w: Int8TokenLinear(w, None),
     "int8_weight_only": lambda w: Int8WeightOnlyLinear(w, None),
     "int4": lambda w: Int4Linear.from_float(w, None),
     "auto": lambda w: AutoLinear(w, None),
@@ -77,6 +79,8 @@ def main() -> None:
                 ms[shape, mode, rows] = timed(layer, x, reps)
         print(f"measured {shape} ({k} -> {n})", flush=True)
 
+    for rows in args.rows:  # int4 and gguf run the head in int8
+        ms["head", "int4", rows] = ms["head", "int8", rows]
     modes = ["bf16", *MODES]
     print("\nms per call (speed-up over bf16)")
     print(f"{'shape':<9}{'rows':>5}  " + "".join(f"{m:>24}" for m in modes))

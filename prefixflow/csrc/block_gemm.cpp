@@ -14,11 +14,13 @@
 // the quantization; the caller passes z - c s. Every float step rounds as the PyTorch
 // reference (model/quant/block_layout.py) does, in its order, so the two agree bit for bit.
 //
-// Weight layout (model/quant/block_layout.py packs it): channels in groups of 64 (past N:
-// zero); for each k-step (4 consecutive k) a group holds four zmm of 16 channels x 4 k.
-// 4-bit codes: 256 bytes per pair of steps, the first step's code in the low nibble and
-// the second's in the high; 8-bit codes: 256 bytes per step. Scales and z - c s are
-// float32, (groups, K / 32, 64).
+// Weight layout (model/quant/block_layout.py packs it): channels in groups of 32 (past N:
+// zero); for each k-step (4 consecutive k) a group holds two zmm of 16 channels x 4 k.
+// 4-bit codes: 128 bytes per pair of steps, the first step's code in the low nibble and
+// the second's in the high; 8-bit codes: 128 bytes per step. A group's codes are
+// contiguous, so a thread streams them (groups of 64 read by halves were read at half the
+// speed: the prefetcher fetched the other half too). Scales and z - c s are float32,
+// (groups, K / 32, 32).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -138,35 +140,39 @@ inline void store16(T* dst, __m512 v, __mmask16 mask) {
   __m512i lo##j = _mm512_setzero_si512(), hi##j = _mm512_setzero_si512();            \
   if constexpr (NB > j) {                                                            \
     if constexpr (kBits == 4) {                                                      \
-      const __m512i v = _mm512_loadu_si512(w + 64 * j);                              \
+      const __m512i v = _mm512_loadu_si512((j < 2 ? w : w2) + 64 * (j % 2));         \
       lo##j = _mm512_and_si512(v, low);                                              \
       hi##j = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                        \
     } else {                                                                         \
-      lo##j = _mm512_loadu_si512(w + 64 * j);                                        \
-      hi##j = _mm512_loadu_si512(w + 256 + 64 * j);                                  \
+      lo##j = _mm512_loadu_si512((j < 2 ? w : w2) + 64 * (j % 2));                   \
+      hi##j = _mm512_loadu_si512((j < 2 ? w : w2) + 128 + 64 * (j % 2));             \
     }                                                                                \
   }
 #define PF4_LOAD_SCALE(j)                                                            \
-  const __m512 s##j = NB > j ? _mm512_loadu_ps(sg + g * 64 + 16 * j) : _mm512_setzero_ps(); \
-  const __m512 zz##j = NB > j ? _mm512_loadu_ps(zg + g * 64 + 16 * j) : _mm512_setzero_ps();
+  const __m512 s##j =                                                                \
+      NB > j ? _mm512_loadu_ps((j < 2 ? sg : sg2) + g * 32 + 16 * (j % 2)) : _mm512_setzero_ps(); \
+  const __m512 zz##j =                                                               \
+      NB > j ? _mm512_loadu_ps((j < 2 ? zg : zg2) + g * 32 + 16 * (j % 2)) : _mm512_setzero_ps();
 
-// MR rows from m by NB blocks of 16 channels from block jb of 64-channel group grp. Few
-// rows take a whole group (4 blocks: each unpacked code serves 1 or 2 rows); more rows
-// take half a group and 4 rows, so the unpacking is shared by more rows and a half
-// group's codes (32 channels x K / 2 bytes) stay in L1 across the passes over the rows.
+// MR rows from m by NB blocks of 16 channels from group grp: 2 (one group; up to 4 rows,
+// so each unpacked code serves 4 rows, and the group's codes, 32 channels x K / 2 or K
+// bytes, stay in L1 across the passes over the rows) or 4 (groups grp and grp + 1, two
+// streams; 1 or 2 rows, where 2 blocks left too few sums in flight).
 template <int kBits, int MR, int NB, typename T>
 void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m, int64_t K,
                   const uint8_t* packed, const float* scales, const float* zeros, int64_t grp,
-                  int64_t jb, int64_t N, T* y) {
+                  int64_t N, T* y) {
   static_assert(MR * NB <= 8, "sums must fit the registers");
   const int64_t G = K / kBlock, row = K / 4;
-  const int64_t c0 = grp * 64 + 16 * jb;
+  const int64_t c0 = grp * 32;
   const int32_t* xr = reinterpret_cast<const int32_t*>(xq + m * K);
   // bytes of a group per pair of k-steps
-  constexpr int64_t kPair = kBits == 4 ? 256 : 512;
-  const uint8_t* wg = packed + grp * (K / 8) * kPair + 64 * jb;
-  const float* sg = scales + grp * G * 64 + 16 * jb;
-  const float* zg = zeros + grp * G * 64 + 16 * jb;
+  constexpr int64_t kPair = kBits == 4 ? 128 : 256;
+  const uint8_t* wg = packed + grp * (K / 8) * kPair;
+  const float* sg = scales + grp * G * 32;
+  const float* zg = zeros + grp * G * 32;
+  const float* sg2 = sg + G * 32;  // the next group's (NB = 4)
+  const float* zg2 = zg + G * 32;
   const __m512i low = _mm512_set1_epi8(0x0F);
   PF4_DECL(0) PF4_DECL(1) PF4_DECL(2) PF4_DECL(3)
   for (int64_t g = 0; g < G; ++g) {
@@ -174,6 +180,7 @@ void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_
     for (int64_t p = 0; p < 4; ++p) {  // pairs of k-steps: 8 k each
       const int64_t q = g * 8 + 2 * p;  // the first k-step (4 k) of the pair
       const uint8_t* w = wg + (q / 2) * kPair;
+      const uint8_t* w2 = w + (K / 8) * kPair;  // the next group's (NB = 4)
       PF4_UNPACK(0) PF4_UNPACK(1) PF4_UNPACK(2) PF4_UNPACK(3)
       PF4_DOT(0) PF4_DOT(1) PF4_DOT(2) PF4_DOT(3)
     }
@@ -186,26 +193,28 @@ void micro_kernel(const int8_t* xq, const float* xs, const int32_t* xsum, int64_
 template <int kBits, typename T>
 void gemm(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, int64_t K,
           const uint8_t* pw, const float* sc, const float* ze, int64_t N, T* y) {
-  const int64_t groups = (N + 63) / 64;
-  if (M <= 2) {  // a whole group at a time
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t grp = g0; grp < g1; ++grp) {
-        if (M == 2) micro_kernel<kBits, 2, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
-        else micro_kernel<kBits, 1, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, 0, N, y);
+  const int64_t groups = (N + 31) / 32;
+  if (M <= 2) {  // two groups at a time, where there are two
+    at::parallel_for(0, (groups + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t pair = p0; pair < p1; ++pair) {
+        const int64_t grp = 2 * pair;
+        const bool both = grp + 1 < groups;
+        if (M == 2 && both) micro_kernel<kBits, 2, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, N, y);
+        else if (M == 2) micro_kernel<kBits, 2, 2>(xq, xs, xsum, 0, K, pw, sc, ze, grp, N, y);
+        else if (both) micro_kernel<kBits, 1, 4>(xq, xs, xsum, 0, K, pw, sc, ze, grp, N, y);
+        else micro_kernel<kBits, 1, 2>(xq, xs, xsum, 0, K, pw, sc, ze, grp, N, y);
       }
     });
     return;
   }
-  at::parallel_for(0, groups * 2, 1, [&](int64_t h0, int64_t h1) {  // half groups
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t grp = h / 2, jb = 2 * (h % 2);
-      if (grp * 64 + 16 * jb >= N) continue;  // a half group wholly past N
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t grp = g0; grp < g1; ++grp) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) micro_kernel<kBits, 4, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y);
+      for (; m + 4 <= M; m += 4) micro_kernel<kBits, 4, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, N, y);
       switch (M - m) {
-        case 3: micro_kernel<kBits, 3, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
-        case 2: micro_kernel<kBits, 2, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
-        case 1: micro_kernel<kBits, 1, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, jb, N, y); break;
+        case 3: micro_kernel<kBits, 3, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, N, y); break;
+        case 2: micro_kernel<kBits, 2, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, N, y); break;
+        case 1: micro_kernel<kBits, 1, 2>(xq, xs, xsum, m, K, pw, sc, ze, grp, N, y); break;
         default: break;
       }
     }
@@ -219,14 +228,14 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& packed, const at:
               "block_linear: x must be float32 or bfloat16");
   auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), G = K / kBlock;
-  const int64_t groups = (N + 63) / 64;
+  const int64_t groups = (N + 31) / 32;
   TORCH_CHECK(K % kBlock == 0, "block_linear: K must be a multiple of 32");
   TORCH_CHECK(bits == 4 || bits == 8, "block_linear: bits must be 4 or 8");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == groups * (K / 8) * 256 * (bits / 4),
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == groups * (K / 8) * 128 * (bits / 4),
               "block_linear: the packed weight does not fit x");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == groups * G * 64 &&
-                  zeros.scalar_type() == at::kFloat && zeros.numel() == groups * G * 64,
-              "block_linear: scales and zeros must be float32 (groups, K / 32, 64)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == groups * G * 32 &&
+                  zeros.scalar_type() == at::kFloat && zeros.numel() == groups * G * 32,
+              "block_linear: scales and zeros must be float32 (groups, K / 32, 32)");
   auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
   auto xs = at::empty({M, G}, x.options().dtype(at::kFloat));
   auto xsum = at::empty({M, G}, x.options().dtype(at::kInt));

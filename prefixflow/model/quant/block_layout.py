@@ -10,10 +10,10 @@ which the kernel computes with exact integer sums (vpdpbusd: unsigned codes by s
 xq) and the reference below computes the same way, float steps in the same order: the
 two agree bit for bit, so a model's outputs are the same with kernels on and off.
 
-Only the kernel's layout is kept: channels in groups of 64 (zero past N); for each k-step
-(4 k) a group holds four 64-byte vectors of 16 channels x 4 k. 4-bit codes share a byte
+Only the kernel's layout is kept: channels in groups of 32 (zero past N); for each k-step
+(4 k) a group holds two 64-byte vectors of 16 channels x 4 k. 4-bit codes share a byte
 between two k-steps (the first in the low nibble): 0.5 byte a weight; 8-bit codes take a
-byte. Scales and z - c s are float32, (groups, K / 32, 64): 8 bytes per 32 weights.
+byte. Scales and z - c s are float32, (groups, K / 32, 32): 8 bytes per 32 weights.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ class BlockQuantLinear(QuantLinear):
     ) -> None:
         N, K = codes.shape
         super().__init__(K, N, bias)
-        groups = -(-N // 64)
-        c = torch.zeros(groups * 64, K, dtype=torch.uint8)
+        groups = -(-N // 32)
+        c = torch.zeros(groups * 32, K, dtype=torch.uint8)
         c[:N] = codes
-        u = c.view(groups, 4, 16, K // 4, 4).permute(0, 3, 1, 2, 4).reshape(groups, K // 4, 256)
+        u = c.view(groups, 2, 16, K // 4, 4).permute(0, 3, 1, 2, 4).reshape(groups, K // 4, 128)
         if self.bits == 4:
             u = u[:, 0::2] | (u[:, 1::2] << 4)
         self.register_buffer("packed", u.contiguous())
@@ -93,9 +93,9 @@ class BlockQuantLinear(QuantLinear):
         p, K = self.packed, self.in_features
         groups = p.shape[0]
         if self.bits == 4:
-            p = torch.stack([p & 15, p >> 4], dim=2).view(groups, K // 4, 256)
-        u = p.view(groups, K // 4, 4, 16, 4).permute(0, 2, 3, 1, 4)  # (g, j, c, q, i)
-        return u.reshape(groups * 64, K)[: self.out_features]
+            p = torch.stack([p & 15, p >> 4], dim=2).view(groups, K // 4, 128)
+        u = p.view(groups, K // 4, 2, 16, 4).permute(0, 2, 3, 1, 4)  # (g, j, c, q, i)
+        return u.reshape(groups * 32, K)[: self.out_features]
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # (N, K)
         N, K = self.out_features, self.in_features
@@ -104,11 +104,11 @@ class BlockQuantLinear(QuantLinear):
         w = q * s[..., None] + (zc + self.offset * s)[..., None]
         return w.view(N, K).to(dtype)
 
-    def _by_group(self, t: torch.Tensor) -> torch.Tensor:  # (N, G) -> (groups, G, 64)
-        groups, G = -(-self.out_features // 64), self.in_features // GROUP
-        full = torch.zeros(groups * 64, G)
+    def _by_group(self, t: torch.Tensor) -> torch.Tensor:  # (N, G) -> (groups, G, 32)
+        groups, G = -(-self.out_features // 32), self.in_features // GROUP
+        full = torch.zeros(groups * 32, G)
         full[: self.out_features] = t.float()
-        return full.view(groups, 64, G).permute(0, 2, 1).contiguous()
+        return full.view(groups, 32, G).permute(0, 2, 1).contiguous()
 
-    def _by_channel(self, t: torch.Tensor) -> torch.Tensor:  # (groups, G, 64) -> (N, G)
+    def _by_channel(self, t: torch.Tensor) -> torch.Tensor:  # (groups, G, 32) -> (N, G)
         return t.permute(0, 2, 1).reshape(-1, t.shape[1])[: self.out_features]
