@@ -18,13 +18,17 @@ Each layer has a PyTorch path beside its kernel (linear.py); `quant_kernels=Fals
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from torch import nn
 
+from prefixflow.model.quant.block_layout import kernel_available as block_kernel_available
 from prefixflow.model.quant.int4 import Int4Linear
 from prefixflow.model.quant.int8 import Int8Linear, Int8TokenLinear, Int8WeightOnlyLinear
 from prefixflow.model.quant.linear import QuantLinear
+
+logger = logging.getLogger("prefixflow")
 
 MODES = ("none", "int8", "int8_per_token", "int8_weight_only", "int4", "gguf", "auto")
 
@@ -53,6 +57,13 @@ def quantize_model(
         from prefixflow.model.quant.gguf_model import gguf_layers
 
         gguf = gguf_layers(model, Path(gguf_path))
+    if kernels and mode != "int8_weight_only" and not block_kernel_available():
+        logger.warning(
+            "quantization=%s: the C++ kernels for it are not built here (they need AVX-512 "
+            "VNNI: `prefixflow env` says why); its PyTorch path runs, many times slower than "
+            "quantization='none'",
+            mode,
+        )
     counts: dict[str, int] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.endswith("mlp.gate"):
