@@ -18,7 +18,7 @@ safetensors), it loads the model once per mode and prints:
 The random model's perplexity is that of random weights (near the vocabulary size): only
 its relative change means anything. bf16 is the reference for every mode (the mode's
 weights with activations in bf16); with --float32, `none` at float32 is printed too, as
-the distance of bf16 itself. The random model scores the first --random-tokens tokens.
+the distance of bf16 itself.
 
     .venv/bin/python benchmarks/bench_quant_quality.py                 # the whole text
     .venv/bin/python benchmarks/bench_quant_quality.py --tokens 20000 --prompts 50
@@ -191,12 +191,6 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--random-model", action="store_true")
-    ap.add_argument(
-        "--random-tokens",
-        type=int,
-        default=20000,
-        help="text tokens the random model scores (its perplexity is noise)",
-    )
     ap.add_argument("--float32", action="store_true", help="also none in float32")
     args = ap.parse_args()
     modes = args.modes.split(",")

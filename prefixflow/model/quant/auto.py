@@ -5,8 +5,9 @@ Few rows are bound by reading the weights, where 4 bits win; many rows by the
 multiply-adds, where int8 needs no unpacking. For each layer shape the first layer of that
 shape times both at 1 to 256 rows (a few milliseconds), and every layer of the shape then
 takes, for a step of M rows, the faster at the nearest measured count at or above M. The
-copies take 1.5 bytes a weight (bfloat16: 2). A sequence's outputs can depend on how many
-rows its step had: use a fixed mode where runs must reproduce to the bit.
+copies take 2 bytes a weight, as bfloat16 does: auto buys speed, not memory. A sequence's
+outputs can depend on how many rows its step had: use a fixed mode where runs must
+reproduce to the bit.
 """
 
 from __future__ import annotations
