@@ -77,18 +77,6 @@ void quantize_blocks(const T* x, int64_t M, int64_t K, int8_t* xq, float* xs, in
   });
 }
 
-template <typename T>
-inline void store16(T* dst, __m512 v, __mmask16 mask) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(dst, mask, v);
-  } else {  // round to nearest even, as PyTorch's float -> bfloat16
-    __m512i x = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    x = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
-  }
-}
-
 // Sums of row r over NB blocks of 16 channels: int32 within a k-group, float32 across
 // groups. Named registers (GCC spills arrays of them); blocks j >= NB and rows r >= MR are
 // compiled out.
@@ -132,7 +120,7 @@ inline void store16(T* dst, __m512 v, __mmask16 mask) {
       const int64_t n = c0 + 16 * j, left = N - n;                                   \
       if (left <= 0) break;                                                          \
       const __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);    \
-      store16(y + (m + r) * N + n, outs[j], mask);                                   \
+      pf::store16(y + (m + r) * N + n, outs[j], mask);                                   \
     }                                                                                \
   }
 // the codes of two k-steps: lo (the first) and hi (the second), 16 channels x 4 k each

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -69,6 +70,23 @@ inline __m512 tanh16(__m512 x) {
   const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
   const __m512 signed_big = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(big), sign));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), signed_big, small);
+}
+#endif
+
+
+#if defined(__AVX512BW__)
+// 16 floats stored as float32, or as bfloat16 rounded to nearest even as PyTorch rounds
+// (the quantized GEMMs' outputs), the lanes of mask only.
+template <typename T>
+inline void store16(T* dst, __m512 v, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(dst, mask, v);
+  } else {
+    __m512i x = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    x = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+  }
 }
 #endif
 

@@ -103,19 +103,6 @@ void quantize_rows(const T* x, int64_t M, int64_t K, uint8_t* xu, float* xs) {
   });
 }
 
-template <typename T>
-inline void store16(T* dst, __m512 v, __mmask16 mask) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(dst, mask, v);
-  } else {  // round to nearest even, as PyTorch's float -> bfloat16
-    __m512i x = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    x = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16));
-    _mm256_mask_storeu_epi16(dst, mask, h);
-  }
-}
-
 // MR rows from m, the 4 blocks (64 channels) from block b: sums over all of K, then the
 // epilogue. The sums are 4 MR named registers: GCC spilled an array of them to the stack
 // on every step of k.
@@ -148,7 +135,7 @@ inline void epilogue(const __m512i* sums, int64_t m, const float* xs, const int3
     const __m512i c = _mm512_maskz_loadu_epi32(mask, comp + n);
     const __m512 s = _mm512_maskz_loadu_ps(mask, ws + n);
     __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[j], c));
-    store16(y + m * N + n, _mm512_mul_ps(_mm512_mul_ps(v, s), x_scale), mask);
+    pf::store16(y + m * N + n, _mm512_mul_ps(_mm512_mul_ps(v, s), x_scale), mask);
   }
 }
 
