@@ -41,12 +41,7 @@ _SAME = (
 
 def load_update(model: CausalLM, weights: Weights, packed: bool, hf_config) -> None:
     """Copy the new weights into the model (all of them from a path, any from pairs)."""
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError(
-            "update_weights does not re-quantize: this engine runs with quantization on; "
-            "update the weights of an engine with quantization='none', or restart it on the "
-            "new checkpoint"
-        )
+    refuse_quantized(model)
     if isinstance(weights, str | os.PathLike):
         src = resolve_model(weights)
         cfg = load_hf_config(src)
@@ -68,8 +63,18 @@ def load_update(model: CausalLM, weights: Weights, packed: bool, hf_config) -> N
         prepack.prepack_linears(model)
 
 
+def refuse_quantized(model: CausalLM) -> None:
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError(
+            "update_weights does not re-quantize: this engine runs with quantization on; "
+            "update the weights of an engine with quantization='none', or restart it on the "
+            "new checkpoint"
+        )
+
+
 def frozen_copy(model: CausalLM, packed: bool) -> CausalLM:
     """A copy of the model as it is, to finish requests under it (in_flight="keep")."""
+    refuse_quantized(model)  # before copying a model it would not update anyway
     old = copy.deepcopy(model)
     if packed:
         prepack.unpack_linears(old)

@@ -295,3 +295,13 @@ def test_moe_experts_are_quantized_and_the_router_is_not(tokenizer, tmp_path, mo
         kv_cache_memory="64MiB",
     )
     assert _generate(on) == _generate(off)
+
+
+def test_a_quantized_engine_refuses_weight_updates_and_keeps_serving(tiny_llama_gguf):
+    llm = LLM(
+        model=str(tiny_llama_gguf), dtype="float32", quantization="gguf", kv_cache_memory="64MiB"
+    )
+    before = _generate(llm)
+    with pytest.raises(ValueError, match="re-quantize"):
+        llm.update_weights(str(tiny_llama_gguf))
+    assert _generate(llm) == before
