@@ -52,15 +52,7 @@ void quantize_blocks(const T* x, int64_t M, int64_t K, int8_t* xq, float* xs, in
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / G, g = i % G;
       const T* src = x + m * K + g * kBlock;
-      __m512 v[2];
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (std::is_same_v<T, float>) {
-          v[h] = _mm512_loadu_ps(src + 16 * h);
-        } else {
-          __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * h));
-          v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-        }
-      }
+      const __m512 v[2] = {pf::load16(src), pf::load16(src + 16)};
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
       const float a = std::max(amax / 127.f, 1e-12f);
       const __m512 va = _mm512_set1_ps(a);

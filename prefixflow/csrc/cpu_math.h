@@ -29,7 +29,28 @@ inline uint16_t f2bf(float f) {
   return static_cast<uint16_t>(x >> 16);
 }
 
+// Element i of a float32 or bfloat16 (uint16_t) tensor, as float.
+template <typename T>
+inline float load(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p[i];
+  } else {
+    return bf2f(p[i]);
+  }
+}
+
 #if defined(__AVX512F__)
+// 16 elements of a float32 or bfloat16 (uint16_t) tensor, as floats.
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
 // exp on 16 floats: x = n ln2 + r with a two-part ln2 (so r is exact), exp(r) by a
 // degree-7 Taylor polynomial on |r| <= ln2 / 2 (relative error about 1e-7), then 2^n.
 inline __m512 exp16(__m512 x) {

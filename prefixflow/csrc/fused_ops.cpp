@@ -29,17 +29,12 @@ namespace {
 
 using pf::bf2f;
 using pf::f2bf;
+using pf::load;
 #if defined(__AVX512F__)
 using pf::exp16;
+using pf::load16;
 #endif
 
-
-template <typename T>
-inline float load(const T* p, int64_t i);
-template <>
-inline float load<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-inline float load<uint16_t>(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
 
 template <typename T>
 inline T store(float f);
@@ -132,16 +127,6 @@ at::Tensor add_offset_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual,
 }
 
 #if defined(__AVX512F__)
-
-template <typename T>
-inline __m512 load16(const T* p);
-template <>
-inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <>
-inline __m512 load16<uint16_t>(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 // Round 16 floats as a tensor of type T holds them (bfloat16: to nearest even; no NaNs
 // arise here).

@@ -66,38 +66,20 @@ void quantize_rows(const T* x, int64_t M, int64_t K, uint8_t* xu, float* xs) {
       const T* row = x + m * K;
       float amax = 0.f;
       for (int64_t k = 0; k < K; ++k) {
-        float v;
-        if constexpr (std::is_same_v<T, float>) {
-          v = row[k];
-        } else {
-          v = pf::bf2f(row[k]);
-        }
-        amax = std::max(amax, std::fabs(v));
+        amax = std::max(amax, std::fabs(pf::load(row, k)));
       }
       const float s = std::max(amax / 127.f, 1e-12f);
       xs[m] = s;
       const __m512 vs = _mm512_set1_ps(s);
       int64_t k = 0;
       for (; k + 16 <= K; k += 16) {
-        __m512 v;
-        if constexpr (std::is_same_v<T, float>) {
-          v = _mm512_loadu_ps(row + k);
-        } else {
-          __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-          v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        }
-        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(pf::load16(row + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(xu + m * K + k), _mm512_cvtepi32_epi8(qi));
       }
       for (; k < K; ++k) {
-        float v;
-        if constexpr (std::is_same_v<T, float>) {
-          v = row[k];
-        } else {
-          v = pf::bf2f(row[k]);
-        }
-        xu[m * K + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(v / s)) + 128);
+        const float q = std::nearbyint(pf::load(row, k) / s);
+        xu[m * K + k] = static_cast<uint8_t>(static_cast<int>(q) + 128);
       }
     }
   });
