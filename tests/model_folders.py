@@ -1,5 +1,8 @@
-"""Model folders built from the default model's own weights, for tests.
+"""Model folders for tests: built from the default model's own weights, and a tiny
+random-weight Llama.
 
+- Tiny Llama: 2 layers, hidden 64, 4 query heads over 2 KV heads, the test tokenizer;
+  greedy_ids runs two fixed prompts through a model greedily.
 - Draft models: its first layers, with its embeddings, final norm and tokenizer, make a
   model with the same vocabulary (all its layers: a draft that drafts exactly what the
   target samples, greedily in float32).
@@ -63,3 +66,39 @@ def export_default_model(
     (folder / "config.json").write_text(json.dumps(d))
     load_tokenizer(src).save_pretrained(folder)
     return folder
+
+
+def tiny_llama_folder(tokenizer, folder: Path) -> Path:
+    """A tiny random-weight Llama (float32 safetensors) with the test tokenizer, in folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,  # peaked distributions: no near-ties in the greedy choice
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def greedy_ids(llm, max_tokens: int = 12) -> list[list[int]]:
+    """The greedy output ids of two fixed token prompts (EOS ignored)."""
+    from prefixflow import SamplingParams
+
+    prompts = [[5, 17, 300, 42], list(range(100, 140))]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+        use_tqdm=False,
+    )
+    return [o.outputs[0].token_ids for o in outs]

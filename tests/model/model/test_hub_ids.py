@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from prefixflow import LLM, SamplingParams
+from prefixflow import LLM
 from prefixflow.model.loader import resolve_model
+from tests.model_folders import greedy_ids, tiny_llama_folder
 
 COMMIT_MAIN = "a" * 40
 COMMIT_V2 = "b" * 40
@@ -47,36 +47,7 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer, tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,  # peaked distributions: no near-ties in the greedy choice
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _generate(llm: LLM) -> list[list[int]]:
-    prompts = [[5, 17, 300, 42], list(range(100, 140))]
-    outs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts],
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-        use_tqdm=False,
-    )
-    return [o.outputs[0].token_ids for o in outs]
+    return tiny_llama_folder(tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_a_hub_id_loads_from_the_cache_and_generates_as_the_folder(hub_cache, tiny_llama):
@@ -86,7 +57,7 @@ def test_a_hub_id_loads_from_the_cache_and_generates_as_the_folder(hub_cache, ti
 
     hub = LLM(model="org/name", dtype="float32", kv_cache_memory="64MiB")
     local = LLM(model=str(tiny_llama), dtype="float32", kv_cache_memory="64MiB")
-    assert _generate(hub) == _generate(local)
+    assert greedy_ids(hub) == greedy_ids(local)
 
 
 def test_a_revision_picks_the_snapshot_its_ref_names(hub_cache, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
 
-from prefixflow import LLM, SamplingParams
+from prefixflow import LLM
 from prefixflow.config import QUANTIZATION_MODES
 from prefixflow.model.quant import MODES, quantize_model
 from prefixflow.model.quant.auto import AutoLinear
@@ -26,6 +26,7 @@ from prefixflow.model.quant.int8 import (
 )
 from prefixflow.model.quant.linear import QuantLinear
 from tests.gguf_export import write_gguf
+from tests.model_folders import greedy_ids, tiny_llama_folder
 
 LAYERS = {
     "int8": lambda w: Int8Linear.from_float(w, None),
@@ -172,25 +173,7 @@ def _check_decode(qtype, blocks: np.ndarray) -> None:
 def tiny_llama_gguf(tokenizer, tmp_path_factory) -> Path:
     """A tiny llama (q/k rows in llama.cpp's order) as a GGUF file with Q4_0 attention,
     Q4_1 MLP but a Q8_0 down projection, and a Q8_0 output head."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama-q")
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tiny_llama_folder(tokenizer, tmp_path_factory.mktemp("tiny-llama-q"))
 
     def qtype(name: str):
         if name.startswith("output.") or "ffn_down" in name:
@@ -202,16 +185,6 @@ def tiny_llama_gguf(tokenizer, tmp_path_factory) -> Path:
         return None  # token_embd stays F32
 
     return write_gguf(folder, folder / "model.gguf", quantize=qtype)
-
-
-def _generate(llm: LLM) -> list[list[int]]:
-    prompts = [[5, 17, 300, 42], list(range(100, 140))]
-    outs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts],
-        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
-        use_tqdm=False,
-    )
-    return [o.outputs[0].token_ids for o in outs]
 
 
 def test_gguf_mode_keeps_4bit_layers_exactly_and_the_rest_as_int8(tiny_llama_gguf):
@@ -249,7 +222,7 @@ def test_a_quantized_model_generates_the_same_with_kernels_on_and_off(tiny_llama
         kv_cache_memory="64MiB",
     )
     assert any(isinstance(m, QuantLinear) for m in on.engine.runner.model.modules())
-    assert _generate(on) == _generate(off)
+    assert greedy_ids(on) == greedy_ids(off)
 
 
 def test_quantization_is_off_by_default_and_named_modes_are_checked(tiny_llama_gguf):
@@ -294,14 +267,14 @@ def test_moe_experts_are_quantized_and_the_router_is_not(tokenizer, tmp_path, mo
         quant_kernels=False,
         kv_cache_memory="64MiB",
     )
-    assert _generate(on) == _generate(off)
+    assert greedy_ids(on) == greedy_ids(off)
 
 
 def test_a_quantized_engine_refuses_weight_updates_and_keeps_serving(tiny_llama_gguf):
     llm = LLM(
         model=str(tiny_llama_gguf), dtype="float32", quantization="gguf", kv_cache_memory="64MiB"
     )
-    before = _generate(llm)
+    before = greedy_ids(llm)
     with pytest.raises(ValueError, match="re-quantize"):
         llm.update_weights(str(tiny_llama_gguf))
-    assert _generate(llm) == before
+    assert greedy_ids(llm) == before
