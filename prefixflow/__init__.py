@@ -1,9 +1,17 @@
 """prefixflow: throughput-first batch LLM inference with global prefix sharing."""
 
+from prefixflow.lora.request import LoRARequest
 from prefixflow.request import CompletionOutput, Logprob, RequestOutput
 from prefixflow.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "LoRARequest",
+]
 __version__ = "0.1.0"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import typing
@@ -100,6 +101,32 @@ def option(
     """
     meta = {"help": help, "choices": choices, "aliases": aliases, "parse": parse}
     return field(default=default, metadata=meta)
+
+
+def parse_lora_modules(value: Any) -> tuple[tuple[str, str], ...]:
+    """(name, path) pairs from vLLM's forms: "name=path" strings (a list, or one string
+    of them separated by spaces or commas), {"name": ..., "path": ...} dicts or their
+    JSON, or a {name: path} dict."""
+    if isinstance(value, dict):
+        value = list(value.items()) if "path" not in value else [value]
+    if isinstance(value, str):
+        value = [value] if value.lstrip().startswith("{") else re.split(r"[\s,]+", value.strip())
+    out = []
+    for item in value or ():
+        if isinstance(item, str) and item.lstrip().startswith("{"):
+            item = json.loads(item)
+        if isinstance(item, dict):
+            item = (item.get("name"), item.get("path"))
+        elif isinstance(item, str):
+            item = tuple(item.split("=", 1)) if "=" in item else (item, None)
+        name, path = item
+        if not name or not path:
+            raise ValueError(f"lora_modules: write each adapter as name=path, got {item!r}")
+        out.append((str(name), str(path)))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"lora_modules: an adapter name is given twice: {names}")
+    return tuple(out)
 
 
 # The allowed names of the registries elsewhere (attention/registry.py, engine/admission.py),
@@ -306,6 +333,23 @@ class EngineConfig:
     quant_kernels: bool = option(
         True, "quantized layers run on oneDNN's and ATen's int8/int4 kernels (off: PyTorch)"
     )
+    enable_lora: bool = option(
+        False,
+        "serve LoRA adapters over the base model: per request (LLM.generate's lora_request, "
+        "the OpenAI body's model), many in one batch",
+    )
+    max_loras: int = option(
+        8,
+        "most LoRA adapters loaded at once (a step may mix all of them); a new one then "
+        "replaces the least recently used that no request runs under",
+    )
+    max_lora_rank: int = option(16, "highest rank of a LoRA adapter that may be loaded")
+    lora_modules: tuple[tuple[str, str], ...] = option(
+        (),
+        "LoRA adapters loaded at start, as name=path (a PEFT folder or a Hub id); requests "
+        "name them as their model; implies enable_lora",
+        parse=parse_lora_modules,
+    )
     prepack_weights: bool = option(
         True, "dense layers read weights prepacked once for oneDNN (off: plain F.linear)"
     )
@@ -343,6 +387,13 @@ class EngineConfig:
                     "kv_disk_cache keeps prefixes for the prefix cache; it needs prefix "
                     "sharing on (drop --no-prefix-sharing)"
                 )
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(
+                f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and "
+                f"{self.max_lora_rank}"
+            )
+        if self.lora_modules and not self.enable_lora:
+            object.__setattr__(self, "enable_lora", True)  # naming adapters asks for them
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         for name in ("shared_prefix_min_tokens", "shared_prefix_min_part_tokens"):

@@ -22,6 +22,8 @@ UNSUPPORTED_URL = "unsupported_url"
 LIMIT_EXCEEDED = "limit_exceeded"  # past an option of config.LimitsConfig (inputs/limits.py)
 BODY_TOO_LARGE = "body_too_large"
 QUEUE_FULL = "queue_full"  # the server's waiting queue is full: retry after Retry-After
+MODEL_NOT_FOUND = "model_not_found"  # a model or LoRA adapter the engine does not hold
+INVALID_LORA = "invalid_lora"  # an adapter that cannot load: missing, too high a rank, no fit
 
 
 class RequestError(ValueError):

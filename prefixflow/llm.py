@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import Engine
 from prefixflow.errors import RequestError
 from prefixflow.inputs.tools import force_tool_call, plan_tools, tool_dicts
+from prefixflow.lora.request import LoRARequest
 from prefixflow.parsers.chat_output import ChatParsing, finish_reason, parse_chat
 from prefixflow.request import RequestOutput
 from prefixflow.runner.weight_update import Weights
@@ -46,6 +48,7 @@ class LLM:
         *,
         min_finished: int | None = None,
         continue_from: Sequence[RequestOutput] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}).
 
@@ -59,9 +62,12 @@ class LLM:
         prompts in the output: seeded and greedy ones give exactly the tokens an
         uninterrupted run would, and read their tokens so far from the prefix cache while
         the weights are unchanged.
+
+        lora_request: a LoRA adapter for every prompt, or a list with one (or None, the
+        base model) per prompt, as in vLLM; each is loaded the first time (enable_lora).
         """
         items = _as_prompt_list(prompts) if prompts is not None else []
-        params = _as_params_list(sampling_params, len(items))
+        params = self._with_lora(_as_params_list(sampling_params, len(items)), lora_request)
         resumed = [(None, None, prev) for prev in continue_from or []]
         fresh = [(p, None, None) for p in items]
         return self._run(resumed + fresh, [None] * len(resumed) + params, use_tqdm, min_finished)
@@ -83,6 +89,42 @@ class LLM:
         """
         self.engine.update_weights(weights, in_flight)
 
+    # ---- LoRA adapters (enable_lora) ----
+    def update_lora(self, name: str, weights: Any, in_flight: str = "recompute") -> None:
+        """Replace a loaded adapter's tensors in place (RL that trains only an adapter):
+        all of its PEFT-named A and B tensors, or a PEFT folder. Only its cached KV is
+        dropped; in_flight as in update_weights."""
+        self.engine.update_lora(name, weights, in_flight)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        self.engine.add_lora(lora_request)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
+
+    def _with_lora(
+        self, params: list[SamplingParams], lora: LoRARequest | Sequence | None
+    ) -> list[SamplingParams]:
+        """Each prompt's params naming its adapter (loaded here, the first time)."""
+        if lora is None:
+            return params
+        loras = [lora] * len(params) if isinstance(lora, LoRARequest) else list(lora)
+        if len(loras) != len(params):
+            raise ValueError(f"got {len(loras)} lora requests for {len(params)} prompts")
+        out = []
+        for i, (p, lr) in enumerate(zip(params, loras, strict=True)):
+            if lr is not None:
+                try:
+                    self.engine.add_lora(lr)
+                except RequestError as e:
+                    raise e.with_prefix(f"prompt {i}: ") from e
+                p = dataclasses.replace(p, lora_name=lr.lora_name)
+            out.append(p)
+        return out
+
     def chat(
         self,
         messages: list[dict] | Sequence[list[dict]],
@@ -96,6 +138,7 @@ class LLM:
         min_finished: int | None = None,
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the chat template to each conversation and generate (min_finished: as in
         generate). vLLM's template options, the same for every conversation:
@@ -105,7 +148,8 @@ class LLM:
         chat_template_kwargs (variables for the template). tools (OpenAI's function
         definitions) and tool_choice as on the server (inputs/tools.py): with a reasoning
         or tool-call parser, each output's text keeps the content and its reasoning_content
-        and tool_calls are set. Raises RequestError before any work starts."""
+        and tool_calls are set. lora_request: as in generate. Raises RequestError before
+        any work starts."""
         front = self.engine.front
         plan = plan_tools(
             tool_dicts(tools),
@@ -123,7 +167,7 @@ class LLM:
             plan.tools,
         )
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        params = _as_params_list(sampling_params, len(convs))
+        params = self._with_lora(_as_params_list(sampling_params, len(convs)), lora_request)
         if plan.structured is not None or plan.parsing.tool_parser == "mistral":
             params = [p.clone() for p in params]
             for p in params:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from prefixflow.lora.registry import cache_salt
 from prefixflow.page_hash import page_hash_chain
 from prefixflow.sampling_params import SamplingParams
 from prefixflow.step import RequestData
@@ -40,8 +41,14 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: frozenset[int] = frozenset(),
         max_model_len: int | None = None,
+        lora_key: str | None = None,
     ) -> None:
         self.request_id = request_id
+        # The LoRA adapter it runs under (its tensors' digest, lora/registry.py), or None;
+        # its prompt's page hash chain starts from the adapter's salt, so its KV is never
+        # shared with the base model's or another adapter's.
+        self.lora_key = lora_key
+        self.cache_salt = cache_salt(lora_key)
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
@@ -98,12 +105,18 @@ class Request:
         """Decode tokens this request and its unforked siblings will run, at most."""
         return self.max_output_tokens * (1 + len(self.fork_siblings))
 
+    def set_lora_key(self, key: str | None) -> None:
+        """Run under another adapter version (update_lora): a new salt, a new chain."""
+        self.lora_key, self.cache_salt = key, cache_salt(key)
+        self._page_hashes = None
+
     def page_hashes(self, page_size: int) -> list[bytes]:
         """The page hash chain of the prompt's full pages (page_hash.py). Computed once
         (the prompt never changes): the planner asks again each time it re-plans the queue,
         and each page costs a BLAKE2b call, about a microsecond."""
         if self._page_hashes is None or self._page_hashes[0] != page_size:
-            self._page_hashes = (page_size, page_hash_chain(self.prompt_token_ids, page_size))
+            chain = page_hash_chain(self.prompt_token_ids, page_size, salt=self.cache_salt)
+            self._page_hashes = (page_size, chain)
         return self._page_hashes[1]
 
     @property
@@ -143,7 +156,13 @@ class Request:
         p = self.sampling_params
         context = self.token_ids if p.reads_context else None
         return RequestData(
-            self.request_id, p, self.num_prompt_tokens, weight_version, self.stop_ban_ids, context
+            self.request_id,
+            p,
+            self.num_prompt_tokens,
+            weight_version,
+            self.stop_ban_ids,
+            context,
+            self.lora_key,
         )
 
     def truncate_output(self, num_output_tokens: int) -> int:

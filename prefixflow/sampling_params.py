@@ -54,6 +54,9 @@ class SamplingParams:
     # Output constrained to a JSON schema, regex, choice or grammar (structured/spec.py);
     # a dict of vLLM's StructuredOutputsParams fields is taken too.
     structured_outputs: StructuredOutputs | dict | None = None
+    # The LoRA adapter that runs the request, by name (the OpenAI body's model; LLM.generate's
+    # lora_request sets it); None: the base model.
+    lora_name: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -30,6 +30,7 @@ class RequestData:
     # Penalties and structured outputs read the whole sequence so far (prompt then output):
     # the scheduler's own list, only for requests that need it, read-only here.
     context_token_ids: list[int] | None = None
+    lora: str | None = None  # the LoRA adapter's key (lora/registry.py), or None: the base
 
 
 @dataclass
@@ -82,6 +83,10 @@ class ScheduledSeq:
     @property
     def weight_version(self) -> int:
         return self.data.weight_version
+
+    @property
+    def lora(self) -> str | None:
+        return self.data.lora
 
     @property
     def context_token_ids(self) -> list[int] | None:

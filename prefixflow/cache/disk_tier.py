@@ -101,8 +101,12 @@ class DiskTier:
         self._known.clear()
         self._touched.clear()
 
-    def keys(self, token_ids: list[int], page_size: int, num_pages: int) -> list[str]:
-        return page_keys(token_ids, page_size, num_pages, self.fingerprint)
+    def keys(
+        self, token_ids: list[int], page_size: int, num_pages: int, cache_salt: str = ""
+    ) -> list[str]:
+        """cache_salt: a LoRA adapter's (request.cache_salt); its pages are its own."""
+        salt = f"{self.fingerprint};{cache_salt}" if cache_salt else self.fingerprint
+        return page_keys(token_ids, page_size, num_pages, salt)
 
     # ---- reading ----
     def has(self, key: str) -> bool:

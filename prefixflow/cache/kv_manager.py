@@ -127,7 +127,7 @@ class KVManager:
         max_pages = (req.num_tokens - 1) // page_size
         # The prompt's chain is the one the planner hashed (kept on the Request).
         prompt_chain = req.page_hashes(page_size)
-        hit = PrefixHit(self.cache.match(req.token_ids, max_pages, prompt_chain))
+        hit = PrefixHit(self.cache.match(req.token_ids, max_pages, prompt_chain, req.cache_salt))
         first = req.next_prompt_logprob
         if first is not None:  # only pages that carry the logprobs it asks for
             keep = self.logprobs.usable(hit.pages, first)
@@ -136,7 +136,7 @@ class KVManager:
                 del hit.pages[keep:]
                 max_pages = len(hit.pages)  # nor the disk after a miss (its keys: to save)
         if self.disk is not None and max_pages:
-            hit.disk_keys = self.disk.keys(req.token_ids, page_size, max_pages)
+            hit.disk_keys = self.disk.keys(req.token_ids, page_size, max_pages, req.cache_salt)
             hit.num_on_disk = self.disk.count_present(hit.disk_keys[len(hit.pages) :])
         req.page_ids = list(hit.pages)
         req.num_computed_tokens = (len(hit.pages) + hit.num_on_disk) * page_size
@@ -195,7 +195,9 @@ class KVManager:
             loaded += 1
         req.num_computed_tokens = (first + loaded) * self.page_size
         if loaded:
-            self.cache.insert(req.token_ids, req.page_ids, first, first + loaded)
+            self.cache.insert(
+                req.token_ids, req.page_ids, first, first + loaded, salt=req.cache_salt
+            )
             for i, lp in enumerate(logprobs, first):
                 if lp is not None:
                     self.cache.set_logprobs(req.page_ids[i], lp)
@@ -242,7 +244,9 @@ class KVManager:
         if self.cache is not None and end_page > req.num_pages_cached:
             start_page = req.num_pages_cached
             lp_pages = self._logprob_pages(req)
-            pending = self.cache.insert(req.token_ids, req.page_ids, start_page, end_page, lp_pages)
+            pending = self.cache.insert(
+                req.token_ids, req.page_ids, start_page, end_page, lp_pages, req.cache_salt
+            )
             if pending:
                 self.logprobs.promise(req.request_id, pending)
             req.num_pages_cached = end_page
@@ -307,6 +311,11 @@ class KVManager:
         if self.cache is not None:
             self.cache.clear()
             self.logprobs.clear()
+
+    def forget_salt(self, salt: str) -> None:
+        """No cached prefix under `salt` is served again (a LoRA adapter changed)."""
+        if self.cache is not None:
+            self.cache.forget_salt(salt)
 
     # ---- what a step sends ----
     def table_diff(self, req: Request) -> TableDiff:

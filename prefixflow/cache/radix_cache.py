@@ -31,7 +31,7 @@ from typing import Any
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.page_hash import next_page_hash, root_digest, token_bytes
 
-_ROOT = -1  # the parent of a prompt's first page
+_ROOT = -1  # the parent of a prompt's first page (of the base model: salt "")
 _ROOT_DIGEST = root_digest()
 PENDING = object()  # a node's logprobs: computed by a request this step, stored at its end
 
@@ -53,13 +53,23 @@ class RadixCache:
         self._page_of: dict[bytes, int] = {}
         self._node_of: dict[int, _Node] = {}
         self._children: dict[int, set[int]] = {}
+        # salt -> (the parent id of its prefixes' first pages, the chain's first digest):
+        # a LoRA adapter's prefixes (request.cache_salt) hang from a root of their own, so
+        # even a digest collision never serves them another adapter's KV.
+        self._roots: dict[str, tuple[int, bytes]] = {"": (_ROOT, _ROOT_DIGEST)}
         pool.on_evict = self._forget
 
     def __len__(self) -> int:
         return len(self._page_of)
 
+    def _root(self, salt: str) -> tuple[int, bytes]:
+        root = self._roots.get(salt)
+        if root is None:
+            root = self._roots[salt] = (_ROOT - len(self._roots), root_digest(salt))
+        return root
+
     def match(
-        self, token_ids: list[int], max_pages: int, digests: Sequence[bytes] = ()
+        self, token_ids: list[int], max_pages: int, digests: Sequence[bytes] = (), salt: str = ""
     ) -> list[int]:
         """Pages holding the longest cached prefix of token_ids, at most max_pages.
 
@@ -72,7 +82,7 @@ class RadixCache:
         num_pages = min(max_pages, len(token_ids) // self.page_size)
         buf = token_bytes(token_ids[: num_pages * self.page_size])
         pages: list[int] = []
-        parent, digest = _ROOT, _ROOT_DIGEST
+        parent, digest = self._root(salt)
         for p, a in enumerate(range(0, len(buf), width)):
             tokens = buf[a : a + width]
             digest = digests[p] if p < len(digests) else next_page_hash(digest, tokens)
@@ -95,6 +105,7 @@ class RadixCache:
         start_page: int,
         end_page: int,
         logprobs_pages: range = range(0),
+        salt: str = "",
     ) -> list[tuple[int, int]]:
         """Record that page_ids[start_page:end_page] hold those full pages of token_ids.
 
@@ -105,17 +116,11 @@ class RadixCache:
         (and what was cached below it). Returns the (index, page) entered PENDING.
         """
         pending: list[tuple[int, int]] = []
-        if start_page >= end_page:
+        start = self._start(page_ids, start_page, salt) if start_page < end_page else None
+        if start is None:
             return pending
+        parent, digest = start
         page_size = self.page_size
-        if start_page == 0:
-            parent, digest = _ROOT, _ROOT_DIGEST
-        else:
-            parent = page_ids[start_page - 1]
-            above = self._node_of.get(parent)
-            if above is None:
-                return pending  # the prefix above is not cached: nothing below can be reached
-            digest = above.digest  # the chain goes on from there, not from the first page
         buf = token_bytes(token_ids[start_page * page_size : end_page * page_size])
         width = 8 * page_size
         for p, a in zip(range(start_page, end_page), range(0, len(buf), width), strict=True):
@@ -148,6 +153,15 @@ class RadixCache:
                     pending.append((p, page))
             parent = page
         return pending
+
+    def _start(self, page_ids: list[int], start_page: int, salt: str) -> tuple[int, bytes] | None:
+        """(parent, digest) above page start_page; None if the prefix above is not cached:
+        nothing below it can be reached."""
+        if start_page == 0:
+            return self._root(salt)
+        above = self._node_of.get(page_ids[start_page - 1])
+        # The chain goes on from there, not from the first page.
+        return None if above is None else (page_ids[start_page - 1], above.digest)
 
     # ---- prompt logprobs ----
     def logprobs(self, page: int) -> Any:
@@ -189,6 +203,15 @@ class RadixCache:
         self._page_of.clear()
         self._node_of.clear()
         self._children.clear()
+
+    def forget_salt(self, salt: str) -> int:
+        """Forget every prefix under `salt` (an adapter whose tensors changed); pages in
+        use stay with their holders. Returns how many pages it forgot."""
+        before = len(self._node_of)
+        for page in list(self._children.get(self._root(salt)[0], ())):
+            self._forget(page)
+            self.pool.uncache(page)
+        return before - len(self._node_of)
 
     def _forget(self, page: int) -> None:
         """The pool reuses `page`: drop it and every prefix that extends it."""

@@ -14,10 +14,10 @@ import time
 
 from prefixflow.cache.page_pool import PagePool
 from prefixflow.config import EngineConfig
-from prefixflow.engine.in_flight import check_in_flight
 from prefixflow.engine.output_processor import OutputProcessor
 from prefixflow.engine.scheduler import Scheduler
 from prefixflow.engine.stats import EngineStats
+from prefixflow.engine.updates import ModelUpdates
 from prefixflow.inputs.request_front import RequestFront
 from prefixflow.request import FinishReason, Request, RequestOutput
 from prefixflow.runner.runner import ModelRunner
@@ -26,7 +26,7 @@ from prefixflow.sampling_params import SamplingParams
 logger = logging.getLogger("prefixflow")
 
 
-class Engine:
+class Engine(ModelUpdates):
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         t0 = time.perf_counter()
@@ -43,6 +43,7 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
         self._counts = EngineStats()  # what only the engine sees; stats adds the rest
         self.updated_request_ids: set[str] = set()  # requests with new tokens in the last step
+        self.load_lora_modules()  # lora_modules: the adapters named at start
         logger.info(
             f"loaded {self.model_name} ({str(self.runner.dtype).removeprefix('torch.')}) in "
             f"{self.load_seconds:.1f}s; KV cache {pool.num_pages} pages of {pool.page_size} "
@@ -126,31 +127,6 @@ class Engine:
     def snapshot(self, request_id: str) -> RequestOutput:
         """What an unfinished request has generated so far (finished=False), for streaming."""
         return self.output.snapshot(request_id)
-
-    # ---- weights ----
-    @property
-    def weight_version(self) -> int:
-        return self.scheduler.weight_version
-
-    def update_weights(self, weights, in_flight: str = "recompute") -> list[RequestOutput]:
-        """Load new weights in place (runner/weight_update.py); returns the requests that
-        in_flight="abort" finished (only here: step() does not return them again)."""
-        check_in_flight(in_flight)
-        t0 = time.perf_counter()
-        prev = self.scheduler.weight_version
-        keep_old = in_flight == "keep" and prev in self.scheduler.versions_in_use()
-        self.runner.update_weights(weights, prev + 1, keep_old)
-        aborted = self.scheduler.update_weights(in_flight)
-        parents = self.output.weights_updated([r.request_id for r in aborted])
-        for sample_id in self.output.unfinished_samples(parents):  # without sharing, its others
-            self.scheduler.abort(sample_id)
-        logger.info(
-            "weights updated to version %d in %.2fs (in flight: %s)",
-            self.weight_version,
-            time.perf_counter() - t0,
-            in_flight,
-        )
-        return self.output.finished(parents)
 
     def flush_kv_disk(self) -> None:
         """Wait until the KV pages queued for the disk tier are written."""

@@ -6,7 +6,8 @@ Requests that started under the old weights:
   weights;
 - "abort" finishes them, with what they generated;
 - "keep" lets them finish under the old weights, whose KV never enters the cache.
-Requests that have not started run under the new weights. Pure Python.
+Requests that have not started run under the new weights. A LoRA adapter's update
+(update_lora) applies the same policy to that adapter's requests alone. Pure Python.
 """
 
 from __future__ import annotations
@@ -32,6 +33,34 @@ def in_flight_after_update(sched: Scheduler, in_flight: str) -> list[Request]:
     if in_flight == "keep":
         return []
     started = [r for r in [*sched.running, *sched.queue.resumed] if r.weight_version is not None]
+    return _apply(
+        sched, started, in_flight, lambda r: setattr(r, "weight_version", sched.weight_version)
+    )
+
+
+def lora_after_update(
+    sched: Scheduler, old_key: str, new_key: str, in_flight: str
+) -> list[Request]:
+    """A LoRA adapter's tensors changed from old_key to new_key (its cached KV is dropped
+    already): its requests that have not started take the new tensors, those that have
+    follow in_flight. Other requests are untouched. Returns the requests it aborted."""
+    mine = [r for r in sched.requests.values() if r.lora_key == old_key]
+    for r in mine:
+        if r.weight_version is None:  # not started
+            r.set_lora_key(new_key)
+    if in_flight == "keep":
+        return []
+    started = [
+        r
+        for r in [*sched.running, *sched.queue.resumed]
+        if r.weight_version is not None and r.lora_key == old_key
+    ]
+    return _apply(sched, started, in_flight, lambda r: r.set_lora_key(new_key))
+
+
+def _apply(sched: Scheduler, started: list[Request], in_flight: str, switch) -> list[Request]:
+    """Abort the started requests, or preempt them to recompute after `switch` (to the
+    new weights) on each of their samples."""
     aborted = []
     for req in started:
         group = [req, *req.fork_siblings]
@@ -45,5 +74,5 @@ def in_flight_after_update(sched: Scheduler, in_flight: str) -> list[Request]:
         if req.status == RequestStatus.RUNNING:
             sched.preempt(req)
         for r in group:
-            r.weight_version = sched.weight_version
+            switch(r)
     return aborted

@@ -42,6 +42,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                 default=o.default,
                 help=help_text,
             )
+        elif typing.get_origin(o.type) is tuple:  # several values: --lora-modules a=x b=y
+            group.add_argument(*flags, dest=o.name, nargs="+", default=o.default, help=help_text)
         else:
             group.add_argument(
                 *flags,
@@ -67,6 +69,8 @@ def cli_flags(options: dict[str, Any]) -> list[str]:
             continue
         if o.type is bool:
             out.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            out += [_flag(name), *(f"{k}={v}" for k, v in value)]
         elif isinstance(value, dict) or dataclasses.is_dataclass(value):
             as_dict = value if isinstance(value, dict) else dataclasses.asdict(value)
             out += [_flag(name), json.dumps(as_dict)]

@@ -104,6 +104,7 @@ def parse(
             params = req.sampling_params(req.max_new_tokens(), req.num_logprobs())
     except ValidationError as e:
         raise describe_validation_error(e) from e
+    params.lora_name = front.adapter_for_model(req.model)  # a LoRA adapter's name, or None
     parsed = ParsedRequest(url, req, params)
     if url == CHAT_COMPLETIONS:
         plan = plan_tools(

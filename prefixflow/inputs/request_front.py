@@ -14,11 +14,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from prefixflow import errors
 from prefixflow.config import EngineConfig, LimitsConfig
 from prefixflow.errors import RequestError
 from prefixflow.inputs.chat_template import ChatTemplateOptions, check_chat_options
 from prefixflow.inputs.checks import check_request, truncated
 from prefixflow.inputs.limits import KVBudget, check_counts, check_limits
+from prefixflow.lora.registry import LoRARegistry
 from prefixflow.model.loader import (
     ModelSource,
     eos_token_ids,
@@ -76,11 +78,13 @@ class RequestFront:
         self.limit_context(max_len or self.max_model_len)
         self._compiler: GrammarCompiler | None = None
         self._compiler_lock = threading.Lock()
+        # The LoRA adapters requests may name (the engine loads them); None: LoRA is off.
+        self.loras: LoRARegistry | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig, runs_model: bool = True) -> RequestFront:
         """The front of an engine's options: its model, context cap, limits and template."""
-        return cls(
+        front = cls(
             config.model,
             config.max_model_len,
             runs_model,
@@ -91,6 +95,39 @@ class RequestFront:
             tool_call_parser=config.tool_call_parser,
             served_model_name=config.served_model_name,
         )
+        if config.enable_lora:
+            front.loras = LoRARegistry(config.max_loras, config.max_lora_rank)
+        return front
+
+    # ---- LoRA adapters ----
+    def adapter_for_model(self, model: str | None) -> str | None:
+        """The adapter an OpenAI body's `model` names; None for the base model. With LoRA
+        off any name means the base model (clients send their own); with it on, a name
+        that is neither the base nor a loaded adapter is refused."""
+        if model is None or self.loras is None or model in (self.model_name, self.source.name):
+            return None
+        if model not in self.loras:
+            served = ", ".join([self.model_name, *sorted(a.name for a in self.loras.adapters())])
+            raise RequestError(
+                f"the model {model!r} does not exist here; it serves {served}",
+                "model",
+                errors.MODEL_NOT_FOUND,
+            )
+        return model
+
+    def lora_key(self, params: SamplingParams) -> str | None:
+        """The key of the adapter a request runs under (RequestError if none is loaded)."""
+        name = params.lora_name
+        if name is None:
+            return None
+        if self.loras is None:
+            raise RequestError(
+                f"LoRA adapter {name!r} asked of an engine without LoRA; start it with "
+                "enable_lora=True (--enable-lora)",
+                "lora_request",
+                errors.INVALID_LORA,
+            )
+        return self.loras.get(name).key
 
     def limit_context(self, max_len: int) -> None:
         """Requests hold at most max_len tokens (another model of the engine holds fewer)."""
@@ -194,6 +231,7 @@ class RequestFront:
         text, ids = truncated(text, ids, params, self.max_model_len)
         check_limits(len(ids), params, self.limits, self.max_model_len, self.kv)
         check_request(text, ids, params, self.max_model_len, self.vocab_size)
+        self.lora_key(params)
         if params.structured_outputs is not None:
             self.grammars().check(params.structured_outputs)
         return text, ids
@@ -234,4 +272,6 @@ class RequestFront:
         """The i-th of a request's n samples: its own id and seed."""
         child_params = params if params.n == 1 else params.for_sample(i)
         rid = request_id if params.n == 1 else f"{request_id}#{i}"
-        return Request(rid, ids, child_params, self.eos_token_ids, self.max_model_len)
+        return Request(
+            rid, ids, child_params, self.eos_token_ids, self.max_model_len, self.lora_key(params)
+        )

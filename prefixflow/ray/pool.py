@@ -168,7 +168,9 @@ class ReplicaPool:
 
     # ---- internals ----
     def _queue(self, q: _Queued) -> None:
-        r = self.router.route(q.ids)
+        # Replicas load the same adapters (lora_modules): the name keys its prefixes.
+        lora = q.params.lora_name
+        r = self.router.route(q.ids, f"lora-name:{lora}" if lora else "")
         self._queued[r].append(q)
 
     def _send_queued(self) -> None:

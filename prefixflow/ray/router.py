@@ -47,8 +47,9 @@ class PrefixRouter:
         self._owner: OrderedDict[bytes, int] = OrderedDict()
         self._turn = 0
 
-    def route(self, token_ids: list[int]) -> int:
-        """The replica for this prompt; counts it in that replica's load."""
+    def route(self, token_ids: list[int], salt: str = "") -> int:
+        """The replica for this prompt; counts it in that replica's load. salt: a LoRA
+        adapter's, so that one adapter's prefixes go where that adapter's KV is."""
         live = [r for r, ok in enumerate(self.alive) if ok]
         if not live:
             raise RuntimeError("no replica is alive")
@@ -57,7 +58,7 @@ class PrefixRouter:
             chosen = live[self._turn % len(live)]
         else:
             least = min(live, key=lambda r: self.load[r])
-            digests = page_hash_chain(token_ids, self.page_size)
+            digests = page_hash_chain(token_ids, self.page_size, salt=salt)
             owner, matched = self._longest_owner(digests)
             # A short match (a system prompt every request shares) is no reason to go
             # anywhere: as SGLang's cache_threshold, half of the prompt must match.

@@ -18,6 +18,7 @@ from prefixflow.runner.attention_setup import attention_config
 from prefixflow.runner.draft_model import DraftModelProposer
 from prefixflow.runner.kv_cache import allocate_kv_cache, bytes_per_page, num_pages_for
 from prefixflow.runner.kv_disk import kv_fingerprint_of, load_pages, open_disk_tier, read_pages
+from prefixflow.runner.lora_runner import RunnerLoRA
 from prefixflow.runner.model_setup import load_draft_model, load_model
 from prefixflow.runner.prompt_logprobs import prompt_logprobs
 from prefixflow.runner.step_inputs import forward_step
@@ -51,6 +52,8 @@ class ModelRunner:
         self.packed = config.prepack_weights and prepack.available()
         self.model = load_model(src, hf_config, self.dtype, config, self.packed)
         self.models = {0: self.model}  # weight version -> model (older: in_flight="keep")
+        # Adapters' hooks go on before any copy of the model (in_flight="keep" copies them).
+        self.lora = RunnerLoRA(self.model, self.dtype) if config.enable_lora else None
         spec = config.scheduler.speculative_config
         draft = None
         if spec is not None and spec.method == "draft_model":
@@ -130,6 +133,8 @@ class ModelRunner:
                 seqs = self.drafter.propose(seqs, self.tables)
         if not seqs:
             return RunnerOutput()
+        if self.lora is not None:  # each adapter's rows together: one run a layer each
+            seqs = self.lora.order(seqs)
         hidden, last_idx = self._forward(seqs)  # (T, hidden)
         out = RunnerOutput()
         if any(s.prompt_logprob_targets or s.hidden_positions for s in seqs):
@@ -200,9 +205,17 @@ class ModelRunner:
         versions = sorted({s.weight_version for s in seqs})
         if len(versions) == 1:
             model = self.models[versions[0]]
-            return forward_step(
-                model, self.backend, self.kv_cache, seqs, self.page_size, self.tables
-            )
+            if self.lora is None:
+                return forward_step(
+                    model, self.backend, self.kv_cache, seqs, self.page_size, self.tables
+                )
+            self.lora.begin(seqs)
+            try:
+                return forward_step(
+                    model, self.backend, self.kv_cache, seqs, self.page_size, self.tables
+                )
+            finally:
+                self.lora.end()
         parts, last_idx, offset = [], [0] * len(seqs), 0
         for v in versions:
             idx = [i for i, s in enumerate(seqs) if s.weight_version == v]

@@ -1,0 +1,73 @@
+"""The runner's LoRA adapters: their tensors by key, and each step's runs of rows.
+
+Adapters are kept by key (a digest of their tensors, lora/registry.py), so two names of
+one adapter hold one copy, and an adapter's old tensors stay while requests still run under
+them (update_lora with in_flight="keep").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from prefixflow.lora.registry import LoRARegistry
+from prefixflow.model.lora.apply import LoRAStep, install, runs_of
+from prefixflow.model.lora.peft_folder import AdapterTensors, adapter_tensors, read_adapter
+from prefixflow.model.lora.targets import LayerLoRA, fit, lora_targets
+from prefixflow.step import ScheduledSeq
+
+Source = str | os.PathLike | Mapping[str, torch.Tensor]
+
+
+class RunnerLoRA:
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        self.model, self.dtype = model, dtype
+        self.targets = lora_targets(model)
+        self.step = LoRAStep()
+        self.adapters: dict[str, dict[str, LayerLoRA]] = {}  # key -> layer -> its matrices
+        # key -> adapter_config and module names, for updates by tensors
+        self.configs: dict[str, dict] = {}
+        self.modules: dict[str, set[str]] = {}
+        layers = sorted({t.layer for t in self.targets.values()})
+        self._handles = install(model, layers, self.step)
+
+    def load(
+        self, name: str, source: Source, registry: LoRARegistry, config: dict | None = None
+    ) -> AdapterTensors:
+        """Read, check and keep an adapter (a folder, or PEFT-named tensors with the
+        adapter_config of the one they replace). Raises RequestError; keeps nothing then."""
+        if isinstance(source, Mapping):
+            tensors = adapter_tensors(source, config or {}, name)
+        else:
+            tensors = read_adapter(source, name)
+        registry.check_rank(name, tensors.rank)
+        if tensors.key not in self.adapters:
+            self.adapters[tensors.key] = fit(tensors, self.targets, self.model, self.dtype, name)
+            self.configs[tensors.key] = tensors.config
+            self.modules[tensors.key] = set(tensors.pairs)
+        return tensors
+
+    def keep_only(self, keys: set[str]) -> None:
+        """Drop the tensors of adapters no name and no request uses any more."""
+        for key in [k for k in self.adapters if k not in keys]:
+            del self.adapters[key], self.configs[key], self.modules[key]
+
+    def order(self, seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
+        """The step's sequences with each adapter's rows together (stable otherwise)."""
+        keys = [s.lora for s in seqs]
+        if len(set(keys)) < 2 or all(
+            keys[i] == keys[i + 1] or keys[i + 1] not in keys[:i] for i in range(len(keys) - 1)
+        ):
+            return seqs
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        return sorted(seqs, key=lambda s: first[s.lora])
+
+    def begin(self, seqs: list[ScheduledSeq]) -> None:
+        rows = [len(s.token_ids) for s in seqs]
+        self.step.runs = runs_of([s.lora for s in seqs], rows, self.adapters)
+
+    def end(self) -> None:
+        self.step.runs = []
