@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from prefixflow import errors
 from prefixflow.config import EngineConfig
 from prefixflow.engine.engine import Engine
 from prefixflow.errors import RequestError
@@ -114,6 +115,14 @@ class LLM:
         loras = [lora] * len(params) if isinstance(lora, LoRARequest) else list(lora)
         if len(loras) != len(params):
             raise ValueError(f"got {len(loras)} lora requests for {len(params)} prompts")
+        names = {lr.lora_name for lr in loras if lr is not None}
+        if len(names) > self.config.max_loras:  # loading the last would replace the first
+            raise RequestError(
+                f"this call names {len(names)} LoRA adapters, more than max_loras="
+                f"{self.config.max_loras}; raise max_loras",
+                "lora_request",
+                errors.INVALID_LORA,
+            )
         out = []
         for i, (p, lr) in enumerate(zip(params, loras, strict=True)):
             if lr is not None:
