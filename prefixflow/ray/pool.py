@@ -78,6 +78,8 @@ class ReplicaPool:
         self._kv_tokens = min(info["kv_tokens"] for info in infos)
         self.page_size = infos[0]["page_size"]
         self.front.limit_context(min(info["max_model_len"] for info in infos))
+        for adapter in infos[0]["loras"]:  # lora_modules, loaded by every replica alike
+            self.front.loras.add(adapter)
         # The smallest replica's cache bounds n and a request's tokens, as in each replica.
         self.front.set_kv_budget(self._kv_tokens // self.page_size, self.page_size)
         self.router = PrefixRouter(num_replicas, self.page_size, policy=routing)

@@ -37,6 +37,7 @@ class Replica:
             "kv_tokens": kv.num_pages * kv.page_size,
             "page_size": kv.page_size,
             "max_model_len": eng.max_model_len,
+            "loras": eng.front.loras.adapters() if eng.front.loras is not None else [],
         }
 
     def add(self, requests: list[tuple[str, list[int], SamplingParams, str | None]]) -> None:

@@ -137,3 +137,13 @@ def test_lora_modules_take_vllm_forms_and_turn_lora_on():
     assert EngineConfig.from_options(lora_modules=["a=/p/a"]).enable_lora
     with pytest.raises(ValueError, match="max_lora_rank"):
         EngineConfig.from_options(max_lora_rank=0)
+
+
+def test_the_router_sends_an_adapters_prefix_where_that_adapters_kv_is():
+    from prefixflow.ray.router import PrefixRouter
+
+    router = PrefixRouter(2, 4)
+    prompt = list(range(40))
+    first = router.route(prompt, "lora-name:a")
+    assert router.route(prompt, "lora-name:b") != first  # no match: the idle replica
+    assert router.route(prompt, "lora-name:a") == first  # its prefix's owner
