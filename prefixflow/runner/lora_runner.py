@@ -57,13 +57,14 @@ class RunnerLoRA:
 
     def order(self, seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
         """The step's sequences with each adapter's rows together (stable otherwise)."""
-        keys = [s.lora for s in seqs]
-        if len(set(keys)) < 2 or all(
-            keys[i] == keys[i + 1] or keys[i + 1] not in keys[:i] for i in range(len(keys) - 1)
-        ):
-            return seqs
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        return sorted(seqs, key=lambda s: first[s.lora])
+        first: dict[str | None, int] = {}  # each key's first place
+        grouped, prev = True, object()
+        for i, s in enumerate(seqs):
+            if s.lora != prev:
+                grouped = grouped and s.lora not in first
+                first.setdefault(s.lora, i)
+                prev = s.lora
+        return seqs if grouped else sorted(seqs, key=lambda s: first[s.lora])
 
     def begin(self, seqs: list[ScheduledSeq]) -> None:
         rows = [len(s.token_ids) for s in seqs]
