@@ -2,11 +2,11 @@
 
 The HTTP server's handlers run on the event loop; the engine (not thread-safe, and busy
 in torch for most of each step) runs on one background thread that owns it. Handlers
-send it typed messages (async_messages.py: add, abort, update weights) through a queue;
-it answers an add with a future (so a request the engine refuses becomes a 400 before any
-response starts) and pushes each request's outputs (snapshots while streaming, the final
-one at the end) to that request's asyncio queue. Requests from all connections share
-every step's batch.
+send it typed messages (async_messages.py: add, abort, update weights, load or unload a
+LoRA adapter) through a queue; it answers an add with a future (so a request the engine
+refuses becomes a 4xx before any response starts) and pushes each request's outputs
+(snapshots while streaming, the final one at the end) to that request's asyncio queue.
+Requests from all connections share every step's batch.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ from dataclasses import dataclass
 
 from prefixflow.engine.async_messages import (
     Abort,
+    AddLoRA,
     AddRequest,
     AnsweredMessage,
     EngineMessage,
+    RemoveLoRA,
     UpdateWeights,
 )
 from prefixflow.engine.engine import Engine
+from prefixflow.lora.registry import Adapter
+from prefixflow.lora.request import LoRARequest
 from prefixflow.request import RequestOutput
 from prefixflow.sampling_params import SamplingParams
 
@@ -128,6 +132,19 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine failed: {self.error}")
         return await self._call(UpdateWeights(model_path, in_flight))
 
+    async def add_lora(self, lora_name: str, lora_path: str) -> Adapter:
+        """Load a LoRA adapter folder under a name between two steps (engine.add_lora:
+        idempotent for the same name and path); raises its RequestError if it cannot."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed: {self.error}")
+        return await self._call(AddLoRA(lora_name, lora_path))
+
+    async def remove_lora(self, lora_name: str) -> None:
+        """Unload a LoRA adapter (engine.remove_lora); RequestError if none has the name."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed: {self.error}")
+        await self._call(RemoveLoRA(lora_name))
+
     def cancel(self, request_id: str) -> None:
         """Forget a request's outputs and abort it (a no-op once it finished)."""
         if self._routes.pop(request_id, None) is not None:
@@ -184,6 +201,10 @@ class AsyncEngine:
                 )
             case UpdateWeights(model_path=path, in_flight=in_flight):
                 _answer(message.done, self._update, path, in_flight)
+            case AddLoRA(lora_name=name, lora_path=path):
+                _answer(message.done, self._add_lora, name, path)
+            case RemoveLoRA(lora_name=name):
+                _answer(message.done, self.engine.remove_lora, name)
             case Abort(request_id=rid):
                 self.engine.abort(rid)
             case _:
@@ -195,6 +216,11 @@ class AsyncEngine:
         for out in self.engine.update_weights(path, in_flight):  # in_flight="abort"
             self._deliver(out.request_id, out)
         return self.engine.weight_version
+
+    def _add_lora(self, name: str, path: str) -> Adapter:
+        # Its int id only keeps vLLM's shape: a fresh one per adapter, as vLLM numbers them.
+        taken = [lora.lora_int_id for lora in self.engine.list_loras()]
+        return self.engine.add_lora(LoRARequest(name, max(taken, default=0) + 1, path))
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         route = self._routes.get(request_id)

@@ -38,11 +38,29 @@ class UpdateWeights:
 
 
 @dataclass(frozen=True)
+class AddLoRA:
+    """Load a LoRA adapter folder under a name between two steps; answered with its
+    registry entry (Adapter)."""
+
+    lora_name: str
+    lora_path: str
+    done: concurrent.futures.Future = field(default_factory=_future, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class RemoveLoRA:
+    """Unload a LoRA adapter by name; answered with None (its running requests finish)."""
+
+    lora_name: str
+    done: concurrent.futures.Future = field(default_factory=_future, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Abort:
     """Abort a request; nobody waits for it (a no-op once the request finished)."""
 
     request_id: str
 
 
-AnsweredMessage = AddRequest | UpdateWeights
-EngineMessage = AddRequest | UpdateWeights | Abort
+AnsweredMessage = AddRequest | UpdateWeights | AddLoRA | RemoveLoRA
+EngineMessage = AddRequest | UpdateWeights | AddLoRA | RemoveLoRA | Abort

@@ -1,14 +1,17 @@
 """`prefixflow serve`: an OpenAI-compatible HTTP server (FastAPI) on the same engine.
 
 /v1/completions and /v1/chat/completions (streamed as server-sent events or not) and
-/v1/models (routes_openai.py), /update_weights_from_disk (routes_admin.py), /health and
-/metrics (routes_monitoring.py), vLLM's /tokenize, /detokenize and /version
-(routes_tokenize.py); with --batch-dir, the Batch API's /v1/files and /v1/batches
-(routes_files.py, routes_batches.py; its jobs run in batch_worker.py). Anything wrong with a request is a 4xx with an
-OpenAI-shaped error body, never a 500: 400 past a limit of what one request may ask
-(inputs/limits.py), 413 past max_body_size (body_limit.py), 429 with Retry-After when the
-server holds max_queued_requests samples beyond its running ones (backpressure.py). A
-client that disconnects aborts its request, which frees its pages.
+/v1/models (routes_openai.py; a body's model names the base model or a LoRA adapter),
+/update_weights_from_disk (routes_admin.py), vLLM's /v1/load_lora_adapter and
+/v1/unload_lora_adapter (routes_lora.py), /health and /metrics (routes_monitoring.py),
+vLLM's /tokenize, /detokenize and /version (routes_tokenize.py); with --batch-dir, the
+Batch API's /v1/files and /v1/batches (routes_files.py, routes_batches.py; its jobs run in
+batch_worker.py). Anything wrong with a request is a 4xx with an OpenAI-shaped error body,
+never a 500: 404 for a model (or LoRA adapter) the server does not hold, 400 past a limit
+of what one request may ask (inputs/limits.py), 413 past max_body_size (body_limit.py),
+429 with Retry-After when the server holds max_queued_requests samples beyond its running
+ones (backpressure.py). A client that disconnects aborts its request, which frees its
+pages.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from prefixflow.entrypoints.server import (
     routes_admin,
     routes_batches,
     routes_files,
+    routes_lora,
     routes_monitoring,
     routes_openai,
     routes_tokenize,
@@ -76,6 +80,7 @@ def build_app(
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_lora.router)
     app.include_router(routes_monitoring.router)
     if server.files is not None:
         app.include_router(routes_files.router)

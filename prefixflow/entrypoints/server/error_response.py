@@ -6,7 +6,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from prefixflow.errors import RequestError
+from prefixflow.errors import MODEL_NOT_FOUND, RequestError
 
 
 def error_response(
@@ -19,6 +19,12 @@ def error_response(
     elif status >= 500:
         body["error"]["type"] = "server_error"
     return JSONResponse(body, status_code=status)
+
+
+def request_error(err: RequestError) -> JSONResponse:
+    """A request's own mistake: 404 for a model (or LoRA adapter) the server does not hold,
+    as vLLM answers it, 400 for anything else."""
+    return JSONResponse(err.body(), status_code=404 if err.code == MODEL_NOT_FOUND else 400)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,6 +2,8 @@
 
 Bodies are validated by the same pydantic models and `prepare` (parse, then tokenize) as run-batch; each prompt
 of a request is its own engine request. Streamed responses are built in streaming.py.
+A body's model names the base model or a loaded LoRA adapter (listed by /v1/models, as
+vLLM lists them); any other name, with LoRA on, is a 404 with code model_not_found.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from prefixflow.engine.async_engine import AsyncEngine, EngineDeadError
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.openai.serving import response_body
 from prefixflow.entrypoints.server.backpressure import EndsTicket, Ticket
-from prefixflow.entrypoints.server.error_response import error_response
+from prefixflow.entrypoints.server.error_response import error_response, request_error
 from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
 from prefixflow.entrypoints.server.streaming import StreamState, holdback, stream_events
 from prefixflow.errors import INVALID_JSON, LIMIT_EXCEEDED, QUEUE_FULL, RequestError
@@ -37,14 +39,33 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def models(server: ServerStateDep) -> dict:
+    """The base model, then each loaded LoRA adapter (its root: the folder it came from;
+    its parent: the base model), as vLLM lists them."""
+    engine = server.engine
+    created = int(time.time())
+    base = engine.model_name
     card = {
-        "id": server.engine.model_name,
+        "id": base,
         "object": "model",
-        "created": int(time.time()),
+        "created": created,
         "owned_by": "prefixflow",
-        "max_model_len": server.engine.max_model_len,
+        "root": engine.front.source.name,
+        "parent": None,
+        "max_model_len": engine.max_model_len,
     }
-    return {"object": "list", "data": [card]}
+    adapters = [
+        {
+            "id": lora.lora_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "prefixflow",
+            "root": lora.lora_path,
+            "parent": base,
+            "max_model_len": engine.max_model_len,
+        }
+        for lora in engine.list_loras()  # a copy of the registry: safe off the engine thread
+    ]
+    return {"object": "list", "data": [card, *adapters]}
 
 
 @router.post("/v1/completions")
@@ -79,7 +100,7 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
             parsed = await asyncio.to_thread(parse, url, body, engine.front, False)
     except RequestError as e:
         counters.requests_failed += 1
-        return JSONResponse(e.body(), status_code=400)
+        return request_error(e)
     samples = parsed.num_prompts * parsed.params.n
     if samples > gate.capacity:  # it could never enter a busy server: not a retry
         counters.requests_failed += 1
@@ -96,7 +117,7 @@ async def _serve(request: Request, server: ServerState, url: str) -> Response:
     except RequestError as e:
         ticket.end()
         counters.requests_failed += 1
-        return JSONResponse(e.body(), status_code=400)
+        return request_error(e)
     except BaseException:
         ticket.end()
         raise
@@ -144,14 +165,13 @@ async def _run(
             await runner.add(rid, ids, prepared.params, text, prepared.stream)
     except EngineDeadError as e:
         return error_response(503, str(e), code="engine_failed")
-    except ValueError as e:
+    except ValueError as e:  # e.g. its adapter was unloaded since the body was parsed: 404
         counters.requests_failed += 1
-        err = e if isinstance(e, RequestError) else RequestError(str(e))
-        return JSONResponse(err.body(), status_code=400)
+        return request_error(e if isinstance(e, RequestError) else RequestError(str(e)))
     if prepared.stream:
         state = StreamState(
             url,
-            server.engine.model_name,
+            _model_name(server, prepared),
             prepared.params.n,
             holdback(prepared.params.stop),
             prepared.include_usage,
@@ -195,7 +215,14 @@ async def _respond(
         return error_response(503, str(e), code="engine_failed")
     counters.requests_ok += 1
     engine = server.engine
-    return JSONResponse(response_body(prepared, engine.model_name, outputs, engine.codec))
+    model = _model_name(server, prepared)
+    return JSONResponse(response_body(prepared, model, outputs, engine.codec))
+
+
+def _model_name(server: ServerState, prepared: PreparedRequest) -> str:
+    """The model a response names: the LoRA adapter it ran under (vLLM echoes it), or the
+    base model."""
+    return prepared.params.lora_name or server.engine.model_name
 
 
 async def _wait_disconnect(request: Request) -> None:
