@@ -67,9 +67,18 @@ class ModelUpdates:
         """Load an adapter under its name (again: nothing to do). Raises RequestError:
         a missing folder, a rank above max_lora_rank, another base model's shapes."""
         registry = self._registry()
+        if lora.lora_name in (self.model_name, self.front.source.name):
+            raise RequestError(
+                f"a LoRA adapter may not be named {lora.lora_name!r}, the base model's name: "
+                "requests naming it run the base model",
+                "lora_name",
+                errors.INVALID_LORA,
+            )
         if lora.lora_name in registry:
             adapter = registry.get(lora.lora_name)
-            if lora.lora_path and os.fspath(lora.lora_path) != adapter.path:
+            if lora.lora_path and _same_path(lora.lora_path, adapter.path):
+                return adapter
+            if lora.lora_path:
                 raise RequestError(
                     f"LoRA adapter {lora.lora_name!r} is loaded from {adapter.path}; unload it "
                     "first, or replace its tensors with update_lora",
@@ -162,3 +171,8 @@ class ModelUpdates:
     def _drop_unused_loras(self: Engine) -> None:
         in_use = {r.lora_key for r in self.scheduler.requests.values()}
         self.runner.lora.keep_only(self.front.loras.keys() | in_use)
+
+
+def _same_path(a: str | os.PathLike, b: str) -> bool:
+    """One folder however written (dir, dir/, ./dir); a Hub id as written."""
+    return os.path.realpath(os.fspath(a)) == os.path.realpath(b) or os.fspath(a) == b

@@ -275,7 +275,8 @@ class BatchRunner:
         if len(pending.outputs) < len(pending.request_ids):
             return
         outputs = [pending.outputs[r] for r in pending.request_ids]
-        body = response_body(pending.prepared, self.engine.model_name, outputs, self.engine.codec)
+        model = pending.prepared.params.lora_name or self.engine.model_name  # as the server
+        body = response_body(pending.prepared, model, outputs, self.engine.codec)
         del self._pending[pending.custom_id]
         s = self.summary
         s.requests_ok += 1

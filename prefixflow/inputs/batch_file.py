@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from prefixflow import errors
 from prefixflow.errors import BODY_TOO_LARGE, DUPLICATE_CUSTOM_ID, INVALID_JSON, RequestError
 
 METHOD = "POST"
@@ -120,7 +121,8 @@ def error_line(custom_id: str | None, err: RequestError, line_no: int) -> dict:
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,
         "response": {
-            "status_code": 400,
+            # As the server answers: an unknown model or adapter is a 404, the rest 400.
+            "status_code": 404 if err.code == errors.MODEL_NOT_FOUND else 400,
             "request_id": f"req_{uuid.uuid4().hex}",
             "body": err.body(),
         },

@@ -71,6 +71,8 @@ def test_lines_run_under_the_adapter_their_model_names(tmp_path, folders):
     error = results["unknown"]["error"]
     assert error["code"] == "model_not_found" and "no-such-adapter" in error["message"]
     assert results["unknown"]["response"]["body"]["error"]["param"] == "model"
+    assert results["unknown"]["response"]["status_code"] == 404  # as the server answers
+    assert results["a"]["response"]["body"]["model"] == "a"  # the adapter it ran under
     texts = {
         cid: r["response"]["body"]["choices"][0]["text"]
         for cid, r in results.items()
