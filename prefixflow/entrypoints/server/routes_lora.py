@@ -32,14 +32,6 @@ async def load_lora_adapter(request: Request, server: ServerStateDep) -> Respons
     if isinstance(body, Response):
         return body
     name, path = body["lora_name"], body["lora_path"]
-    if name in (server.engine.model_name, server.engine.front.source.name):
-        # Requests naming it would run on the base model: the adapter could never be used.
-        return error_response(
-            400,
-            f"{name!r} is the base model's name; give the adapter another",
-            "lora_name",
-            INVALID_LORA,
-        )
     try:
         await server.runner.add_lora(name, path)
     except EngineDeadError as e:
