@@ -14,25 +14,25 @@ import torch
 from torch import nn
 
 from prefixflow.lora.registry import LoRARegistry
-from prefixflow.model.lora.apply import LoRAStep, install, runs_of
+from prefixflow.model.lora.apply import LoRAStep, install, plan_step, runs_of
 from prefixflow.model.lora.peft_folder import AdapterTensors, adapter_tensors, read_adapter
-from prefixflow.model.lora.targets import LayerLoRA, fit, lora_targets
+from prefixflow.model.lora.slots import LoRASlots
+from prefixflow.model.lora.targets import fit, lora_targets, slot_shapes
 from prefixflow.step import ScheduledSeq
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
 
 
 class RunnerLoRA:
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, max_rank: int) -> None:
         self.model, self.dtype = model, dtype
         self.targets = lora_targets(model)
+        self.slots = LoRASlots(slot_shapes(model, self.targets, max_rank), dtype)
         self.step = LoRAStep()
-        self.adapters: dict[str, dict[str, LayerLoRA]] = {}  # key -> layer -> its matrices
         # key -> adapter_config and module names, for updates by tensors
         self.configs: dict[str, dict] = {}
         self.modules: dict[str, set[str]] = {}
-        layers = sorted({t.layer for t in self.targets.values()})
-        self._handles = install(model, layers, self.step)
+        self._handles = install(model, self.slots, self.step)
 
     def load(
         self, name: str, source: Source, registry: LoRARegistry, config: dict | None = None
@@ -44,16 +44,17 @@ class RunnerLoRA:
         else:
             tensors = read_adapter(source, name)
         registry.check_rank(name, tensors.rank)
-        if tensors.key not in self.adapters:
-            self.adapters[tensors.key] = fit(tensors, self.targets, self.model, self.dtype, name)
+        if tensors.key not in self.slots.slot_of:
+            self.slots.put(tensors.key, fit(tensors, self.targets, self.model, self.dtype, name))
             self.configs[tensors.key] = tensors.config
             self.modules[tensors.key] = set(tensors.pairs)
         return tensors
 
     def keep_only(self, keys: set[str]) -> None:
         """Drop the tensors of adapters no name and no request uses any more."""
-        for key in [k for k in self.adapters if k not in keys]:
-            del self.adapters[key], self.configs[key], self.modules[key]
+        for key in [k for k in self.slots.slot_of if k not in keys]:
+            self.slots.free(key)
+            del self.configs[key], self.modules[key]
 
     def order(self, seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
         """The step's sequences with each adapter's rows together (stable otherwise)."""
@@ -67,8 +68,8 @@ class RunnerLoRA:
         return seqs if grouped else sorted(seqs, key=lambda s: first[s.lora])
 
     def begin(self, seqs: list[ScheduledSeq]) -> None:
-        rows = [len(s.token_ids) for s in seqs]
-        self.step.runs = runs_of([s.lora for s in seqs], rows, self.adapters)
+        runs = runs_of([s.lora for s in seqs], [len(s.token_ids) for s in seqs])
+        plan_step(runs, self.slots, self.dtype, self.step)
 
     def end(self) -> None:
-        self.step.runs = []
+        self.step.long, self.step.short = [], None

@@ -60,6 +60,22 @@ def out_features(model: nn.Module, layer: str) -> int:
     return model.get_submodule(layer).out_features
 
 
+def slot_shapes(
+    model: nn.Module, targets: dict[str, Target], max_rank: int
+) -> dict[str, tuple[int, int, int]]:
+    """Each adapted layer's (in, R_max, out): R_max is max_rank for each of its parts."""
+    parts: dict[str, set[tuple[int, int]]] = {}
+    fan_in: dict[str, int] = {}
+    for t in targets.values():
+        parts.setdefault(t.layer, set()).add((t.offset, t.size))
+        fan_in[t.layer] = t.in_features
+    # A fused layer lists its parts and itself whole (Phi-3's names): the parts count.
+    return {
+        layer: (fan_in[layer], max_rank * max(1, len(p) - 1), out_features(model, layer))
+        for layer, p in parts.items()
+    }
+
+
 def fit(
     adapter: AdapterTensors,
     targets: dict[str, Target],
