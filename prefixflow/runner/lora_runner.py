@@ -57,15 +57,13 @@ class RunnerLoRA:
             del self.configs[key], self.modules[key]
 
     def order(self, seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
-        """The step's sequences with each adapter's rows together (stable otherwise)."""
-        first: dict[str | None, int] = {}  # each key's first place
-        grouped, prev = True, object()
-        for i, s in enumerate(seqs):
-            if s.lora != prev:
-                grouped = grouped and s.lora not in first
-                first.setdefault(s.lora, i)
-                prev = s.lora
-        return seqs if grouped else sorted(seqs, key=lambda s: first[s.lora])
+        """The step's sequences by adapter slot (the base model's last), stable: each
+        adapter's rows together, and the slots of a step usually a range (a view)."""
+        last = self.slots.capacity
+        slot = [last if s.lora is None else self.slots.slot_of[s.lora] for s in seqs]
+        if all(a <= b for a, b in zip(slot, slot[1:], strict=False)):
+            return seqs
+        return [s for _, s in sorted(zip(slot, seqs, strict=True), key=lambda p: p[0])]
 
     def begin(self, seqs: list[ScheduledSeq]) -> None:
         runs = runs_of([s.lora for s in seqs], [len(s.token_ids) for s in seqs])
