@@ -35,7 +35,11 @@ class ShortRuns:
     start: int  # the first row, when the runs are adjacent and of one length (else -1)
     first_slot: int  # when the slots are first_slot .. first_slot + S - 1 (else -1): a view
     rows: torch.Tensor | None = None  # (S * L,) row of each padded place, when gathered
-    mask: torch.Tensor | None = None  # (S, L, 1): 1 for a real row, 0 for padding
+    # Adjacent runs of several lengths, rows span[0]..span[1]: each row's padded place,
+    # to read the results back in order (a gather, several times cheaper than a scatter).
+    span: tuple[int, int] = (0, 0)
+    back: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (S, L, 1), 1 for a real row: runs apart, scattered
 
 
 @dataclass
@@ -88,9 +92,14 @@ def plan_step(
         plan = ShortRuns(torch.tensor(ids), length, short[0][0] if adjacent else -1, first)
         if not adjacent:
             rows = [a + min(j, b - a - 1) for a, b, _ in short for j in range(length)]
-            real = [float(j < b - a) for a, b, _ in short for j in range(length)]
             plan.rows = torch.tensor(rows)
-            plan.mask = torch.tensor(real, dtype=dtype).view(len(short), length, 1)
+            if all(a == short[i - 1][1] for i, (a, _, _) in enumerate(short) if i):
+                plan.span = (short[0][0], short[-1][1])
+                back = [i * length + j for i, (a, b, _) in enumerate(short) for j in range(b - a)]
+                plan.back = torch.tensor(back)
+            else:
+                real = [float(j < b - a) for a, b, _ in short for j in range(length)]
+                plan.mask = torch.tensor(real, dtype=dtype).view(len(short), length, 1)
         step.short = plan
 
 
@@ -133,5 +142,9 @@ def _add_short(
         h = torch.bmm(x[a:b].reshape(S, L, -1), sh)  # (S, L, R_max)
         y[a:b].view(S, L, -1).baddbmm_(h, ex)
         return
-    h = torch.bmm(x.index_select(0, runs.rows).view(S, L, -1), sh).mul_(runs.mask)
-    y.index_add_(0, runs.rows, torch.bmm(h, ex).view(S * L, -1))
+    h = torch.bmm(x.index_select(0, runs.rows).view(S, L, -1), sh)  # (S, L, R_max)
+    if runs.back is not None:  # adjacent: the real rows' results, in order, added at once
+        a, b = runs.span
+        y[a:b].add_(torch.bmm(h, ex).view(S * L, -1).index_select(0, runs.back))
+        return
+    y.index_add_(0, runs.rows, torch.bmm(h.mul_(runs.mask), ex).view(S * L, -1))

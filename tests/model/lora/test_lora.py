@@ -119,6 +119,34 @@ def test_a_batch_mixing_four_adapters_and_the_base_equals_peft(
         assert by_name[n] != by_name[None], f"adapter {n} changed nothing"
 
 
+def test_a_prefill_beside_other_adapters_decodes_equals_peft(lora_llm, lora_dirs, references):
+    """a3's long prompt arrives while a1, a2 and a4 decode: its prefill chunk runs alone
+    between their rows, which take the batched GEMMs around it (scattered back)."""
+    eng = lora_llm.engine
+    for name in ("a1", "a2", "a3", "a4"):
+        eng.add_lora(lora(lora_dirs, name))
+    prompts = {}
+    for i, name in enumerate(("a1", "a2", "a4")):
+        for j in range(2):
+            prompts[f"{name}-{j}"] = (PROMPTS[j][: 6 + i], name)
+    params = {}
+    for rid, (ids, name) in prompts.items():
+        params[rid] = GREEDY.clone()
+        params[rid].lora_name = name
+        eng.add_request(rid, ids, params[rid])
+    outs = {}
+    for _ in range(3):
+        outs.update({o.request_id: o for o in eng.step()})
+    prompts["late"] = (list(range(600, 660)), "a3")
+    params["late"] = GREEDY.clone()
+    params["late"].lora_name = "a3"
+    eng.add_request("late", prompts["late"][0], params["late"])
+    while eng.has_unfinished():
+        outs.update({o.request_id: o for o in eng.step()})
+    for rid, (ids, name) in prompts.items():
+        check_against_peft(references(name), ids, outs[rid])
+
+
 def test_kv_is_reused_only_under_the_same_adapter(lora_llm, lora_dirs, references):
     prompt = list(range(300, 396))  # 6 pages of 16
 
