@@ -30,16 +30,20 @@ from prefixflow.model.lora.slots import LoRASlots
 
 @dataclass
 class ShortRuns:
-    slots: torch.Tensor  # (S,) each run's slot
+    """The runs that go through the batched GEMMs: S places of L rows, one per slot from
+    first_slot (a view of the stacks; a slot of the range no run uses is padding alone),
+    or of the slots listed (their matrices gathered, when the range would be mostly
+    padding)."""
+
+    slots: torch.Tensor | None  # (S,) the slots, when not the range first_slot ..
+    first_slot: int
+    num: int  # S
     length: int  # L: the longest run; the others are padded to it
-    start: int  # the first row, when the runs are adjacent and of one length (else -1)
-    first_slot: int  # when the slots are first_slot .. first_slot + S - 1 (else -1): a view
-    rows: torch.Tensor | None = None  # (S * L,) row of each padded place, when gathered
-    # Adjacent runs of several lengths, rows span[0]..span[1]: each row's padded place,
-    # to read the results back in order (a gather, several times cheaper than a scatter).
-    span: tuple[int, int] = (0, 0)
+    span: tuple[int, int]  # the rows from the first run's first to the last run's last
+    view: bool  # the runs fill the span, one length each: rows are a view
+    rows: torch.Tensor | None = None  # (S * L,) the row read into each place
+    # Per row of the span, its place (S * L for a row of no run here: it adds zero).
     back: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # (S, L, 1), 1 for a real row: runs apart, scattered
 
 
 @dataclass
@@ -73,7 +77,7 @@ def plan_step(
 ) -> None:
     """Fill `step` for this forward pass's runs: those up to twice the median length go
     together in the batched GEMMs (little padding); longer ones (prefill chunks beside
-    decodes) take GEMMs of their own."""
+    decodes) take GEMMs of their own. Rows come ordered by slot (RunnerLoRA.order)."""
     lengths = sorted(b - a for a, b, _ in runs)
     cap = 2 * lengths[len(lengths) // 2] if runs else 0
     step.long = [(a, b, slots.slot_of[k]) for a, b, k in runs if b - a > cap]
@@ -82,25 +86,33 @@ def plan_step(
     if len(short) == 1:  # one adapter: its own two GEMMs, no padding
         step.long.append(short[0])
     elif short:
-        length = max(b - a for a, b, _ in short)
-        adjacent = all(
-            b - a == length and (i == 0 or a == short[i - 1][1])
-            for i, (a, b, _) in enumerate(short)
-        )
-        ids = [s for _, _, s in short]
-        first = ids[0] if ids == list(range(ids[0], ids[0] + len(ids))) else -1
-        plan = ShortRuns(torch.tensor(ids), length, short[0][0] if adjacent else -1, first)
-        if not adjacent:
-            rows = [a + min(j, b - a - 1) for a, b, _ in short for j in range(length)]
-            plan.rows = torch.tensor(rows)
-            if all(a == short[i - 1][1] for i, (a, _, _) in enumerate(short) if i):
-                plan.span = (short[0][0], short[-1][1])
-                back = [i * length + j for i, (a, b, _) in enumerate(short) for j in range(b - a)]
-                plan.back = torch.tensor(back)
-            else:
-                real = [float(j < b - a) for a, b, _ in short for j in range(length)]
-                plan.mask = torch.tensor(real, dtype=dtype).view(len(short), length, 1)
-        step.short = plan
+        step.short = _short_runs(short)
+
+
+def _short_runs(short: list[tuple[int, int, int]]) -> ShortRuns:
+    length = max(b - a for a, b, _ in short)
+    lo, hi = short[0][2], short[-1][2] + 1
+    if hi - lo <= 2 * len(short):  # a view of the stacks' range, unused slots padding
+        places = {s: i for i, s in enumerate(range(lo, hi))}
+        plan = ShortRuns(None, lo, hi - lo, length, (short[0][0], short[-1][1]), False)
+    else:
+        places = {s: i for i, (_, _, s) in enumerate(short)}
+        ids = torch.tensor([s for _, _, s in short])
+        plan = ShortRuns(ids, -1, len(short), length, (short[0][0], short[-1][1]), False)
+    plan.view = plan.num == len(short) and all(
+        b - a == length and (i == 0 or a == short[i - 1][1]) for i, (a, b, _) in enumerate(short)
+    )
+    if plan.view:
+        return plan
+    start, end = plan.span
+    rows = [start] * (plan.num * length)
+    back = [plan.num * length] * (end - start)
+    for a, b, s in short:
+        for j in range(b - a):
+            rows[places[s] * length + j] = a + j
+            back[a + j - start] = places[s] * length + j
+    plan.rows, plan.back = torch.tensor(rows), torch.tensor(back)
+    return plan
 
 
 def install(model: nn.Module, slots: LoRASlots, step: LoRAStep) -> list:
@@ -131,20 +143,18 @@ def _add_short(
     shrink: torch.Tensor,  # (slots, in, R_max)
     expand: torch.Tensor,  # (slots, R_max, out)
 ) -> None:
-    S, L = len(runs.slots), runs.length
-    if runs.first_slot >= 0:  # the runner orders rows by slot: usually a range of them
-        lo, hi = runs.first_slot, runs.first_slot + S
-        sh, ex = shrink[lo:hi], expand[lo:hi]
+    S, L = runs.num, runs.length
+    if runs.slots is None:  # the runner orders rows by slot: usually a range of them
+        sh, ex = shrink[runs.first_slot : runs.first_slot + S], expand[runs.first_slot :][:S]
     else:
         sh, ex = shrink.index_select(0, runs.slots), expand.index_select(0, runs.slots)
-    if runs.start >= 0:  # adjacent, one length: views of the rows
-        a, b = runs.start, runs.start + S * L
+    a, b = runs.span
+    if runs.view:  # adjacent runs of one length: views of the rows
         h = torch.bmm(x[a:b].reshape(S, L, -1), sh)  # (S, L, R_max)
         y[a:b].view(S, L, -1).baddbmm_(h, ex)
         return
-    h = torch.bmm(x.index_select(0, runs.rows).view(S, L, -1), sh)  # (S, L, R_max)
-    if runs.back is not None:  # adjacent: the real rows' results, in order, added at once
-        a, b = runs.span
-        y[a:b].add_(torch.bmm(h, ex).view(S * L, -1).index_select(0, runs.back))
-        return
-    y.index_add_(0, runs.rows, torch.bmm(h.mul_(runs.mask), ex).view(S * L, -1))
+    h = torch.bmm(x.index_select(0, runs.rows).view(S, L, -1), sh)
+    out = torch.empty(S * L + 1, y.shape[1], dtype=y.dtype)
+    out[-1].zero_()  # the place of the span's rows that are in no run here
+    torch.bmm(h, ex, out=out[:-1].view(S, L, -1))
+    y[a:b].add_(out.index_select(0, runs.back))  # a gather: several times a scatter's speed
