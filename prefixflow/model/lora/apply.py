@@ -30,10 +30,9 @@ from prefixflow.model.lora.slots import LoRASlots
 
 @dataclass
 class ShortRuns:
-    """The runs that go through the batched GEMMs: S places of L rows, one per slot from
-    first_slot (a view of the stacks; a slot of the range no run uses is padding alone),
-    or of the slots listed (their matrices gathered, when the range would be mostly
-    padding)."""
+    """The runs that go through the batched GEMMs: S places of L rows, one per slot, the
+    slots first_slot .. first_slot + S - 1 (a view of the stacks) or those listed (their
+    matrices copied)."""
 
     slots: torch.Tensor | None  # (S,) the slots, when not the range first_slot ..
     first_slot: int
@@ -92,10 +91,10 @@ def plan_step(
 def _short_runs(short: list[tuple[int, int, int]]) -> ShortRuns:
     length = max(b - a for a, b, _ in short)
     lo, hi = short[0][2], short[-1][2] + 1
-    if hi - lo <= 2 * len(short):  # a view of the stacks' range, unused slots padding
+    if hi - lo == len(short):  # the slots are a range: a view of the stacks
         places = {s: i for i, s in enumerate(range(lo, hi))}
         plan = ShortRuns(None, lo, hi - lo, length, (short[0][0], short[-1][1]), False)
-    else:
+    else:  # a copy of their matrices (padding the slots between cost more, measured)
         places = {s: i for i, (_, _, s) in enumerate(short)}
         ids = torch.tensor([s for _, _, s in short])
         plan = ShortRuns(ids, -1, len(short), length, (short[0][0], short[-1][1]), False)
