@@ -123,13 +123,15 @@ class LLM:
                 "lora_request",
                 errors.INVALID_LORA,
             )
-        out = []
+        out, loaded = [], set()
         for i, (p, lr) in enumerate(zip(params, loras, strict=True)):
             if lr is not None:
-                try:
-                    self.engine.add_lora(lr)
-                except RequestError as e:
-                    raise e.with_prefix(f"prompt {i}: ") from e
+                if lr not in loaded:  # once per adapter, not per prompt
+                    try:
+                        self.engine.add_lora(lr)
+                    except RequestError as e:
+                        raise e.with_prefix(f"prompt {i}: ") from e
+                    loaded.add(lr)
                 p = dataclasses.replace(p, lora_name=lr.lora_name)
             out.append(p)
         return out
