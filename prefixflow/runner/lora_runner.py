@@ -67,7 +67,7 @@ class RunnerLoRA:
 
     def begin(self, seqs: list[ScheduledSeq]) -> None:
         runs = runs_of([s.lora for s in seqs], [len(s.token_ids) for s in seqs])
-        plan_step(runs, self.slots, self.dtype, self.step)
+        plan_step(runs, self.slots, self.step)
 
     def end(self) -> None:
         self.step.long, self.step.short = [], None

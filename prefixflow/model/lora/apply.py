@@ -71,9 +71,7 @@ def runs_of(keys: Sequence[str | None], rows: Sequence[int]) -> list[tuple[int, 
     return runs
 
 
-def plan_step(
-    runs: list[tuple[int, int, str]], slots: LoRASlots, dtype: torch.dtype, step: LoRAStep
-) -> None:
+def plan_step(runs: list[tuple[int, int, str]], slots: LoRASlots, step: LoRAStep) -> None:
     """Fill `step` for this forward pass's runs: those up to twice the median length go
     together in the batched GEMMs (little padding); longer ones (prefill chunks beside
     decodes) take GEMMs of their own. Rows come ordered by slot (RunnerLoRA.order)."""

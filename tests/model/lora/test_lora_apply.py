@@ -61,6 +61,6 @@ def test_the_step_plan_equals_a_loop_over_rows(case):
             merged[-1] = (merged[-1][0], b, key)
         else:
             merged.append((a, b, key))
-    plan_step(merged, slots, torch.float32, step)
+    plan_step(merged, slots, step)
     got = model.lin(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
