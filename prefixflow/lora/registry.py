@@ -9,6 +9,7 @@ disk tier and the Ray router keep each adapter's prefixes apart. Pure Python.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,13 +40,15 @@ def cache_salt(key: str | None) -> str:
 
 class LoRARegistry:
     """Names -> adapters, at most max_loras at once. When full, a new adapter replaces
-    the least recently used one that no unfinished request runs under."""
+    the least recently used one that no unfinished request runs under. The server's
+    request threads read it while the engine thread changes it: a lock keeps them apart."""
 
     def __init__(self, max_loras: int, max_lora_rank: int) -> None:
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self._by_name: dict[str, Adapter] = {}
         self._clock = 0
+        self._lock = threading.Lock()
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
@@ -54,11 +57,16 @@ class LoRARegistry:
         return len(self._by_name)
 
     def adapters(self) -> list[Adapter]:
-        return list(self._by_name.values())
+        with self._lock:
+            return list(self._by_name.values())
 
     def get(self, name: str) -> Adapter:
         """The adapter a request names; RequestError (404 on the server) if none."""
-        adapter = self._by_name.get(name)
+        with self._lock:
+            adapter = self._by_name.get(name)
+            if adapter is not None:
+                self._clock += 1
+                adapter.last_used = self._clock
         if adapter is None:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise RequestError(
@@ -68,8 +76,6 @@ class LoRARegistry:
                 "model",
                 errors.MODEL_NOT_FOUND,
             )
-        self._clock += 1
-        adapter.last_used = self._clock
         return adapter
 
     def check_rank(self, name: str, rank: int) -> None:
@@ -86,7 +92,7 @@ class LoRARegistry:
         whose key no unfinished request runs under; RequestError if every one is busy."""
         if len(self._by_name) < self.max_loras:
             return None
-        idle = [a for a in self._by_name.values() if not a.static and not in_use(a.key)]
+        idle = [a for a in self.adapters() if not a.static and not in_use(a.key)]
         if not idle:
             raise RequestError(
                 f"max_loras={self.max_loras} adapters are loaded and in use "
@@ -95,18 +101,21 @@ class LoRARegistry:
                 errors.INVALID_LORA,
             )
         victim = min(idle, key=lambda a: a.last_used)
-        del self._by_name[victim.name]
+        with self._lock:
+            del self._by_name[victim.name]
         return victim
 
     def add(self, adapter: Adapter) -> None:
-        self._clock += 1
-        adapter.last_used = self._clock
-        self._by_name[adapter.name] = adapter
+        with self._lock:
+            self._clock += 1
+            adapter.last_used = self._clock
+            self._by_name[adapter.name] = adapter
 
     def remove(self, name: str) -> Adapter:
         adapter = self.get(name)
-        del self._by_name[name]
+        with self._lock:
+            del self._by_name[name]
         return adapter
 
     def keys(self) -> set[str]:
-        return {a.key for a in self._by_name.values()}
+        return {a.key for a in self.adapters()}
