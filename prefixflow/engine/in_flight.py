@@ -39,21 +39,25 @@ def in_flight_after_update(sched: Scheduler, in_flight: str) -> list[Request]:
 
 
 def lora_after_update(
-    sched: Scheduler, old_key: str, new_key: str, in_flight: str
+    sched: Scheduler, name: str, old_key: str, new_key: str, in_flight: str
 ) -> list[Request]:
-    """A LoRA adapter's tensors changed from old_key to new_key (its cached KV is dropped
-    already): its requests that have not started take the new tensors, those that have
-    follow in_flight. Other requests are untouched. Returns the requests it aborted."""
-    mine = [r for r in sched.requests.values() if r.lora_key == old_key]
-    for r in mine:
-        if r.weight_version is None:  # not started
+    """The LoRA adapter `name` changed its tensors from old_key to new_key (its cached KV
+    is dropped already): its requests that have not started take the new tensors, those
+    that have follow in_flight. Other requests, another name's of the same old tensors
+    included, are untouched. Returns the requests it aborted."""
+
+    def mine(r: Request) -> bool:
+        return r.lora_key == old_key and r.sampling_params.lora_name == name
+
+    for r in sched.requests.values():
+        if mine(r) and r.weight_version is None:  # not started
             r.set_lora_key(new_key)
     if in_flight == "keep":
         return []
     started = [
         r
         for r in [*sched.running, *sched.queue.resumed]
-        if r.weight_version is not None and r.lora_key == old_key
+        if r.weight_version is not None and mine(r)
     ]
     return _apply(sched, started, in_flight, lambda r: r.set_lora_key(new_key))
 

@@ -135,9 +135,10 @@ class ModelUpdates:
         in_flight: str = "recompute",
     ) -> list[RequestOutput]:
         """Replace an adapter's tensors in place (RL that trains only an adapter):
-        PEFT-named tensors (its A and B, some or all) or a folder. Only this adapter's
-        cached KV is dropped; its requests in flight follow `in_flight`, as in
-        update_weights. Returns the requests in_flight="abort" finished."""
+        all of its A and B tensors by PEFT's names, or a folder. Only this adapter's
+        cached KV is dropped (unless another name holds the same tensors); its requests
+        in flight follow `in_flight`, as in update_weights, and those of another name of
+        the same tensors keep them. Returns the requests in_flight="abort" finished."""
         check_in_flight(in_flight)
         registry = self._registry()
         adapter = registry.get(name)
@@ -159,8 +160,9 @@ class ModelUpdates:
         if tensors.key == old:
             return []
         adapter.key, adapter.rank, adapter.targets = tensors.key, tensors.rank, tensors.modules
-        self.scheduler.kv.forget_salt(cache_salt(old))
-        aborted = lora_after_update(self.scheduler, old, tensors.key, in_flight)
+        if old not in registry.keys():  # no other name holds the old tensors
+            self.scheduler.kv.forget_salt(cache_salt(old))
+        aborted = lora_after_update(self.scheduler, name, old, tensors.key, in_flight)
         self._drop_unused_loras()
         logger.info("LoRA adapter %s updated (in flight: %s)", name, in_flight)
         return self._finish_aborted(aborted)

@@ -172,7 +172,8 @@ def test_update_lora_swaps_one_adapter_and_drops_only_its_kv(lora_dirs, referenc
     llm = LLM(
         str(lora_dirs[None]),
         dtype="float32",
-        lora_modules=[f"a2={lora_dirs['a2']}", f"a1={lora_dirs['a1']}"],
+        # twin: a second name of a2's folder, the same tensors
+        lora_modules=[f"a2={lora_dirs['a2']}", f"a1={lora_dirs['a1']}", f"twin={lora_dirs['a2']}"],
     )
     prompt = list(range(500, 580))
 
@@ -184,6 +185,8 @@ def test_update_lora_swaps_one_adapter_and_drops_only_its_kv(lora_dirs, referenc
 
     before = run("a2")
     run("a1")
+    twin = run("twin")  # the same tensors: a2's KV serves it
+    assert twin.num_cached_tokens == 64 and twin.outputs[0].token_ids == before.outputs[0].token_ids
     new = {
         k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3))
         for k, v in load_file(str(lora_dirs["a2"] / "adapter_model.safetensors")).items()
@@ -203,6 +206,8 @@ def test_update_lora_swaps_one_adapter_and_drops_only_its_kv(lora_dirs, referenc
     save_file(new, str(folder / "adapter_model.safetensors"))
     check_against_peft(peft_model(lora_dirs[None], folder), prompt, after)
     assert run("a1").num_cached_tokens == 64  # the other adapter's prefix stayed cached
+    twin = run("twin")  # keeps the old tensors, and their cached prefix
+    assert twin.num_cached_tokens == 64 and twin.outputs[0].token_ids == before.outputs[0].token_ids
     with pytest.raises(RequestError, match="all of the adapter"):
         llm.update_lora("a2", dict(list(new.items())[:2]))
 

@@ -46,8 +46,9 @@ def test_disk_keys_of_an_adapter_differ_from_the_base_and_keep_the_base_names():
     assert page_keys(ids, 16, 2, "fp") != page_keys(ids, 16, 2, "fp;lora:a")
 
 
-def add(sched, runner, rid: str, key: str | None, **params) -> Request:
-    req = Request(rid, list(PROMPT), SamplingParams(ignore_eos=True, **params), lora_key=key)
+def add(sched, runner, rid: str, key: str | None, name: str | None = None, **params) -> Request:
+    params = SamplingParams(ignore_eos=True, lora_name=name or key, **params)
+    req = Request(rid, list(PROMPT), params, lora_key=key)
     runner.track(req)
     sched.add(req)
     return req
@@ -76,7 +77,7 @@ def test_an_adapter_update_drops_its_kv_and_moves_its_requests(in_flight):
     run_steps(sched, pool, runner, steps=4)
     queued = add(sched, runner, "queued", "A", max_tokens=4)
     sched.kv.forget_salt(cache_salt("A"))
-    aborted = lora_after_update(sched, "A", "A2", in_flight)
+    aborted = lora_after_update(sched, "A", "A", "A2", in_flight)
     assert queued.lora_key == "A2" and other.lora_key == "B"
     if in_flight == "abort":
         assert aborted == [started] and started.finish_reason == FinishReason.ABORT
@@ -90,6 +91,20 @@ def test_an_adapter_update_drops_its_kv_and_moves_its_requests(in_flight):
     run_steps(sched, pool, runner)
     assert later_b.num_cached_tokens == 20  # B's prefix survived A's update
     assert later_a.num_cached_tokens == 0  # A's old KV is gone
+    assert pool.num_free == pool.num_pages
+
+
+def test_another_name_of_the_same_tensors_keeps_them_through_an_update():
+    sched, pool = make_scheduler(num_pages=96, page_size=4)
+    runner = PageTableRunner(pool)
+    started = add(sched, runner, "started", "A", max_tokens=10)
+    alias_started = add(sched, runner, "alias-started", "A", name="also-A", max_tokens=10)
+    run_steps(sched, pool, runner, steps=2)
+    alias_queued = add(sched, runner, "alias-queued", "A", name="also-A", max_tokens=4)
+    assert lora_after_update(sched, "A", "A", "A2", "recompute") == []
+    assert started.lora_key == "A2"
+    assert alias_started.lora_key == "A" and alias_queued.lora_key == "A"
+    run_steps(sched, pool, runner)
     assert pool.num_free == pool.num_pages
 
 
