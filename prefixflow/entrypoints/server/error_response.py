@@ -1,12 +1,15 @@
-"""The server's own error bodies: OpenAI-shaped, with the type that matches the status."""
+"""The server's own error bodies: OpenAI-shaped, with the type that matches the status;
+and reading a body that must be a JSON object, or the error to answer instead."""
 
 from __future__ import annotations
+
+import json
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from prefixflow.errors import MODEL_NOT_FOUND, RequestError
+from prefixflow.errors import INVALID_JSON, MODEL_NOT_FOUND, RequestError
 
 
 def error_response(
@@ -30,3 +33,14 @@ def request_error(err: RequestError) -> JSONResponse:
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's own validation failures as a 400 in the same shape (not its 422)."""
     return error_response(400, f"invalid request: {exc.errors()}")
+
+
+async def json_object(request: Request) -> dict | JSONResponse:
+    """The body as a JSON object, or the 400 to answer."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
+    if not isinstance(body, dict):
+        return error_response(400, "the body must be a JSON object", "body")
+    return body

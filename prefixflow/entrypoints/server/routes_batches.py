@@ -3,16 +3,13 @@ jobs themselves run in batch_worker.py."""
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from prefixflow.entrypoints.server.batch_files import BadFileId
 from prefixflow.entrypoints.server.batch_jobs import COMPLETION_WINDOWS, ENDPOINTS, BadBatchId
-from prefixflow.entrypoints.server.error_response import error_response
+from prefixflow.entrypoints.server.error_response import error_response, json_object
 from prefixflow.entrypoints.server.state import ServerStateDep
-from prefixflow.errors import INVALID_JSON
 
 router = APIRouter()
 
@@ -27,12 +24,9 @@ def _bad_id(e: BadBatchId) -> Response:
 
 @router.post("/v1/batches")
 async def create_batch(request: Request, server: ServerStateDep) -> Response:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
-    if not isinstance(body, dict):
-        return error_response(400, "the body must be a JSON object")
+    body = await json_object(request)
+    if isinstance(body, Response):
+        return body
     extra = set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}
     if extra:
         return error_response(400, f"unknown field(s) {sorted(extra)}; remove them")

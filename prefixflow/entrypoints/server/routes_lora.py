@@ -13,15 +13,13 @@ Adapters named by --lora-modules can be unloaded too.
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from prefixflow.engine.async_engine import EngineDeadError
-from prefixflow.entrypoints.server.error_response import error_response, request_error
+from prefixflow.entrypoints.server.error_response import error_response, json_object, request_error
 from prefixflow.entrypoints.server.state import ServerState, ServerStateDep
-from prefixflow.errors import INVALID_JSON, INVALID_LORA, RequestError
+from prefixflow.errors import INVALID_LORA, RequestError
 
 router = APIRouter()
 
@@ -68,12 +66,9 @@ async def _body(request: Request, server: ServerState, fields: tuple[str, ...]) 
             "loading and unloading LoRA adapters need the server started with --api-key",
             code="forbidden",
         )
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
-    if not isinstance(body, dict):
-        return error_response(400, "body must be a JSON object", "body")
+    body = await json_object(request)
+    if isinstance(body, Response):
+        return body
     for f in fields:
         if not isinstance(body.get(f), str) or not body[f]:
             wanted = ", ".join(f'"{x}": ...' for x in fields)

@@ -5,15 +5,14 @@ sending) work unchanged. A chat is templated exactly as /v1/chat/completions wou
 from __future__ import annotations
 
 import asyncio
-import json
 from importlib.metadata import version as package_version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from prefixflow.entrypoints.server.error_response import error_response
+from prefixflow.entrypoints.server.error_response import error_response, json_object
 from prefixflow.entrypoints.server.state import ServerStateDep
-from prefixflow.errors import INVALID_JSON, RequestError
+from prefixflow.errors import RequestError
 from prefixflow.inputs.openai_requests import CHAT_COMPLETIONS, parse, tokenize
 from prefixflow.inputs.request_front import RequestFront
 
@@ -30,7 +29,7 @@ async def version() -> dict:
 
 @router.post("/tokenize")
 async def tokenize_route(request: Request, server: ServerStateDep) -> Response:
-    body = await _json(request)
+    body = await json_object(request)
     if isinstance(body, Response):
         return body
     front = server.engine.front
@@ -46,7 +45,7 @@ async def tokenize_route(request: Request, server: ServerStateDep) -> Response:
 
 @router.post("/detokenize")
 async def detokenize_route(request: Request, server: ServerStateDep) -> Response:
-    body = await _json(request)
+    body = await json_object(request)
     if isinstance(body, Response):
         return body
     tokens, front = body.get("tokens"), server.engine.front
@@ -58,16 +57,6 @@ async def detokenize_route(request: Request, server: ServerStateDep) -> Response
             400, f"tokens must be a list of token ids below {front.vocab_size}", "tokens"
         )
     return JSONResponse({"prompt": front.codec.decode(tokens, skip_special_tokens=False)})
-
-
-async def _json(request: Request) -> dict | Response:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        return error_response(400, "the body is not valid JSON", code=INVALID_JSON)
-    if not isinstance(body, dict):
-        return error_response(400, "body must be a JSON object", "body")
-    return body
 
 
 def _ids(body: dict, front: RequestFront) -> list[int]:
