@@ -37,6 +37,12 @@ def line(cid: str, model: str | None) -> str:
     return json.dumps(item)
 
 
+def run_batch(inp, out, folders, *flags: str):
+    """run-batch over the tiny base model in float32, with these flags."""
+    base = ("--model", str(folders["base"]), "--dtype", "float32", "--kv-cache-memory", "64MiB")
+    return run_cli(str(inp), "-o", str(out), *base, *flags, "--no-progress")
+
+
 def test_lines_run_under_the_adapter_their_model_names(tmp_path, folders):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [
@@ -48,21 +54,7 @@ def test_lines_run_under_the_adapter_their_model_names(tmp_path, folders):
         line("a-again", "a"),
     ]
     inp.write_text("\n".join(lines) + "\n")
-    proc = run_cli(
-        str(inp),
-        "-o",
-        str(out),
-        "--model",
-        str(folders["base"]),
-        "--dtype",
-        "float32",
-        "--kv-cache-memory",
-        "64MiB",
-        "--lora-modules",
-        f"a={folders['a']}",
-        f"b={folders['b']}",
-        "--no-progress",
-    )
+    proc = run_batch(inp, out, folders, "--lora-modules", f"a={folders['a']}", f"b={folders['b']}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(results) == sorted(["base", "a", "b", "unknown", "none", "a-again"])
@@ -104,21 +96,8 @@ def test_lines_run_under_the_adapter_their_model_names(tmp_path, folders):
 def test_an_adapter_above_max_lora_rank_stops_the_run_at_start(tmp_path, folders):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(line("a", "big") + "\n")
-    proc = run_cli(
-        str(inp),
-        "-o",
-        str(out),
-        "--model",
-        str(folders["base"]),
-        "--dtype",
-        "float32",
-        "--kv-cache-memory",
-        "64MiB",
-        "--lora-modules",
-        f"big={folders['big']}",
-        "--max-lora-rank",
-        "16",
-        "--no-progress",
+    proc = run_batch(
+        inp, out, folders, "--lora-modules", f"big={folders['big']}", "--max-lora-rank", "16"
     )
     assert proc.returncode != 0
     assert "max_lora_rank" in proc.stderr and "rank 32" in proc.stderr, proc.stderr[-3000:]
