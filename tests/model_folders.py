@@ -68,24 +68,27 @@ def export_default_model(
     return folder
 
 
+# The tiny models' shape, but their vocabulary (the test tokenizer's, 49,152).
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,  # peaked distributions: no near-ties in the greedy choice
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def tiny_llama_folder(tokenizer, folder: Path) -> Path:
     """A tiny random-weight Llama (float32 safetensors) with the test tokenizer, in folder."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,  # peaked distributions: no near-ties in the greedy choice
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

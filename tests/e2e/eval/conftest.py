@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.model_folders import TINY_LLAMA
+
 TASKS_DIR = Path(__file__).resolve().parents[2] / "data" / "lm_eval_tasks"
 TASKS = ["pf_capitals", "pf_arithmetic", "pf_passages"]
 SHORT = 32  # a max_length that cuts every few-shot prompt and splits every passage
@@ -29,20 +31,7 @@ def build_tiny_model(folder: Path) -> Path:
     from prefixflow.model.loader import load_tokenizer, resolve_model
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = transformers.LlamaConfig(vocab_size=49152, pad_token_id=0, **TINY_LLAMA)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
     load_tokenizer(resolve_model(None)).save_pretrained(folder)

@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from prefixflow import LLM, LoRARequest, SamplingParams
 from prefixflow.engine.engine import Engine
 from prefixflow.entrypoints.engine_args import add_engine_arguments, config_from_args
 from prefixflow.entrypoints.server.app import build_app
+from tests import lora_adapters
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +31,10 @@ BASE = "tiny-base"  # the base model's folder, and so its name
 
 
 def make_adapter(base_dir: Path, folder: Path, seed: int, rank: int = 8) -> Path:
-    """A PEFT adapter over base_dir with A and B both random (init_lora_weights=False), so
-    that it changes the outputs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(folder)
-    return folder
+    """A PEFT adapter on q and v that changes the outputs (tests/lora_adapters.py)."""
+    return lora_adapters.make_adapter(
+        base_dir, folder, seed, r=rank, target_modules=["q_proj", "v_proj"]
+    )
 
 
 def tiny_base(root: Path) -> Path:

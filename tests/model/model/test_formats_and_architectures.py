@@ -9,6 +9,7 @@ from prefixflow import LLM, SamplingParams
 from prefixflow.attention.step_layout import SeqLayout, StepLayout
 from prefixflow.engine.engine import Engine
 from prefixflow.model.registry import UnsupportedArchitectureError
+from tests.model_folders import TINY_LLAMA
 
 pytestmark = pytest.mark.slow
 
@@ -80,19 +81,7 @@ def test_gguf_and_sharded_safetensors_export_give_the_same_logits(
 def _tiny(kind: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,  # peaked distributions: no near-ties in the greedy choice
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = dict(vocab_size=49152, **TINY_LLAMA)
     if kind == "llama3":
         return LlamaConfig(
             **common,

@@ -18,6 +18,7 @@ import torch
 from prefixflow.model.loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
 from prefixflow.model.loader.gguf_cache import gguf_cache_dir
 from tests.gguf_export import write_gguf
+from tests.model_folders import TINY_LLAMA
 
 # config fields GGUF does not carry and the model does not read
 _NOT_IN_GGUF = {"transformers_version", "_name_or_path", "dtype", "initializer_range"}
@@ -26,20 +27,7 @@ _NOT_IN_GGUF = {"transformers_version", "_name_or_path", "dtype", "initializer_r
 def _tiny(family: str, vocab: int):
     import transformers as tf
 
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    common = dict(vocab_size=vocab, pad_token_id=2, **TINY_LLAMA)
     tied = common | {"tie_word_embeddings": True}
     moe = dict(num_experts_per_tok=2)
     # small models of these families tie their embeddings; the MoE ones and OLMo 2 do not
