@@ -28,10 +28,6 @@ class Adapter:
     static: bool = False  # loaded at start (lora_modules): never replaced by another
     last_used: int = field(default=0, compare=False)
 
-    @property
-    def cache_salt(self) -> str:
-        return cache_salt(self.key)
-
 
 def cache_salt(key: str | None) -> str:
     """The page hash chain's salt of requests under adapter `key` ("" for the base)."""
