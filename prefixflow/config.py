@@ -344,6 +344,11 @@ class EngineConfig:
         "replaces the least recently used that no request runs under",
     )
     max_lora_rank: int = option(16, "highest rank of a LoRA adapter that may be loaded")
+    lora_batched: bool = option(
+        True,
+        "a step's LoRA rows of similar length (decodes) take two batched GEMMs for all "
+        "adapters per layer (off: two GEMMs per adapter)",
+    )
     lora_modules: tuple[tuple[str, str], ...] = option(
         (),
         "LoRA adapters loaded at start, as name=path (a PEFT folder or a Hub id); requests "

@@ -24,8 +24,10 @@ Source = str | os.PathLike | Mapping[str, torch.Tensor]
 
 
 class RunnerLoRA:
-    def __init__(self, model: nn.Module, dtype: torch.dtype, max_rank: int) -> None:
-        self.model, self.dtype = model, dtype
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype, max_rank: int, batched: bool = True
+    ) -> None:
+        self.model, self.dtype, self.batched = model, dtype, batched
         self.targets = lora_targets(model)
         self.slots = LoRASlots(slot_shapes(model, self.targets, max_rank), dtype)
         self.step = LoRAStep()
@@ -67,7 +69,7 @@ class RunnerLoRA:
 
     def begin(self, seqs: list[ScheduledSeq]) -> None:
         runs = runs_of([s.lora for s in seqs], [len(s.token_ids) for s in seqs])
-        plan_step(runs, self.slots, self.step)
+        plan_step(runs, self.slots, self.step, self.batched)
 
     def end(self) -> None:
         self.step.long, self.step.short = [], None

@@ -53,9 +53,11 @@ class ModelRunner:
         self.model = load_model(src, hf_config, self.dtype, config, self.packed)
         self.models = {0: self.model}  # weight version -> model (older: in_flight="keep")
         # Adapters' hooks go on before any copy of the model (in_flight="keep" copies them).
-        self.lora = (
-            RunnerLoRA(self.model, self.dtype, config.max_lora_rank) if config.enable_lora else None
-        )
+        self.lora = None
+        if config.enable_lora:
+            self.lora = RunnerLoRA(
+                self.model, self.dtype, config.max_lora_rank, config.lora_batched
+            )
         spec = config.scheduler.speculative_config
         draft = None
         if spec is not None and spec.method == "draft_model":

@@ -71,12 +71,15 @@ def runs_of(keys: Sequence[str | None], rows: Sequence[int]) -> list[tuple[int, 
     return runs
 
 
-def plan_step(runs: list[tuple[int, int, str]], slots: LoRASlots, step: LoRAStep) -> None:
+def plan_step(
+    runs: list[tuple[int, int, str]], slots: LoRASlots, step: LoRAStep, batched: bool = True
+) -> None:
     """Fill `step` for this forward pass's runs: those up to twice the median length go
     together in the batched GEMMs (little padding); longer ones (prefill chunks beside
-    decodes) take GEMMs of their own. Rows come ordered by slot (RunnerLoRA.order)."""
+    decodes) take GEMMs of their own. Rows come ordered by slot (RunnerLoRA.order).
+    batched=False (lora_batched off): every run takes GEMMs of its own."""
     lengths = sorted(b - a for a, b, _ in runs)
-    cap = 2 * lengths[len(lengths) // 2] if runs else 0
+    cap = 2 * lengths[len(lengths) // 2] if runs and batched else 0
     step.long = [(a, b, slots.slot_of[k]) for a, b, k in runs if b - a > cap]
     short = [(a, b, slots.slot_of[k]) for a, b, k in runs if b - a <= cap]
     step.short = None

@@ -119,6 +119,30 @@ def test_a_batch_mixing_four_adapters_and_the_base_equals_peft(
         assert by_name[n] != by_name[None], f"adapter {n} changed nothing"
 
 
+def test_batched_gemms_on_and_off_give_the_same_outputs(lora_llm, lora_dirs):
+    """lora_batched off: every adapter's rows take GEMMs of their own."""
+    off = LLM(
+        str(lora_dirs[None]), dtype="float32", enable_lora=True, max_loras=4, lora_batched=False
+    )
+    names = ["a1", None, "a2", "a3", "a4"]
+    items = [(p, n) for p in PROMPTS for n in names] + [(PROMPTS[1][:9], "a2")]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=0)
+    outs = [
+        llm.generate(
+            [{"prompt_token_ids": p} for p, _ in items],
+            params,
+            lora_request=[lora(lora_dirs, n) for _, n in items],
+            use_tqdm=False,
+        )
+        for llm in (lora_llm, off)
+    ]
+    for on_out, off_out in zip(*outs, strict=True):
+        assert on_out.outputs[0].token_ids == off_out.outputs[0].token_ids
+        for a, b in zip(on_out.prompt_logprobs[1:], off_out.prompt_logprobs[1:], strict=True):
+            (x,), (y,) = a.values(), b.values()
+            assert abs(x.logprob - y.logprob) < 1e-5
+
+
 def test_a_prefill_beside_other_adapters_decodes_equals_peft(lora_llm, lora_dirs, references):
     """a3's long prompt arrives while a1, a2 and a4 decode: its prefill chunk runs alone
     between their rows, which take the batched GEMMs around it (scattered back)."""

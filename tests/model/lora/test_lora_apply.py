@@ -42,8 +42,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_the_step_plan_equals_a_loop_over_rows(case):
+def test_the_step_plan_equals_a_loop_over_rows(case, batched):
     model, slots, step, pairs = setup(10)
     seqs = CASES[case]
     runs, start = [], 0
@@ -61,6 +62,7 @@ def test_the_step_plan_equals_a_loop_over_rows(case):
             merged[-1] = (merged[-1][0], b, key)
         else:
             merged.append((a, b, key))
-    plan_step(merged, slots, step)
+    plan_step(merged, slots, step, batched)
+    assert (step.short is not None) == (batched and len(merged) > 1 and case != "one adapter")
     got = model.lin(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
