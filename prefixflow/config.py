@@ -306,6 +306,16 @@ class EngineConfig:
         "attend with the C++ kernels that read KV pages in place, where they were built "
         "(off: the PyTorch path, for comparison)",
     )
+    attention_query_blocks: int = option(
+        8,
+        "the C++ attention kernel reads each group of keys once for this many blocks of "
+        "query vectors (1: once per block, as before)",
+    )
+    attention_fast_exp: bool = option(
+        True,
+        "bfloat16 attention on the C++ kernel takes a cheaper exp, exact to bfloat16's "
+        "rounding of the probabilities (off: float32's exp); float32 is never affected",
+    )
     shared_prefix_min_tokens: int = option(
         256,
         "a shared prefix gets its own attention part only if it spares this many token "
@@ -401,6 +411,10 @@ class EngineConfig:
             object.__setattr__(self, "enable_lora", True)  # naming adapters asks for them
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 1 <= self.attention_query_blocks <= 8:
+            raise ValueError(
+                f"attention_query_blocks must be 1 to 8, got {self.attention_query_blocks}"
+            )
         for name in ("shared_prefix_min_tokens", "shared_prefix_min_part_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

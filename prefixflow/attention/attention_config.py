@@ -21,3 +21,7 @@ class AttentionConfig:
     shared_prefix_min_part_tokens: int
     # The PyTorch paths copy pages into buffers kept from step to step.
     reuse_gather_buffers: bool
+    # The C++ kernel: query blocks a unit takes per read of its keys, and bfloat16's
+    # cheaper exp (kernels.KernelTuning).
+    kernel_query_blocks: int = 8
+    kernel_fast_exp: bool = True

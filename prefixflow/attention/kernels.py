@@ -39,6 +39,21 @@ class KernelWork:
     pages: torch.Tensor  # (P,) page ids
 
 
+@dataclass(frozen=True)
+class KernelTuning:
+    """How the kernel runs; neither changes a float32 result."""
+
+    # Blocks of query vectors (one KV head's 6 rows x heads at head size 64) one unit of
+    # work takes: its keys are read from memory once for all of them (1: once per block).
+    query_blocks: int = 8
+    # bfloat16 calls: a degree-4 2^x on scores kept unscaled (the probabilities are rounded
+    # to bfloat16 anyway); off: the float32-exact exp.
+    fast_exp: bool = True
+
+
+DEFAULT_TUNING = KernelTuning()
+
+
 def kernel_work(entries: Sequence[tuple[Sequence[int], Sequence[int], int, int]]) -> KernelWork:
     """Work from (rows, pages, n_keys, causal_base) entries."""
     items, rows, pages = [], [], []
@@ -64,6 +79,7 @@ def attend(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> None:
     kernel(
         out,
@@ -78,4 +94,6 @@ def attend(
         0,
         window or 0,
         softcap or 0.0,
+        tuning.query_blocks,
+        tuning.fast_exp,
     )

@@ -111,6 +111,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         min_part_tokens: int,
         use_kernels: bool = True,
         reuse_gather_buffers: bool = True,
+        tuning: kernels.KernelTuning = kernels.DEFAULT_TUNING,
     ) -> None:
         # A part must spare min_shared_tokens token reads ((members - 1) x tokens) and be
         # min_part_tokens long to be worth its own product and merge; a smaller run is read
@@ -120,6 +121,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         self.min_shared_tokens = min_shared_tokens
         self.min_part_tokens = min_part_tokens
         self.kernel = kernels.load() if use_kernels else None
+        self.tuning = tuning
         self.gather = PageGather(shape.page_size, reuse_gather_buffers)
         self.plain = PagedAttention(shape, reuse_gather_buffers)
 
@@ -131,6 +133,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             min_part_tokens=config.shared_prefix_min_part_tokens,
             use_kernels=config.use_kernels,
             reuse_gather_buffers=config.reuse_gather_buffers,
+            tuning=kernels.KernelTuning(config.kernel_query_blocks, config.kernel_fast_exp),
         )
 
     # ---- once per step ----
@@ -276,7 +279,17 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         lse = torch.empty(T, H, dtype=torch.float32)
         if plan.own_work is not None:
             kernels.attend(
-                self.kernel, out, lse, q, kv_cache, page_size, plan.own_work, scale, window, softcap
+                self.kernel,
+                out,
+                lse,
+                q,
+                kv_cache,
+                page_size,
+                plan.own_work,
+                scale,
+                window,
+                softcap,
+                self.tuning,
             )
         else:
             self._attend_own_torch(q, kv_cache, plan.own_torch, scale, softcap, out, lse)
@@ -298,6 +311,7 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
                     scale,
                     None,
                     softcap,
+                    self.tuning,
                 )
                 o_part, lse_part = part_out[rows], part_lse[rows]
             else:

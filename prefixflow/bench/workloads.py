@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 CORPUS_LICENCE = "Python Software Foundation License (text of pydoc_data.topics, CPython)"
 _CHARS_PER_TOKEN = 4.2  # English prose in a BPE vocabulary, close enough for sizing
+# The shared-prefix lengths of the prefix_* workloads; the longest leaves room in the default
+# model's 8,192 positions for the chat template, a question and the output.
+PREFIX_LENGTHS = (512, 2048, 7680)
+# Cuts a text to at most n tokens (a tokenizer's encode, slice, decode).
+Trim = Callable[[str, int], str]
 
 
 @dataclass
@@ -77,8 +83,16 @@ def _chat(cid: str, messages: list[dict], max_tokens: int, **extra) -> dict:
     return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
-def build_workloads(scale: float = 1.0, seed: int = 0) -> list[Workload]:
-    """The five workloads of the benchmark; `scale` multiplies request counts."""
+def _chars_trim(text: str, tokens: int) -> str:
+    """Without a tokenizer: cut at a word, a little under `tokens` by the chars-per-token
+    estimate (prose of this corpus runs 4.2 to 4.5 characters a token)."""
+    return text[: int(tokens * 4.5)].rsplit(" ", 1)[0]
+
+
+def build_workloads(scale: float = 1.0, seed: int = 0, trim: Trim | None = None) -> list[Workload]:
+    """The benchmark's workloads; `scale` multiplies request counts. `trim` cuts the prefix_*
+    workloads' documents to their exact token counts (the bench passes the model's
+    tokenizer); without it they are cut by an estimate."""
     paras = corpus_paragraphs()
     rng = random.Random(seed)
 
@@ -133,6 +147,14 @@ def build_workloads(scale: float = 1.0, seed: int = 0) -> list[Workload]:
         user = f"Write a long tutorial based on this text.\n\n{_text(paras, rng, 100)}"
         w.requests.append(_chat(f"long-{i}", [{"role": "user", "content": user}], 384))
     out.append(w)
+
+    for length in PREFIX_LENGTHS:
+        doc = (trim or _chars_trim)(_text(paras, rng, length * 6 // 5), length)
+        w = Workload(f"prefix_{length}", f"one {length:,}-token document, 64 questions on it")
+        for i in range(count(64)):
+            user = f"{doc}\n\nQuestion: {_question(paras, rng)}"
+            w.requests.append(_chat(f"prefix{length}-{i}", [{"role": "user", "content": user}], 32))
+        out.append(w)
 
     for w in out:
         rng.shuffle(w.requests)

@@ -36,6 +36,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,6 +63,11 @@ using pf::tanh16;
 
 constexpr int kMaxQV = 8;     // query vectors per KV head in one unit, at most
 constexpr int kMaxHeads = 8;  // KV heads one unit takes together, at most
+// Blocks of query vectors one unit takes, at most: a block is one KV head's (up to) kMaxQV
+// vectors, so a unit holds either several heads' vectors of a few rows (a decode) or many
+// blocks of one head (a long chunk, a shared part). Every block of a unit reads a group of
+// 16 keys while it is in L1: the keys come from memory once per unit, not once per block.
+constexpr int kMaxBlocks = 8;
 constexpr int kMaxD = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -77,16 +84,17 @@ struct Item {
 };
 
 // A unit: for KV heads [h0, h0 + nh), query vectors [qv0, qv0 + nqv) (numbered row * G + g)
-// of `item`, against keys [k0, k1). Its results are numbered hi * nqv + j.
+// of `item`, against keys [k0, k1). Its results are numbered b * nqv + j for its blocks b.
 struct Unit {
   int item, h0, nh, qv0, nqv, k0, k1;
+  int nsub;  // blocks of nqv vectors of head h0 (nh = 1), or 1: the unit's nh heads are its blocks
   int64_t part;  // where its partial results go (D + 2 floats a vector), or -1: final
 };
 
 // A unit's results per query vector: unnormalised output, running max, running sum.
 struct Result {
   explicit Result(int D)
-      : D(D), o(static_cast<size_t>(kMaxHeads) * kMaxQV * D), m(kMaxHeads * kMaxQV), l(kMaxHeads * kMaxQV) {}
+      : D(D), o(static_cast<size_t>(kMaxBlocks) * kMaxQV * D), m(kMaxBlocks * kMaxQV), l(kMaxBlocks * kMaxQV) {}
   int D;
   std::vector<float> o, m, l;
   float* out(int v) { return o.data() + static_cast<int64_t>(v) * D; }
@@ -104,6 +112,7 @@ struct Ctx {
   float scale;
   int window;     // 0: none
   float softcap;  // 0: none
+  bool fast_exp;  // bfloat16: softmax_block_bf16 where it applies
   // Element offsets of key / value (token t of a page, dimension d) within a head's block.
   int64_t k_at(int t, int d) const { return (static_cast<int64_t>(d / w) * bs + t) * w + d % w; }
   int64_t v_at(int t, int d) const { return (static_cast<int64_t>(t / w) * D + d) * w + t % w; }
@@ -186,9 +195,9 @@ inline __m512 dot2(__m512 acc, uint32_t a, __m512i b) {
 // Per (head, vector) state of a unit, kept in memory between the heads of a block.
 template <int DV>
 struct State {
-  __m512 acc[kMaxHeads][kMaxQV][DV];
-  float m[kMaxHeads][kMaxQV];
-  __m512 l[kMaxHeads][kMaxQV];  // running sums, lane-wise
+  __m512 acc[kMaxBlocks][kMaxQV][DV];
+  float m[kMaxBlocks][kMaxQV];
+  __m512 l[kMaxBlocks][kMaxQV];  // running sums, lane-wise
 };
 
 // Keys are taken in blocks of up to 64 (groups of 16 within pages), so the horizontal max
@@ -218,6 +227,50 @@ inline void softmax_block(__m512* s, int vis, __m512* p, __m512* acc, float& m, 
   for (int b = 0; b < kBlock / 16; ++b) {
     const int vb = std::max(0, std::min(16, vis - 16 * b));
     p[b] = vb ? _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << vb) - 1), exp16(_mm512_sub_ps(s[b], mxv)))
+              : _mm512_setzero_ps();
+  }
+}
+
+// 2^t on 16 floats to about 3e-6 relative: 2^n by scalef, 2^f (|f| <= 1/2) by a degree-4
+// polynomial (least squares on Chebyshev nodes). Enough where the result is rounded to
+// bfloat16 (2^-9 relative) before it is used, as a bfloat16 call's probabilities are.
+inline __m512 exp2_bf16(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(0.009600409306585789f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05591697618365288f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023719131946564f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// softmax_block on unscaled scores, for bfloat16 calls without window or cap: m is kept
+// unscaled too, and one fused multiply-add per vector takes a score to the exponent
+// (scale * log2(e) * (s - m)) that exp2_bf16 raises 2 to. It spares the scaling of the
+// scores and half of exp16's work, about a quarter of the softmax's.
+template <int DV>
+inline void softmax_block_bf16(__m512* s, int vis, __m512* p, __m512* acc, float& m, __m512& l, float c2) {
+  __m512 mv = _mm512_set1_ps(kNegInf);
+  for (int b = 0; b < kBlock / 16; ++b) {
+    const int vb = std::max(0, std::min(16, vis - 16 * b));
+    mv = _mm512_mask_max_ps(mv, static_cast<__mmask16>((1u << vb) - 1), mv, s[b]);
+  }
+  if (vis > 0) {
+    const float mx = std::max(m, _mm512_reduce_max_ps(mv));
+    if (mx != m) {
+      const __m512 av = _mm512_set1_ps(m == kNegInf ? 0.f : std::exp2((m - mx) * c2));
+      for (int d = 0; d < DV; ++d) acc[d] = _mm512_mul_ps(acc[d], av);
+      l = _mm512_mul_ps(l, av);
+      m = mx;
+    }
+  }
+  const __m512 c2v = _mm512_set1_ps(c2);
+  const __m512 off = _mm512_set1_ps(m == kNegInf ? 0.f : -m * c2);
+  for (int b = 0; b < kBlock / 16; ++b) {
+    const int vb = std::max(0, std::min(16, vis - 16 * b));
+    p[b] = vb ? _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << vb) - 1), exp2_bf16(_mm512_fmadd_ps(s[b], c2v, off)))
               : _mm512_setzero_ps();
   }
 }
@@ -260,8 +313,9 @@ inline void softcap_block(__m512* s, float softcap) {
 
 // One unit, T = float (w = 1) or bfloat16 (w = 2), D = 16 * DV, page_size a multiple of 16;
 // kExt: the call has a sliding window or a soft cap (chosen once per unit, so plain calls
-// run the very code they ran before either existed).
-template <typename T, int DV, int NQV, bool kExt>
+// run the very code they ran before either existed); kFast: softmax_block_bf16 (bfloat16,
+// neither window nor cap).
+template <typename T, int DV, int NQV, bool kExt, bool kFast = false>
 void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
   constexpr int D = 16 * DV;
   constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
@@ -270,14 +324,20 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
   const T* kc = static_cast<const T*>(c.k);
   const T* vc = static_cast<const T*>(c.v);
   // q: float32, scaled (w = 1); or the raw bfloat16 pairs as 32-bit words (w = 2).
-  alignas(64) float qf[kMaxHeads][NQV][D];
-  alignas(64) uint32_t qp[kMaxHeads][NQV][D / 2];
-  int limit[NQV];
-  int first[NQV];  // kExt: each vector's first visible key
+  alignas(64) float qf[kMaxBlocks][NQV][D];
+  alignas(64) uint32_t qp[kMaxBlocks][NQV][D / 2];
+  int limit[kMaxBlocks][NQV];
+  int first[kMaxBlocks][NQV];  // kExt: each vector's first visible key
+  int64_t hoff[kMaxBlocks];    // each block's KV head, as an offset from head h0's block
   State<DV> st;
-  for (int hi = 0; hi < u.nh; ++hi) {
+  const int nb = u.nh * u.nsub;  // one of the two is 1
+  for (int hi = 0; hi < nb; ++hi) {
+    const int head = u.h0 + hi / u.nsub, qv0 = u.qv0 + (hi % u.nsub) * NQV;
+    hoff[hi] = static_cast<int64_t>(hi / u.nsub) * c.head_stride;
     for (int j = 0; j < NQV; ++j) {
-      const T* src = q_row<T>(c, it, u.h0 + hi, u.qv0 + j);
+      limit[hi][j] = row_limit(it, (qv0 + j) / c.G);
+      if constexpr (kExt) first[hi][j] = row_first(c, it, (qv0 + j) / c.G);
+      const T* src = q_row<T>(c, it, head, qv0 + j);
       if constexpr (kBf16) {
         std::memcpy(qp[hi][j], src, sizeof(uint16_t) * D);
       } else {
@@ -288,14 +348,11 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
       st.l[hi][j] = _mm512_setzero_ps();
     }
   }
-  for (int j = 0; j < NQV; ++j) limit[j] = row_limit(it, (u.qv0 + j) / c.G);
-  if constexpr (kExt) {
-    for (int j = 0; j < NQV; ++j) first[j] = row_first(c, it, (u.qv0 + j) / c.G);
-  }
   const __m512 scale = _mm512_set1_ps(c.scale);
-  __m512 s[kMaxHeads][NQV][NG];                   // a block's scores
-  alignas(64) float pf[kMaxHeads][NQV][kBlock];   // its probabilities (w = 1)
-  alignas(64) uint32_t pb[kMaxHeads][NQV][kBlock / 2];  // ... as bfloat16 pairs (w = 2)
+  const float c2 = c.scale * 1.44269504088896341f;  // kFast: scale * log2(e)
+  __m512 s[kMaxBlocks][NQV][NG];                   // a block's scores
+  alignas(64) float pf[kMaxBlocks][NQV][kBlock];   // its probabilities (w = 1)
+  alignas(64) uint32_t pb[kMaxBlocks][NQV][kBlock / 2];  // ... as bfloat16 pairs (w = 2)
   int64_t gblk[NG];  // each group of 16 keys: its page's first element, ...
   int gt0[NG];       // ... and its first key's offset in the page
   for (int kb = u.k0; kb < u.k1; kb += kBlock) {
@@ -310,18 +367,20 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
     // Scores, reading each page's keys for the unit's heads in memory order (the hardware
     // prefetcher then streams them; prefetching by hand measured slower).
     for (int g = 0; g < NG; ++g) {
-      for (int hi = 0; hi < u.nh; ++hi) {
+      for (int hi = 0; hi < nb; ++hi) {
         __m512 sg[NQV];
         for (int j = 0; j < NQV; ++j) sg[j] = _mm512_setzero_ps();
         if (g < ngrp) {
-          const T* kblk = kc + gblk[g] + static_cast<int64_t>(hi) * c.head_stride;
+          const T* kblk = kc + gblk[g] + hoff[hi];
           const int t0 = gt0[g];
           if constexpr (kBf16) {
             for (int i = 0; i < D / 2; ++i) {
               const __m512i kv = _mm512_loadu_si512(kblk + (static_cast<int64_t>(i) * c.bs + t0) * 2);
               for (int j = 0; j < NQV; ++j) sg[j] = dot2(sg[j], qp[hi][j][i], kv);
             }
-            for (int j = 0; j < NQV; ++j) sg[j] = _mm512_mul_ps(sg[j], scale);
+            if constexpr (!kFast) {
+              for (int j = 0; j < NQV; ++j) sg[j] = _mm512_mul_ps(sg[j], scale);
+            }
           } else {
             for (int d = 0; d < D; ++d) {
               const __m512 kv = _mm512_loadu_ps(kblk + static_cast<int64_t>(d) * c.bs + t0);
@@ -333,14 +392,16 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
       }
     }
     // Softmax over the block, per query vector.
-    for (int hi = 0; hi < u.nh; ++hi) {
+    for (int hi = 0; hi < nb; ++hi) {
       for (int j = 0; j < NQV; ++j) {
-        const int vis = std::max(0, std::min(cnt, limit[j] - kb));
+        const int vis = std::max(0, std::min(cnt, limit[hi][j] - kb));
         __m512 p[NG];
         if constexpr (kExt) {
           if (c.softcap > 0.f) softcap_block(s[hi][j], c.softcap);
-          const int lo = std::max(0, first[j] - kb);
+          const int lo = std::max(0, first[hi][j] - kb);
           softmax_block_window<DV>(s[hi][j], lo, vis, p, st.acc[hi][j], st.m[hi][j], st.l[hi][j]);
+        } else if constexpr (kFast) {
+          softmax_block_bf16<DV>(s[hi][j], vis, p, st.acc[hi][j], st.m[hi][j], st.l[hi][j], c2);
         } else {
           softmax_block<DV>(s[hi][j], vis, p, st.acc[hi][j], st.m[hi][j], st.l[hi][j]);
         }
@@ -365,8 +426,8 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
     for (int g = 0; g < ngrp; ++g) {
       const int t0 = gt0[g];
       const int n = std::min(16, cnt - 16 * g);
-      for (int hi = 0; hi < u.nh; ++hi) {
-        const T* vblk = vc + gblk[g] + static_cast<int64_t>(hi) * c.head_stride;
+      for (int hi = 0; hi < nb; ++hi) {
+        const T* vblk = vc + gblk[g] + hoff[hi];
         __m512 acc[NQV][DV];
         for (int j = 0; j < NQV; ++j)
           for (int d = 0; d < DV; ++d) acc[j][d] = st.acc[hi][j][d];
@@ -390,11 +451,11 @@ void unit_avx512(const Ctx& c, const Item& it, const Unit& u, Result& res) {
       }
     }
   }
-  for (int hi = 0; hi < u.nh; ++hi) {
+  for (int hi = 0; hi < nb; ++hi) {
     for (int j = 0; j < NQV; ++j) {
       const int v = hi * NQV + j;
       for (int d = 0; d < DV; ++d) _mm512_storeu_ps(res.out(v) + 16 * d, st.acc[hi][j][d]);
-      res.m[v] = st.m[hi][j];
+      res.m[v] = kFast ? st.m[hi][j] * c.scale : st.m[hi][j];  // kFast kept it unscaled
       res.l[v] = _mm512_reduce_add_ps(st.l[hi][j]);
     }
   }
@@ -407,6 +468,7 @@ inline void dispatch_nqv(const Ctx& c, const Item& it, const Unit& u, Result& re
   } else {
     if (u.nqv == N) {
       if (c.window > 0 || c.softcap > 0.f) return unit_avx512<T, DV, N, true>(c, it, u, res);
+      if (std::is_same_v<T, uint16_t> && c.fast_exp) return unit_avx512<T, DV, N, false, true>(c, it, u, res);
       return unit_avx512<T, DV, N, false>(c, it, u, res);
     }
     dispatch_nqv<T, DV, N - 1>(c, it, u, res);
@@ -445,7 +507,8 @@ void attend(const Ctx& c, const Item& it, const Unit& u, Result& res) {
 template <typename T>
 void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& kv,
          int64_t page_size, const std::vector<Item>& items, const int32_t* rows, const int32_t* pages,
-         double scale, int64_t key_split, int64_t window, double softcap) {
+         double scale, int64_t key_split, int64_t window, double softcap, int64_t sub_blocks,
+         bool fast_exp) {
   Ctx c;
   c.q = q.data_ptr();
   c.k = kv.data_ptr();
@@ -465,6 +528,7 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
   c.scale = static_cast<float>(scale);
   c.window = static_cast<int>(window);
   c.softcap = static_cast<float>(softcap);
+  c.fast_exp = fast_exp;
   const int D = c.D, G = c.G;
   const int per_unit = max_qv(c);
   const int threads = at::get_num_threads();
@@ -473,12 +537,26 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
   auto heads_per_unit = [&](const Item& it) {
     return it.n_rows * G <= per_unit ? std::min(c.H_kv, kMaxHeads) : 1;
   };
+  // An item's query vectors of one head, as units: (first vector, vectors a block, blocks).
+  // Full blocks go kMaxBlocks (or sub_blocks) to a unit; the rest of the vectors in one.
+  const int max_sub = vector_path(c) ? static_cast<int>(std::clamp<int64_t>(sub_blocks, 1, kMaxBlocks)) : 1;
+  auto spans = [&](const Item& it, int nh_unit) {
+    std::vector<std::array<int, 3>> out;
+    const int total = it.n_rows * G;
+    for (int qv0 = 0; qv0 < total;) {
+      const int nqv = std::min(per_unit, total - qv0);
+      const int nsub = nh_unit == 1 ? std::max(1, std::min(max_sub, (total - qv0) / per_unit)) : 1;
+      out.push_back({qv0, nqv, nsub});
+      qv0 += nqv * nsub;
+    }
+    return out;
+  };
   // Units without key splits first, to see whether the threads have enough work.
   int64_t base_units = 0;
   int max_keys = 0;
   for (const Item& it : items) {
     const int nh = heads_per_unit(it);
-    base_units += static_cast<int64_t>((c.H_kv + nh - 1) / nh) * ((it.n_rows * G + per_unit - 1) / per_unit);
+    base_units += static_cast<int64_t>((c.H_kv + nh - 1) / nh) * spans(it, nh).size();
     // A windowed row reads at most its window, and a unit's rows a few pages more.
     const int span = c.window > 0 ? std::min(it.n_keys, c.window + it.n_rows + c.bs) : it.n_keys;
     max_keys = std::max(max_keys, span);
@@ -494,7 +572,7 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
   chunk = std::max(c.bs, (chunk + c.bs - 1) / c.bs * c.bs);
 
   struct Group {
-    int item, h0, nh, qv0, nqv, n_chunks;
+    int item, h0, nh, qv0, nqv, nsub, n_chunks;
     int64_t first_part, part_stride;
   };
   std::vector<Unit> units;
@@ -502,24 +580,23 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
   int64_t part_floats = 0;
   for (int i = 0; i < static_cast<int>(items.size()); ++i) {
     const Item& it = items[i];
-    const int total = it.n_rows * G;
     const int nh_unit = heads_per_unit(it);
+    const auto item_spans = spans(it, nh_unit);
     for (int h0 = 0; h0 < c.H_kv; h0 += nh_unit) {
       const int nh = std::min(nh_unit, c.H_kv - h0);
-      for (int qv0 = 0; qv0 < total; qv0 += per_unit) {
-        const int nqv = std::min(per_unit, total - qv0);
-        const int reach = std::max(0, row_limit(it, (qv0 + nqv - 1) / G));
+      for (const auto& [qv0, nqv, nsub] : item_spans) {
+        const int reach = std::max(0, row_limit(it, (qv0 + nqv * nsub - 1) / G));
         // From the page of the first row's first key: the page edge keeps the vector
         // path's groups of 16 keys within pages.
         const int lo = std::min(reach, row_first(c, it, qv0 / G) / c.bs * c.bs);
         const int n_chunks = std::max(1, (reach - lo + chunk - 1) / chunk);
         if (n_chunks == 1) {
-          units.push_back({i, h0, nh, qv0, nqv, lo, reach, -1});
+          units.push_back({i, h0, nh, qv0, nqv, lo, reach, nsub, -1});
         } else {
-          const int64_t stride = static_cast<int64_t>(nh) * nqv * (D + 2);
-          groups.push_back({i, h0, nh, qv0, nqv, n_chunks, part_floats, stride});
+          const int64_t stride = static_cast<int64_t>(nh) * nsub * nqv * (D + 2);
+          groups.push_back({i, h0, nh, qv0, nqv, nsub, n_chunks, part_floats, stride});
           for (int k = 0; k < n_chunks; ++k) {
-            units.push_back({i, h0, nh, qv0, nqv, lo + k * chunk, std::min(reach, lo + (k + 1) * chunk), part_floats});
+            units.push_back({i, h0, nh, qv0, nqv, lo + k * chunk, std::min(reach, lo + (k + 1) * chunk), nsub, part_floats});
             part_floats += stride;
           }
         }
@@ -546,17 +623,28 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
     }
   };
 
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+  // Threads take units as they finish them, the costliest first: an even split of the list
+  // gave one thread a causal chunk's short early rows and the other its long late ones.
+  std::vector<int32_t> order(units.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+  auto cost = [&](int32_t i) {
+    const Unit& u = units[i];
+    return static_cast<int64_t>(u.k1 - u.k0) * u.nh * u.nsub * u.nqv;
+  };
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cost(a) > cost(b); });
+  std::atomic<int64_t> next{0};
+  const int64_t n_units = static_cast<int64_t>(units.size());
+  at::parallel_for(0, std::min<int64_t>(threads, n_units), 1, [&](int64_t, int64_t) {
     Result res(D);
-    for (int64_t ui = begin; ui < end; ++ui) {
-      const Unit& u = units[ui];
+    for (int64_t k = next++; k < n_units; k = next++) {
+      const Unit& u = units[order[k]];
       const Item& it = items[u.item];
       attend<T>(c, it, u, res);
-      for (int hi = 0; hi < u.nh; ++hi) {
+      for (int hi = 0; hi < u.nh * u.nsub; ++hi) {
         for (int j = 0; j < u.nqv; ++j) {
           const int v = hi * u.nqv + j;
           if (u.part < 0) {
-            write_final(it, u.h0 + hi, u.qv0 + j, res.out(v), res.m[v], res.l[v]);
+            write_final(it, u.h0 + hi / u.nsub, u.qv0 + (hi % u.nsub) * u.nqv + j, res.out(v), res.m[v], res.l[v]);
           } else {
             float* dst = partials.data() + u.part + v * (D + 2);
             std::memcpy(dst, res.out(v), sizeof(float) * D);
@@ -574,7 +662,7 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
     for (int64_t gi = begin; gi < end; ++gi) {
       const Group& gr = groups[gi];
       const Item& it = items[gr.item];
-      for (int v = 0; v < gr.nh * gr.nqv; ++v) {
+      for (int v = 0; v < gr.nh * gr.nsub * gr.nqv; ++v) {
         auto part = [&](int k) { return partials.data() + gr.first_part + k * gr.part_stride + v * (D + 2); };
         float m = kNegInf;
         for (int k = 0; k < gr.n_chunks; ++k) m = std::max(m, part(k)[D]);
@@ -589,7 +677,8 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
             l += w * pp[D + 1];
           }
         }
-        write_final(it, gr.h0 + v / gr.nqv, gr.qv0 + v % gr.nqv, o.data(), m, l);
+        const int b = v / gr.nqv;
+        write_final(it, gr.h0 + b / gr.nsub, gr.qv0 + (b % gr.nsub) * gr.nqv + v % gr.nqv, o.data(), m, l);
       }
     }
   });
@@ -597,7 +686,7 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
 
 void paged_attention(at::Tensor out, at::Tensor lse, at::Tensor q, at::Tensor kv, int64_t page_size,
                      at::Tensor items, at::Tensor rows, at::Tensor pages, double scale, int64_t key_split,
-                     int64_t window, double softcap) {
+                     int64_t window, double softcap, int64_t sub_blocks, bool fast_exp) {
   TORCH_CHECK(window >= 0 && window < (int64_t{1} << 30), "window must be >= 0 (0: none)");
   TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "softcap must be >= 0 (0: none)");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) >= q.size(2) && q.stride(0) >= q.size(1) * q.stride(1),
@@ -638,10 +727,10 @@ void paged_attention(at::Tensor out, at::Tensor lse, at::Tensor q, at::Tensor kv
     }
   }
   if (q.scalar_type() == at::kBFloat16) {
-    run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap);
+    run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap, sub_blocks, fast_exp);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be bfloat16 or float32");
-    run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap);
+    run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap, sub_blocks, fast_exp);
   }
 }
 
@@ -701,7 +790,8 @@ void kv_write(at::Tensor kv, at::Tensor k, at::Tensor v, at::Tensor slots, int64
 TORCH_LIBRARY(prefixflow, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor kv, int page_size, Tensor items, "
-      "Tensor rows, Tensor pages, float scale, int key_split, int window=0, float softcap=0.0) -> ()");
+      "Tensor rows, Tensor pages, float scale, int key_split, int window=0, float softcap=0.0, "
+      "int sub_blocks=8, bool fast_exp=True) -> ()");
   m.def("kv_write(Tensor(a!) kv, Tensor k, Tensor v, Tensor slots, int page_size) -> ()");
 }
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from prefixflow.bench.run import run_peer, run_prefixflow, write_batch
-from prefixflow.bench.workloads import CORPUS_LICENCE, build_workloads
+from prefixflow.bench.workloads import CORPUS_LICENCE, PREFIX_LENGTHS, build_workloads
 from prefixflow.entrypoints.engine_args import add_engine_arguments, cli_flags, config_from_args
 
 ENGINES = ["prefixflow", "vllm", "llama.cpp", "transformers"]
@@ -21,7 +21,11 @@ _MODULE = {"vllm": "vllm", "llama.cpp": "llama_cpp", "transformers": "transforme
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workloads", default="shared_system,tree,samples,unique,long_output")
+    p.add_argument(
+        "--workloads",
+        default="shared_system,tree,samples,unique,long_output,"
+        + ",".join(f"prefix_{n}" for n in PREFIX_LENGTHS),
+    )
     p.add_argument(
         "--engines",
         default=",".join(ENGINES),
@@ -86,6 +90,14 @@ def _limits(workloads, dtype: str) -> dict:
     return out
 
 
+def _token_trim():
+    """Cuts a text to n tokens of the default model's tokenizer."""
+    from prefixflow.model.loader import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(None))
+    return lambda text, n: tok.decode(tok.encode(text, add_special_tokens=False)[:n])
+
+
 def run(args: argparse.Namespace) -> int:
     from prefixflow.bench.export import export_hf_folder
     from prefixflow.bench.report import table, write_chart, write_json
@@ -98,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     args.dtype = options["dtype"]
     flags = cli_flags(options)
     names = [n for n in args.workloads.split(",") if n]
-    workloads = [w for w in build_workloads(args.scale) if w.name in names]
+    workloads = [w for w in build_workloads(args.scale, trim=_token_trim()) if w.name in names]
     engines = [e for e in args.engines.split(",") if e]
     peers = {}
     ours = [e for e in engines if e in ("prefixflow", UNSHARED) or e.startswith(QUANTIZED)]

@@ -13,4 +13,6 @@ def attention_config(config: EngineConfig) -> AttentionConfig:
         shared_prefix_min_tokens=config.shared_prefix_min_tokens,
         shared_prefix_min_part_tokens=config.shared_prefix_min_part_tokens,
         reuse_gather_buffers=config.reuse_gather_buffers,
+        kernel_query_blocks=config.attention_query_blocks,
+        kernel_fast_exp=config.attention_fast_exp,
     )

@@ -228,3 +228,44 @@ def test_bf16_parts_in_several_passes_equal_one_pass(monkeypatch):
     ref_o, ref_lse = attend_with_lse(q.float(), k.float(), v.float(), None, 0.25)
     torch.testing.assert_close(parts[0].float(), ref_o, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(parts[1], ref_lse, atol=2e-2, rtol=2e-2)
+
+
+def _tuned_call(dtype: torch.dtype, tuning: kernels.KernelTuning, seed: int = 0):
+    """One kernel call over long items (a causal chunk, a shared part of many rows and a
+    few decodes), large enough for units of several query blocks and for key splits."""
+    g = torch.Generator().manual_seed(seed)
+    h_kv, group, D, page_size = 3, 3, 64, 16
+    kv = torch.randn(2, 64, h_kv, page_size * D, generator=g).to(dtype)
+    q = torch.randn(300, h_kv * group, D, generator=g).to(dtype)
+    work = kernels.kernel_work(
+        [
+            (range(0, 200), range(0, 20), 320, 120),  # a chunk of 200 over 120 cached keys
+            (range(200, 296), range(20, 60), 640, kernels.SEES_ALL),  # a shared part
+            *[([296 + i], [60 + i], 16 - i, 15 - i) for i in range(4)],  # decodes
+        ]
+    )
+    out = torch.full((300, h_kv * group, D), float("nan"))
+    lse = torch.full((300, h_kv * group), float("nan"))
+    kernels.attend(KERNEL, out, lse, q, kv, page_size, work, D**-0.5, tuning=tuning)
+    return out, lse
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_tuning_changes_no_result(dtype):
+    """Query blocks per unit only reorder the work: every tuning gives the plain one's
+    results (float32 to rounding of the key splits' merges), and float32 ignores fast_exp;
+    bfloat16's fast exp stays within its rounding of the probabilities."""
+    plain = kernels.KernelTuning(query_blocks=1, fast_exp=False)
+    ref_out, ref_lse = _tuned_call(dtype, plain)
+    assert not ref_out.isnan().any() and not ref_lse.isnan().any()
+    for blocks in (2, 8):
+        out, lse = _tuned_call(dtype, kernels.KernelTuning(blocks, fast_exp=False))
+        torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+        out, lse = _tuned_call(dtype, kernels.KernelTuning(blocks, fast_exp=True))
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
+        if dtype == torch.bfloat16:
+            assert (out - ref_out).abs().max() > 0  # the fast exp really ran

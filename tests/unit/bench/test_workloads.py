@@ -14,7 +14,16 @@ def test_corpus_is_prose():
 
 def test_workloads_are_deterministic_valid_and_shuffled():
     ws = {w.name: w for w in build_workloads()}
-    assert set(ws) == {"shared_system", "tree", "samples", "unique", "long_output"}
+    assert set(ws) == {
+        "shared_system",
+        "tree",
+        "samples",
+        "unique",
+        "long_output",
+        "prefix_512",
+        "prefix_2048",
+        "prefix_7680",
+    }
     again = {w.name: w for w in build_workloads()}
     assert ws["tree"].requests == again["tree"].requests
     for w in ws.values():
@@ -32,6 +41,12 @@ def test_workloads_are_deterministic_valid_and_shuffled():
     assert ws["samples"].num_sequences == 64
     assert ws["samples"].output_tokens == 64 * 48
     assert all(r["body"]["max_tokens"] == 384 for r in ws["long_output"].requests)
+    # prefix_N: 64 questions on one document of about N tokens (4.2-4.5 characters a token)
+    for n in (512, 2048, 7680):
+        w = ws[f"prefix_{n}"]
+        docs = {r["body"]["messages"][0]["content"].split("\n\nQuestion: ")[0] for r in w.requests}
+        assert len(w.requests) == 64 and len(docs) == 1
+        assert n * 4.0 < len(docs.pop()) <= n * 4.5
 
 
 def test_scale_multiplies_counts():
