@@ -316,6 +316,11 @@ class EngineConfig:
         "bfloat16 attention on the C++ kernel takes a cheaper exp, exact to bfloat16's "
         "rounding of the probabilities (off: float32's exp); float32 is never affected",
     )
+    attention_kernel_merge: bool = option(
+        True,
+        "the C++ attention kernel merges each shared part into its rows' results itself "
+        "(off: the parts' results are gathered and merged by PyTorch operations)",
+    )
     shared_prefix_min_tokens: int = option(
         256,
         "a shared prefix gets its own attention part only if it spares this many token "

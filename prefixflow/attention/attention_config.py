@@ -25,3 +25,4 @@ class AttentionConfig:
     # cheaper exp (kernels.KernelTuning).
     kernel_query_blocks: int = 8
     kernel_fast_exp: bool = True
+    kernel_merge: bool = True  # shared parts merge inside the kernel

@@ -49,6 +49,9 @@ class KernelTuning:
     # bfloat16 calls: a degree-4 2^x on scores kept unscaled (the probabilities are rounded
     # to bfloat16 anyway); off: the float32-exact exp.
     fast_exp: bool = True
+    # A shared part merges into its rows' results inside the kernel (off: into buffers of
+    # its own, gathered and merged by merge.py).
+    merge_in_kernel: bool = True
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -80,7 +83,10 @@ def attend(
     window: int | None = None,
     softcap: float | None = None,
     tuning: KernelTuning = DEFAULT_TUNING,
+    accumulate: bool = False,
 ) -> None:
+    """Attend the work's rows; with `accumulate`, merge each row's result into what out and
+    lse hold (by log-sum-exp) instead of writing it."""
     kernel(
         out,
         lse,
@@ -96,4 +102,5 @@ def attend(
         softcap or 0.0,
         tuning.query_blocks,
         tuning.fast_exp,
+        accumulate,
     )

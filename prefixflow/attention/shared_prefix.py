@@ -133,7 +133,9 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             min_part_tokens=config.shared_prefix_min_part_tokens,
             use_kernels=config.use_kernels,
             reuse_gather_buffers=config.reuse_gather_buffers,
-            tuning=kernels.KernelTuning(config.kernel_query_blocks, config.kernel_fast_exp),
+            tuning=kernels.KernelTuning(
+                config.kernel_query_blocks, config.kernel_fast_exp, config.kernel_merge
+            ),
         )
 
     # ---- once per step ----
@@ -278,41 +280,51 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
         out = torch.empty(T, H, D, dtype=torch.float32)
         lse = torch.empty(T, H, dtype=torch.float32)
         if plan.own_work is not None:
-            kernels.attend(
-                self.kernel,
-                out,
-                lse,
-                q,
-                kv_cache,
-                page_size,
-                plan.own_work,
-                scale,
-                window,
-                softcap,
-                self.tuning,
-            )
+            self._kernel(out, lse, q, kv_cache, plan.own_work, scale, window, softcap)
         else:
             self._attend_own_torch(q, kv_cache, plan.own_torch, scale, softcap, out, lse)
         if plan.parts:
-            part_out = torch.empty_like(out)
-            part_lse = torch.empty_like(lse)
-        for part in plan.parts:
+            self._attend_parts(q, kv_cache, plan.parts, scale, softcap, out, lse)
+        return out.to(q.dtype)
+
+    def _kernel(self, out, lse, q, kv_cache, work, scale, window, softcap, accumulate=False):
+        kernels.attend(
+            self.kernel,
+            out,
+            lse,
+            q,
+            kv_cache,
+            self.shape.page_size,
+            work,
+            scale,
+            window,
+            softcap,
+            self.tuning,
+            accumulate,
+        )
+
+    def _attend_parts(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        parts: list[Part],
+        scale: float,
+        softcap: float | None,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> None:
+        """Each shared part (or wave of parts) merged into its rows' results in order. A part
+        lies wholly inside every member query's window: no window here."""
+        part_out = part_lse = None
+        for part in parts:
             rows = part.rows
+            if part.work is not None and self.tuning.merge_in_kernel:
+                self._kernel(out, lse, q, kv_cache, part.work, scale, None, softcap, True)
+                continue
             if part.work is not None:
-                # A part lies wholly inside every member query's window: no window here.
-                kernels.attend(
-                    self.kernel,
-                    part_out,
-                    part_lse,
-                    q,
-                    kv_cache,
-                    page_size,
-                    part.work,
-                    scale,
-                    None,
-                    softcap,
-                    self.tuning,
-                )
+                if part_out is None:
+                    part_out, part_lse = torch.empty_like(out), torch.empty_like(lse)
+                self._kernel(part_out, part_lse, q, kv_cache, part.work, scale, None, softcap)
                 o_part, lse_part = part_out[rows], part_lse[rows]
             else:
                 h_kv = self.shape.num_kv_heads
@@ -324,7 +336,6 @@ class SharedPrefixAttention(AttentionBackend[SharedPrefixMetadata]):
             acc_o, acc_lse = out[rows], lse[rows]
             merge_into(acc_o, acc_lse, o_part, lse_part)
             out[rows], lse[rows] = acc_o, acc_lse
-        return out.to(q.dtype)
 
     def _attend_own_torch(
         self,

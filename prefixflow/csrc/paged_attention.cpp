@@ -5,7 +5,8 @@
 // That one shape covers a decode (one row, every key), a prompt chunk (causal over its cached
 // context) and a shared-prefix part (the stacked rows of many sequences, every key). Each
 // row gets its attention output (float32) and log-sum-exp, ready for the exact merge of
-// shared-prefix attention.
+// shared-prefix attention; or (accumulate) merges them into what out and lse already hold,
+// so a shared part folds into its rows' results where it is computed.
 //
 // A call may take a sliding window (window > 0): row i then sees keys from
 // max(0, causal_base + i + 1 - window), i.e. itself and the window - 1 keys before it, as
@@ -508,7 +509,7 @@ template <typename T>
 void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor& kv,
          int64_t page_size, const std::vector<Item>& items, const int32_t* rows, const int32_t* pages,
          double scale, int64_t key_split, int64_t window, double softcap, int64_t sub_blocks,
-         bool fast_exp) {
+         bool fast_exp, bool accumulate) {
   Ctx c;
   c.q = q.data_ptr();
   c.k = kv.data_ptr();
@@ -613,6 +614,17 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
     const int tok = rows[it.row_off + r];
     const int64_t hq = static_cast<int64_t>(tok) * c.H + head * G + g;
     float* dst = outp + hq * D;
+    if (accumulate) {  // merge into what out and lse hold, by log-sum-exp (merge.py)
+      if (!(l > 0.f)) return;  // no key: adds nothing
+      const float lse_new = m + std::log(l), lse_old = lsep[hq];
+      const float mx = std::max(lse_old, lse_new);
+      const float w_old = lse_old == kNegInf ? 0.f : std::exp(lse_old - mx);
+      const float total = w_old + std::exp(lse_new - mx);
+      const float a = w_old / total, b = std::exp(lse_new - mx) / (total * l);
+      for (int d = 0; d < D; ++d) dst[d] = dst[d] * a + o[d] * b;
+      lsep[hq] = mx + std::log(total);
+      return;
+    }
     if (l > 0.f) {
       const float inv = 1.f / l;
       for (int d = 0; d < D; ++d) dst[d] = o[d] * inv;
@@ -686,7 +698,8 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
 
 void paged_attention(at::Tensor out, at::Tensor lse, at::Tensor q, at::Tensor kv, int64_t page_size,
                      at::Tensor items, at::Tensor rows, at::Tensor pages, double scale, int64_t key_split,
-                     int64_t window, double softcap, int64_t sub_blocks, bool fast_exp) {
+                     int64_t window, double softcap, int64_t sub_blocks, bool fast_exp,
+                     bool accumulate) {
   TORCH_CHECK(window >= 0 && window < (int64_t{1} << 30), "window must be >= 0 (0: none)");
   TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "softcap must be >= 0 (0: none)");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) >= q.size(2) && q.stride(0) >= q.size(1) * q.stride(1),
@@ -727,10 +740,10 @@ void paged_attention(at::Tensor out, at::Tensor lse, at::Tensor q, at::Tensor kv
     }
   }
   if (q.scalar_type() == at::kBFloat16) {
-    run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap, sub_blocks, fast_exp);
+    run<uint16_t>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap, sub_blocks, fast_exp, accumulate);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be bfloat16 or float32");
-    run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap, sub_blocks, fast_exp);
+    run<float>(out, lse, q, kv, page_size, its, rp, pp, scale, key_split, window, softcap, sub_blocks, fast_exp, accumulate);
   }
 }
 
@@ -791,7 +804,7 @@ TORCH_LIBRARY(prefixflow, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor kv, int page_size, Tensor items, "
       "Tensor rows, Tensor pages, float scale, int key_split, int window=0, float softcap=0.0, "
-      "int sub_blocks=8, bool fast_exp=True) -> ()");
+      "int sub_blocks=8, bool fast_exp=True, bool accumulate=False) -> ()");
   m.def("kv_write(Tensor(a!) kv, Tensor k, Tensor v, Tensor slots, int page_size) -> ()");
 }
 

@@ -15,4 +15,5 @@ def attention_config(config: EngineConfig) -> AttentionConfig:
         reuse_gather_buffers=config.reuse_gather_buffers,
         kernel_query_blocks=config.attention_query_blocks,
         kernel_fast_exp=config.attention_fast_exp,
+        kernel_merge=config.attention_kernel_merge,
     )

@@ -71,7 +71,13 @@ KERNEL = kernels.load()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")
 
 
-def run_backends(seed: int, dtype: torch.dtype, use_kernels: bool, g_choices=(1, 3, 8)):
+def run_backends(
+    seed: int,
+    dtype: torch.dtype,
+    use_kernels: bool,
+    g_choices=(1, 3, 8),
+    tuning: kernels.KernelTuning = kernels.DEFAULT_TUNING,
+):
     """One random step through the paged reference and the shared-prefix backend."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -95,7 +101,11 @@ def run_backends(seed: int, dtype: torch.dtype, use_kernels: bool, g_choices=(1,
     ref_backend = PagedAttention(shape)
     ref = ref_backend.forward(layer, q, k, v, cache.clone(), ref_backend.prepare(layout))
     backend = SharedPrefixAttention(
-        shape, min_shared_tokens=0, min_part_tokens=min_part, use_kernels=use_kernels
+        shape,
+        min_shared_tokens=0,
+        min_part_tokens=min_part,
+        use_kernels=use_kernels,
+        tuning=tuning,
     )
     meta = backend.prepare(layout)
     if not min_part:
@@ -112,6 +122,16 @@ def run_backends(seed: int, dtype: torch.dtype, use_kernels: bool, g_choices=(1,
 def test_shared_prefix_on_the_kernel_equals_paged_attention(seed, dtype):
     meta = run_backends(seed, dtype, use_kernels=True)
     assert meta.plans[None].own_work is not None  # the kernel really ran
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_tuning_off_equals_paged_attention(seed, dtype):
+    """Parts merged outside the kernel (merge.py), one query block a unit, float32's exp:
+    the path before these existed still equals the reference."""
+    plain = kernels.KernelTuning(query_blocks=1, fast_exp=False, merge_in_kernel=False)
+    run_backends(seed, dtype, use_kernels=True, tuning=plain)
 
 
 @needs_kernel
@@ -256,7 +276,7 @@ def test_kernel_tuning_changes_no_result(dtype):
     """Query blocks per unit only reorder the work: every tuning gives the plain one's
     results (float32 to rounding of the key splits' merges), and float32 ignores fast_exp;
     bfloat16's fast exp stays within its rounding of the probabilities."""
-    plain = kernels.KernelTuning(query_blocks=1, fast_exp=False)
+    plain = kernels.KernelTuning(query_blocks=1, fast_exp=False, merge_in_kernel=False)
     ref_out, ref_lse = _tuned_call(dtype, plain)
     assert not ref_out.isnan().any() and not ref_lse.isnan().any()
     for blocks in (2, 8):
