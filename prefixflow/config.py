@@ -306,6 +306,11 @@ class EngineConfig:
         "attend with the C++ kernels that read KV pages in place, where they were built "
         "(off: the PyTorch path, for comparison)",
     )
+    batch_tokenize: bool = option(
+        True,
+        "run-batch tokenizes the long prompts of each window of lines in one call, on every "
+        "core (off: one by one as each line is read)",
+    )
     attention_query_blocks: int = option(
         8,
         "the C++ attention kernel reads each group of keys once for this many blocks of "

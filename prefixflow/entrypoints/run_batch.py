@@ -9,6 +9,7 @@ rerunning the same command resumes after the last whole line (batch_resume.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -34,6 +35,7 @@ from prefixflow.inputs.batch_file import (
     result_line,
 )
 from prefixflow.inputs.openai_requests import PreparedRequest, prepare
+from prefixflow.inputs.tokenize_ahead import RUN_LINES, prefetch_prompts
 from prefixflow.request import RequestOutput
 
 
@@ -244,11 +246,14 @@ class BatchRunner:
     def _refill(self, source: Iterator[tuple[int, bytes | str | LineTooLong]]):
         """Read lines until the window is full; None once the input is exhausted."""
         while self.in_flight < self.window:
-            try:
-                line_no, raw = next(source)
-            except StopIteration:
+            want = min(RUN_LINES, self.window - self.in_flight)
+            lines = list(itertools.islice(source, want))
+            if self.engine.front.batch_tokenize:
+                prefetch_prompts(lines, self.engine.front)
+            for line_no, raw in lines:
+                self.submit(line_no, raw)
+            if len(lines) < want:
                 return None
-            self.submit(line_no, raw)
         return source
 
     def _skip_done(self, line_no: int, custom_id: str | None) -> bool:

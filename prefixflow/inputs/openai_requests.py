@@ -141,6 +141,15 @@ def parse(
     return parsed
 
 
+def prompt_texts(parsed: ParsedRequest, front: RequestFront) -> list[tuple[str, bool]]:
+    """The texts `tokenize` will encode, each with its special-tokens flag (a chat
+    prompt's template holds its special tokens). Raises RequestError."""
+    if parsed.url == COMPLETIONS:
+        return [(p, True) for p in parsed.request.prompts() if isinstance(p, str) and p]
+    messages = [m.as_template_dict() for m in parsed.request.messages]
+    return [(front.chat_text(messages, parsed.chat), False)]
+
+
 def tokenize(parsed: ParsedRequest, front: RequestFront) -> PreparedRequest:
     """Template and tokenize a parsed request's prompts. Raises RequestError."""
     url, req, params = parsed.url, parsed.request, parsed.params

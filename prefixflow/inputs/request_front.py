@@ -80,6 +80,8 @@ class RequestFront:
         self._compiler_lock = threading.Lock()
         # The LoRA adapters requests may name (the engine loads them); None: LoRA is off.
         self.loras: LoRARegistry | None = None
+        # run-batch tokenizes a window's long prompts together (TextCodec.prefetch).
+        self.batch_tokenize = True
 
     @classmethod
     def from_config(cls, config: EngineConfig, runs_model: bool = True) -> RequestFront:
@@ -97,6 +99,7 @@ class RequestFront:
         )
         if config.enable_lora:
             front.loras = LoRARegistry(config.max_loras, config.max_lora_rank)
+        front.batch_tokenize = config.batch_tokenize
         return front
 
     # ---- LoRA adapters ----
@@ -173,6 +176,11 @@ class RequestFront:
         """A conversation's prompt (text, ids): templated by the request's template, the
         engine's or the model's, then tokenized as a text prompt is (the template holds
         the special tokens). Options from chat_options. Raises RequestError."""
+        text = self.chat_text(messages, options)
+        return text, self.tokens(text, params, special=False)
+
+    def chat_text(self, messages: list[dict], options: ChatTemplateOptions) -> str:
+        """A conversation's prompt text, templated as chat_prompt templates it."""
         try:
             if options.chat_template is not None:
                 check_chat_template(options.chat_template, "chat_template")
@@ -189,7 +197,7 @@ class RequestFront:
             )
         except ValueError as e:  # the template refused the messages
             raise RequestError(str(e), "messages") from e
-        return text, self.tokens(text, params, special=False)
+        return text
 
     def check(self, ids: list[int], params: SamplingParams) -> None:
         """Every check but the counted limits (check_counts, asked first) and the grammar's,
