@@ -32,6 +32,7 @@ import time
 from collections import defaultdict
 
 import torch
+from bench_step_breakdown import Clock, TimedCall
 
 from prefixflow.attention import kernels, shared_prefix
 from prefixflow.bench.workloads import build_workloads
@@ -50,59 +51,26 @@ ROWS = [
 ]
 
 
-class Parts:
+class Parts(Clock):
     """Seconds and FLOPs per (phase, part); the phase is that of the step running."""
 
     def __init__(self) -> None:
-        self.secs: dict[tuple[str, str], float] = defaultdict(float)
+        super().__init__()
+        self.secs = self.total  # by (phase, part)
         self.flops: dict[tuple[str, str], float] = defaultdict(float)
         self.phase = "decode"
-        self._undo: list[tuple[object, str, object]] = []
 
     def wrap(self, obj, attr: str, part, flops=None) -> None:
-        """Time obj.attr under `part` (a name, or a function of the call's arguments)."""
-        fn = getattr(obj, attr)
-        self._undo.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
+        """Time obj.attr under `part` (a name, or a function of the call's arguments) and
+        count its FLOPs by `flops` (a function of the call's arguments)."""
+        super().wrap(obj, attr, part, flops)
 
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                name = part(*args, **kwargs) if callable(part) else part
-                key = (self.phase, name)
-                self.secs[key] += time.perf_counter() - t0
-                if flops is not None:
-                    self.flops[key] += flops(*args, **kwargs)
-
-        setattr(obj, attr, timed)
-
-    def restore(self) -> None:
-        for obj, attr, old in reversed(self._undo):
-            if old is _MISSING:
-                delattr(obj, attr)
-            else:
-                setattr(obj, attr, old)
-
-
-_MISSING = object()
-
-
-class _Timed:
-    """A stand-in for a callable object (the sampler): times its calls, forwards the rest."""
-
-    def __init__(self, inner, parts: Parts, part: str) -> None:
-        self.inner, self._parts, self._part = inner, parts, part
-
-    def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            self._parts.secs[(self._parts.phase, self._part)] += time.perf_counter() - t0
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+    def add(self, part, seconds: float, args=(), kwargs=None, flops=None) -> None:
+        kwargs = kwargs or {}
+        key = (self.phase, part(*args, **kwargs) if callable(part) else part)
+        self.secs[key] += seconds
+        if flops is not None:
+            self.flops[key] += flops(*args, **kwargs)
 
 
 def _linear_flops(module):
@@ -157,7 +125,7 @@ def measure(workload, options: dict) -> tuple[float, Parts]:
     parts.wrap(kernels, "attend", _attn_part, _attn_flops)
     parts.wrap(shared_prefix, "merge_into", "merge")
     parts.wrap(model, "forward", "model")
-    runner.sampler = _Timed(runner.sampler, parts, "sampling")
+    runner.sampler = TimedCall(runner.sampler, parts, "sampling")
 
     prepare = runner.backend.prepare
 

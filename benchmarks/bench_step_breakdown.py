@@ -35,7 +35,8 @@ class Clock:
         self.total: dict[str, float] = defaultdict(float)
         self._undo: list[tuple[object, str, object]] = []
 
-    def wrap(self, obj, attr: str, part: str) -> None:
+    def wrap(self, obj, attr: str, part, *extra) -> None:
+        """Time obj.attr's calls under `part`; add() gets each call and `extra`."""
         fn = getattr(obj, attr)
         self._undo.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
 
@@ -44,9 +45,12 @@ class Clock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.total[part] += time.perf_counter() - t0
+                self.add(part, time.perf_counter() - t0, args, kwargs, *extra)
 
         setattr(obj, attr, timed)
+
+    def add(self, part, seconds: float, args=(), kwargs=None) -> None:
+        self.total[part] += seconds
 
     def restore(self) -> None:
         for obj, attr, old in reversed(self._undo):
@@ -59,7 +63,7 @@ class Clock:
 _MISSING = object()
 
 
-class _TimedCall:
+class TimedCall:
     """A stand-in for a callable object: times its calls, forwards everything else."""
 
     def __init__(self, inner, clock: Clock, part: str) -> None:
@@ -70,7 +74,7 @@ class _TimedCall:
         try:
             return self.inner(*args, **kwargs)
         finally:
-            self._clock.total[self._part] += time.perf_counter() - t0
+            self._clock.add(self._part, time.perf_counter() - t0)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -96,7 +100,7 @@ def measure(llm: LLM, num_seqs: int, prompt_tokens: int, steps: int) -> dict[str
     eng.step()
     clock = Clock()
     runner, model = eng.runner, eng.runner.model
-    runner.sampler = _TimedCall(runner.sampler, clock, "sampling")
+    runner.sampler = TimedCall(runner.sampler, clock, "sampling")
     clock.wrap(runner.backend, "forward", "attention")
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):

@@ -208,8 +208,10 @@ constexpr int kBlock = 64;
 // The online-softmax step of one query vector over a block: scores s[0..3] (scaled), of
 // which the first `vis` count. Leaves the block's probabilities in p (0 where not visible),
 // rescaling acc and the running sum when the max moves.
-template <int DV>
-inline void softmax_block(__m512* s, int vis, __m512* p, __m512* acc, float& m, __m512& l) {
+// The running max m after a block's first `vis` scores; when it moves, acc and the running
+// sum are rescaled by rescale(old m - new m).
+template <int DV, typename Rescale>
+inline void track_max(const __m512* s, int vis, __m512* acc, float& m, __m512& l, Rescale rescale) {
   __m512 mv = _mm512_set1_ps(kNegInf);
   for (int b = 0; b < kBlock / 16; ++b) {
     const int vb = std::max(0, std::min(16, vis - 16 * b));
@@ -218,12 +220,17 @@ inline void softmax_block(__m512* s, int vis, __m512* p, __m512* acc, float& m, 
   if (vis > 0) {
     const float mx = std::max(m, _mm512_reduce_max_ps(mv));
     if (mx != m) {
-      const __m512 av = _mm512_set1_ps(m == kNegInf ? 0.f : std::exp(m - mx));
+      const __m512 av = _mm512_set1_ps(m == kNegInf ? 0.f : rescale(m - mx));
       for (int d = 0; d < DV; ++d) acc[d] = _mm512_mul_ps(acc[d], av);
       l = _mm512_mul_ps(l, av);
       m = mx;
     }
   }
+}
+
+template <int DV>
+inline void softmax_block(__m512* s, int vis, __m512* p, __m512* acc, float& m, __m512& l) {
+  track_max<DV>(s, vis, acc, m, l, [](float x) { return std::exp(x); });
   const __m512 mxv = _mm512_set1_ps(m);
   for (int b = 0; b < kBlock / 16; ++b) {
     const int vb = std::max(0, std::min(16, vis - 16 * b));
@@ -253,20 +260,7 @@ inline __m512 exp2_bf16(__m512 t) {
 // scores and half of exp16's work, about a quarter of the softmax's.
 template <int DV>
 inline void softmax_block_bf16(__m512* s, int vis, __m512* p, __m512* acc, float& m, __m512& l, float c2) {
-  __m512 mv = _mm512_set1_ps(kNegInf);
-  for (int b = 0; b < kBlock / 16; ++b) {
-    const int vb = std::max(0, std::min(16, vis - 16 * b));
-    mv = _mm512_mask_max_ps(mv, static_cast<__mmask16>((1u << vb) - 1), mv, s[b]);
-  }
-  if (vis > 0) {
-    const float mx = std::max(m, _mm512_reduce_max_ps(mv));
-    if (mx != m) {
-      const __m512 av = _mm512_set1_ps(m == kNegInf ? 0.f : std::exp2((m - mx) * c2));
-      for (int d = 0; d < DV; ++d) acc[d] = _mm512_mul_ps(acc[d], av);
-      l = _mm512_mul_ps(l, av);
-      m = mx;
-    }
-  }
+  track_max<DV>(s, vis, acc, m, l, [c2](float x) { return std::exp2(x * c2); });
   const __m512 c2v = _mm512_set1_ps(c2);
   const __m512 off = _mm512_set1_ps(m == kNegInf ? 0.f : -m * c2);
   for (int b = 0; b < kBlock / 16; ++b) {
