@@ -547,11 +547,14 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
     return out;
   };
   // Units without key splits first, to see whether the threads have enough work.
+  std::vector<std::vector<std::array<int, 3>>> item_spans(items.size());
   int64_t base_units = 0;
   int max_keys = 0;
-  for (const Item& it : items) {
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Item& it = items[i];
     const int nh = heads_per_unit(it);
-    base_units += static_cast<int64_t>((c.H_kv + nh - 1) / nh) * spans(it, nh).size();
+    item_spans[i] = spans(it, nh);
+    base_units += static_cast<int64_t>((c.H_kv + nh - 1) / nh) * item_spans[i].size();
     // A windowed row reads at most its window, and a unit's rows a few pages more.
     const int span = c.window > 0 ? std::min(it.n_keys, c.window + it.n_rows + c.bs) : it.n_keys;
     max_keys = std::max(max_keys, span);
@@ -576,10 +579,9 @@ void run(at::Tensor& out, at::Tensor& lse, const at::Tensor& q, const at::Tensor
   for (int i = 0; i < static_cast<int>(items.size()); ++i) {
     const Item& it = items[i];
     const int nh_unit = heads_per_unit(it);
-    const auto item_spans = spans(it, nh_unit);
     for (int h0 = 0; h0 < c.H_kv; h0 += nh_unit) {
       const int nh = std::min(nh_unit, c.H_kv - h0);
-      for (const auto& [qv0, nqv, nsub] : item_spans) {
+      for (const auto& [qv0, nqv, nsub] : item_spans[i]) {
         const int reach = std::max(0, row_limit(it, (qv0 + nqv * nsub - 1) / G));
         // From the page of the first row's first key: the page edge keeps the vector
         // path's groups of 16 keys within pages.

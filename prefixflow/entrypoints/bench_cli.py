@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import tempfile
@@ -56,12 +57,7 @@ def _limits(workloads, dtype: str, earlier: tuple[float, float] | None = None) -
     """The least time of each workload at this machine's best rates: the higher of those
     measured now and `earlier` (matmul FLOP/s, bytes/s), since a neighbour on a shared host
     can halve one measurement (206 GFLOP/s once, against 390-416 the rest of that day)."""
-    from prefixflow.bench.limits import (
-        ModelShape,
-        measure_bandwidth,
-        measure_matmul_flops,
-        workload_minimum,
-    )
+    from prefixflow.bench.limits import ModelShape, workload_minimum
     from prefixflow.bench.prefix_stats import prefix_stats
     from prefixflow.model.loader import load_hf_config, load_tokenizer, resolve_model
     from prefixflow.tokenizer import TextCodec
@@ -69,7 +65,7 @@ def _limits(workloads, dtype: str, earlier: tuple[float, float] | None = None) -
     src = resolve_model(None)
     shape = ModelShape.from_hf_config(load_hf_config(src))
     codec = TextCodec(load_tokenizer(src))
-    flops, bw = measure_matmul_flops(dtype), measure_bandwidth()
+    flops, bw = _rates(dtype)
     if earlier is not None:
         flops, bw = max(flops, earlier[0]), max(bw, earlier[1])
     out = {"machine": {"matmul_flops": flops, "bandwidth_bytes_s": bw, "dtype": dtype}}
@@ -103,11 +99,17 @@ def _rates(dtype: str) -> tuple[float, float]:
 
 
 def _token_trim():
-    """Cuts a text to n tokens of the default model's tokenizer."""
+    """Cuts a text to n tokens of the default model's tokenizer, loaded on first use (only
+    the prefix_* workloads are cut)."""
     from prefixflow.model.loader import load_tokenizer, resolve_model
 
-    tok = load_tokenizer(resolve_model(None))
-    return lambda text, n: tok.decode(tok.encode(text, add_special_tokens=False)[:n])
+    tokenizer = functools.cache(lambda: load_tokenizer(resolve_model(None)))
+
+    def trim(text: str, n: int) -> str:
+        tok = tokenizer()
+        return tok.decode(tok.encode(text, add_special_tokens=False)[:n])
+
+    return trim
 
 
 def run(args: argparse.Namespace) -> int:
